@@ -1,0 +1,3 @@
+"""A minimal, hand-written GPT-2: config, model, checkpoint readers, tokenizer, generation."""
+from gpt.config import GPTConfig
+from gpt.model import GPT, KVCache

@@ -1,0 +1,146 @@
+"""GPT-2, written out: pre-LayerNorm transformer blocks, learned positions, a tied output head.
+
+Module names follow the checkpoint (wte, wpe, h.N.ln_1, attn.c_attn, mlp.c_fc, ln_f, ...), so
+`gpt/checkpoint.py` maps OpenAI's and Hugging Face's tensors onto it with one table.
+Shapes: B batch, T new tokens, S tokens attended to (past + new), C n_embd, H heads, D = C / H.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` tokens and filled as tokens arrive."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens stored so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new (B, H, T, D) keys and values; return all of them so far, (B, H, S, D)."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache holds {self.k.shape[3]} tokens; {end} requested. Make it larger")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, keep: torch.Tensor):
+        """Keep only the batch rows `keep` (e.g. after dropping finished sequences)."""
+        self.k, self.v = self.k[:, keep], self.v[:, keep]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.n_head, self.layer, self.dropout = config.n_head, layer, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, H, S, D)
+        # No mask and no past: plain causal attention. With a mask, `mask` is (B, 1, T, S) and already causal.
+        causal = mask is None and T > 1 and (cache is None or cache.length == 0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one Parameter, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_states(self, input_ids, attention_mask=None, cache=None):
+        """The final LayerNorm's output, (B, T, C), for the T tokens of `input_ids`.
+
+        `attention_mask` (B, S) is 1 for real tokens and 0 for padding, and covers the cached past too
+        (S = past + T). Positions count real tokens only, so left- and right-padded rows get the
+        positions they would have alone.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than the context of {self.config.n_positions}; shorten the prompt"
+            )
+        if attention_mask is None:
+            pos = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+            mask = None
+        else:
+            real = attention_mask.bool()  # (B, S)
+            pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T): skips padding
+            q_idx = torch.arange(past, past + T, device=input_ids.device)[:, None]  # (T, 1)
+            k_idx = torch.arange(past + T, device=input_ids.device)[None, :]  # (1, S)
+            # causal and not padding; every query also sees itself, so rows of padding stay finite
+            mask = ((k_idx <= q_idx) & real[:, None, :]) | (k_idx == q_idx)  # (B, T, S)
+            mask = mask[:, None]  # (B, 1, T, S)
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        """Next-token logits, (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
