@@ -1,3 +1,5 @@
 """A minimal, hand-written GPT-2: config, model, checkpoint readers, tokenizer, generation."""
 from gpt.config import GPTConfig
+from gpt.generate import generate
 from gpt.model import GPT, KVCache
+from gpt.tokenizer import get_tokenizer

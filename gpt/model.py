@@ -123,6 +123,8 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than the context of {self.config.n_positions}; shorten the prompt"
             )
+        if attention_mask is None and past > 0 and T > 1:  # new tokens after a past need an offset causal mask
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         if attention_mask is None:
             pos = torch.arange(past, past + T, device=input_ids.device)  # (T,)
             mask = None
