@@ -1,5 +1,51 @@
-"""Chapter 3 (report §3.3, §4.1; eqs (27)–(37)): the KL-constrained objective and its closed-form optimum."""
+"""Chapter 3 (report §3.3, §4.1; eqs (27)–(37)): the KL-constrained objective and its closed-form optimum.
+
+On a discrete response space every expectation over y is a finite sum, so each line of §4.1's derivation
+can be evaluated at any policy π and compared with the line before it. Distributions and rewards are
+tensors (..., Y) over the last axis; leading axes are prompts x (the report's mean over x ~ D).
+
+    python3 -m chapters.ch3_kl_optimum [--seed 0] [--responses 8]
+"""
+import argparse
+import math
+
+import numpy as np
 import torch
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Report §4.1: D_KL[P‖Q] = Σ_i P(i)·log P(i)/Q(i), over the last axis (with 0·log 0 = 0)."""
+    return (torch.special.xlogy(p, p) - torch.special.xlogy(p, q)).sum(-1)  # (...,)
+
+
+def kl_objective(pi: torch.Tensor, pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """Report eq. (27): J(π) = E_{y∼π}[r(x, y)] − β·D_KL(π(·|x) ‖ π_ref(·|x)), one value per prompt (...,)."""
+    return (pi * rewards).sum(-1) - beta * kl_divergence(pi, pi_ref)
+
+
+def rlhf_token_rewards(score: torch.Tensor, policy_logps: torch.Tensor, ref_logps: torch.Tensor,
+                       response_mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Report eq. (28), per token: r_t = −β·(log π_θ(y_t|·) − log π_ref(y_t|·)), plus r_φ(x, y) on the last response token.
+
+    score (B,) is r_φ(x, y); policy_logps, ref_logps, response_mask (B, T) are aligned with each other: the
+    log-probability of the token at each position under π_θ and π_ref, and which positions are response tokens
+    (any padding side). Returns (B, T), zero outside the mask; its sum over T is eq. (28),
+    r_φ(x, y) − β·(log π_θ(y|x) − log π_ref(y|x)). Gradients flow through; PPO passes detached log-probs.
+    """
+    mask = response_mask.to(policy_logps.dtype)  # (B, T)
+    if (mask.sum(-1) == 0).any():
+        raise ValueError("rlhf_token_rewards: a row has no response token; the reward model score needs one")
+    rewards = -beta * (policy_logps - ref_logps) * mask  # (B, T): the per-token KL penalty
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    last = (positions * mask).argmax(-1, keepdim=True)  # (B, 1): index of the last response token
+    return rewards.scatter_add(-1, last, score[:, None].to(rewards.dtype))
+
+
+def log_partition_function(pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """Report eq. (32), in logs: log Z(x) = log Σ_y π_ref(y|x)·exp(r(x, y)/β), a log-sum-exp, finite for any β > 0."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return torch.logsumexp(torch.log(pi_ref) + rewards / beta, dim=-1)  # (...,)
 
 
 def optimal_policy(pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
@@ -11,3 +57,177 @@ def optimal_policy(pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> 
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     return torch.softmax(torch.log(pi_ref) + rewards / beta, dim=-1)
+
+
+def objective_rewritings(pi: torch.Tensor, pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> dict:
+    """Report eqs. (29)–(35): the objective of eq. (27) at π, evaluated as each line of §4.1's derivation.
+
+    Returns {"(29)", "(30)", "(31)", "(34)", "(35)"} → (...,) per prompt. The derivation claims
+    (29) = (27), (30) = −(29)/β (the max becomes a min), and (31) = (34) = (35) = (30).
+    """
+    log_z = log_partition_function(pi_ref, rewards, beta)[..., None]  # (..., 1)
+    gibbs = pi_ref * torch.exp(rewards / beta - log_z)  # eq. (33) written out: π_ref·exp(r/β)/Z
+
+    def expect(v):  # E_{y∼π}[v(y)], with 0·(anything) = 0 where π(y) = 0
+        return torch.where(pi > 0, pi * v, 0.0).sum(-1)
+
+    log_ratio = torch.log(pi) - torch.log(pi_ref)
+    return {
+        "(29)": expect(rewards - beta * log_ratio),
+        "(30)": expect(log_ratio - rewards / beta),
+        "(31)": expect(torch.log(pi) - torch.log(gibbs) - log_z),
+        "(34)": expect(torch.log(pi) - torch.log(optimal_policy(pi_ref, rewards, beta))) - log_z[..., 0],
+        "(35)": kl_divergence(pi, optimal_policy(pi_ref, rewards, beta)) - log_z[..., 0],
+    }
+
+
+def reward_from_policy(pi: torch.Tensor, pi_ref: torch.Tensor, beta: float, log_z=0.0) -> torch.Tensor:
+    """Report eq. (37): r(x, y) = β·log π_r(y|x)/π_ref(y|x) + β·log Z(x).
+
+    Z(x) is what nobody can compute, so `log_z` defaults to 0: the result is then r − β·log Z(x), the member
+    of r's class that §5.1's Theorem 1 picks. `log_z` is (...,) or a number.
+    """
+    return beta * (torch.log(pi) - torch.log(pi_ref)) + beta * torch.as_tensor(log_z, dtype=pi.dtype)[..., None]
+
+
+# ---------------------------------------------------------------------------------------------- the script
+
+def _random_problem(generator, responses, prompts=1):
+    """A random discrete problem in float64: π_ref (prompts, Y) with full support and rewards (prompts, Y)."""
+    logits = torch.randn(prompts, responses, generator=generator, dtype=torch.float64)
+    return torch.softmax(logits, -1), torch.randn(prompts, responses, generator=generator, dtype=torch.float64)
+
+
+def ascend_logits(pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float, max_evals: int = 300) -> torch.Tensor:
+    """Report eq. (36) reached by search: gradient ascent on eq. (27) over free logits θ, π_θ = softmax(θ).
+
+    Starts from θ = 0 (the uniform policy) and climbs with L-BFGS, a gradient method with a line search
+    (plain fixed-step ascent gets there too, but needs thousands of steps for the small entries of π*).
+    Returns π_θ (..., Y).
+    """
+    theta = torch.zeros_like(pi_ref, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], max_iter=max_evals, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -kl_objective(torch.softmax(theta, -1), pi_ref, rewards, beta).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.softmax(theta.detach(), -1)
+
+
+def _plot_policies(pi_ref, rewards, betas):
+    from chapters.plotting import plt, save
+    y = np.arange(pi_ref.shape[-1])
+    fig, (ax_r, ax_p) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 2]})
+    ax_r.bar(y, rewards.numpy(), color="tab:green")
+    ax_r.axhline(0, color="black", lw=0.6)
+    ax_r.set(xlabel="response y", ylabel="reward r(x, y)", title="the reward", xticks=y)
+    width = 0.8 / (len(betas) + 1)
+    ax_p.bar(y - 0.4 + width / 2, pi_ref.numpy(), width, color="black", label="π_ref")
+    colours = plt.cm.viridis(np.linspace(0.1, 0.9, len(betas)))
+    for i, (beta, colour) in enumerate(zip(betas, colours)):
+        pi_star = optimal_policy(pi_ref, rewards, beta)
+        ax_p.bar(y - 0.4 + width * (i + 1.5), pi_star.numpy(), width, color=colour, label=f"π*, β = {beta:g}")
+    ax_p.set(xlabel="response y", ylabel="probability", xticks=y,
+             title="eq. (36): π* = π_ref·exp(r/β)/Z — small β piles on argmax r, large β stays at π_ref")
+    ax_p.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    save(fig, "ch3_optimal_policy_vs_beta")
+
+
+def _plot_objective(pi_ref, rewards, betas, random_pis):
+    from chapters.plotting import plt, save
+    pi_stars = torch.stack([optimal_policy(pi_ref, rewards, float(b)) for b in betas])  # (B, Y): one π* per β
+    log_z = torch.stack([log_partition_function(pi_ref, rewards, float(b)) for b in betas])  # (B,)
+    reward_star = (pi_stars * rewards).sum(-1)
+    kl_star = kl_divergence(pi_stars, pi_ref)
+    fig, (ax_j, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
+    best_random = torch.stack([kl_objective(random_pis, pi_ref, rewards, float(b)).max() for b in betas])
+    ax_j.plot(betas, betas * log_z, "k-", lw=3, alpha=0.4,
+              label="β·log Z(x)  (eq. 32)")
+    ax_j.plot(betas, kl_objective(pi_stars, pi_ref, rewards, betas), "C3--", label="J(π*)  (eq. 27 at eq. 36)")
+    ax_j.plot(betas, best_random, "C0.", ms=4, label=f"best of {len(random_pis)} random π (falls off the axes for large β)")
+    ax_j.plot(betas, kl_objective(pi_ref, pi_ref, rewards, betas), "C2:", label="J(π_ref) = E_ref[r]")
+    top, bottom = float((betas * log_z).max()), float(kl_objective(pi_ref, pi_ref, rewards, 1.0))
+    margin = 0.15 * (top - bottom)
+    ax_j.set(xscale="log", xlabel="β", ylabel="J(π) = E_π[r] − β·KL(π‖π_ref)", ylim=(bottom - margin, top + margin),
+             title="the objective along β: J(π*) = β·log Z(x) ≥ J(π)")
+    ax_j.legend(fontsize=8)
+    ax_f.scatter(kl_divergence(random_pis, pi_ref), (random_pis * rewards).sum(-1), s=4, c="0.7",
+                 label=f"{len(random_pis)} random π")
+    sc = ax_f.scatter(kl_star, reward_star, c=np.log10(betas.numpy()), cmap="viridis", s=14, label="π* for each β")
+    fig.colorbar(sc, ax=ax_f, label="log10 β")
+    ax_f.set(xlabel="KL(π‖π_ref)", ylabel="E_π[r]", title="reward vs KL: the π* family is the upper frontier")
+    ax_f.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    save(fig, "ch3_objective_along_beta")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python3 -m chapters.ch3_kl_optimum",
+                                     description="Report §4.1 on a discrete response space: each step checked.")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--responses", type=int, default=8, help="number of responses Y, 2..50 (default 8)")
+    args = parser.parse_args(argv)
+    if not 2 <= args.responses <= 50:
+        raise SystemExit(f"error: --responses must be between 2 and 50, got {args.responses}")
+    torch.set_printoptions(precision=4)
+    g = torch.Generator().manual_seed(args.seed)
+    beta = 0.5
+    pi_ref, rewards = _random_problem(g, args.responses, prompts=4)
+    pi = torch.softmax(torch.randn(pi_ref.shape, generator=g, dtype=torch.float64), -1)  # a random policy
+    print(f"4 prompts × {args.responses} responses, float64, β = {beta}; π is a random policy")
+
+    steps = objective_rewritings(pi, pi_ref, rewards, beta)
+    j27 = kl_objective(pi, pi_ref, rewards, beta)
+    print(f"eq. (29) = eq. (27):            max |Δ| = {(steps['(29)'] - j27).abs().max():.1e}")
+    print(f"eq. (30) = −eq. (29)/β:         max |Δ| = {(steps['(30)'] + steps['(29)'] / beta).abs().max():.1e}")
+    for a, b in [("(31)", "(30)"), ("(34)", "(31)"), ("(35)", "(34)")]:
+        print(f"eq. {a} = eq. {b}:            max |Δ| = {(steps[a] - steps[b]).abs().max():.1e}")
+    pi_star = optimal_policy(pi_ref, rewards, beta)
+    log_z = log_partition_function(pi_ref, rewards, beta)
+    z_by_hand = (pi_ref * torch.exp(rewards / beta)).sum(-1)
+    print(f"eq. (32): log-sum-exp vs Σ π_ref·exp(r/β), max |Δ log Z| = {(log_z - z_by_hand.log()).abs().max():.1e}")
+    print(f"eq. (33): π* ≥ 0: {bool((pi_star >= 0).all())}, max |Σ_y π* − 1| = {(pi_star.sum(-1) - 1).abs().max():.1e}")
+    identity = -beta * kl_divergence(pi, pi_star) + beta * log_z
+    print(f"eq. (35): J(π) = −β·KL(π‖π*) + β·log Z(x) at random π, max |Δ| = {(j27 - identity).abs().max():.1e}")
+
+    j_star = kl_objective(pi_star, pi_ref, rewards, beta)
+    print(f"eq. (36): J(π*) = β·log Z(x), max |Δ| = {(j_star - beta * log_z).abs().max():.1e}")
+    randoms = torch.softmax(3 * torch.randn(10000, *pi_ref.shape, generator=g, dtype=torch.float64), -1)
+    gap = (j_star - kl_objective(randoms, pi_ref, rewards, beta)).min()
+    print(f"eq. (36): J(π*) − J(π) over 10000 random π, smallest gap = {gap:.3e} (> 0: π* wins every time)")
+    pi_ascent = ascend_logits(pi_ref, rewards, beta)
+    print(f"eq. (36): gradient ascent (L-BFGS) on free logits from uniform, max |π_θ − π*| = "
+          f"{(pi_ascent - pi_star).abs().max():.1e}")
+    small = optimal_policy(pi_ref, rewards, 1e-3)
+    mass = small.gather(-1, rewards.argmax(-1, keepdim=True)).min()
+    print(f"eq. (36): β = 1e-3 leaves mass ≤ {1 - mass:.1e} off argmax_y r(x, y) in every prompt")
+    print(f"eq. (36): β = 1e4, max |π* − π_ref| = {(optimal_policy(pi_ref, rewards, 1e4) - pi_ref).abs().max():.1e}")
+    recovered = reward_from_policy(pi_star, pi_ref, beta)
+    spread = (rewards - recovered).max(-1).values - (rewards - recovered).min(-1).values
+    print(f"eq. (37): r − β·log π*/π_ref is constant over y (spread {spread.max():.1e}), "
+          f"equal to β·log Z(x): max |Δ| = {((rewards - recovered)[..., 0] - beta * log_z).abs().max():.1e}")
+    print(f"eq. (37) with β·log Z(x) added recovers r exactly: max |Δ| = "
+          f"{(reward_from_policy(pi_star, pi_ref, beta, log_z) - rewards).abs().max():.1e}")
+
+    logps = torch.log(pi_star[:2])  # eq. (28) on two "sequences" of Y tokens: per-token log-probs
+    mask = torch.ones_like(logps, dtype=torch.bool)
+    mask[1, :2] = False  # left padding on the second row
+    tokens = rlhf_token_rewards(rewards[:2, 0], logps, torch.log(pi_ref[:2]), mask, beta)
+    seq = rewards[:2, 0] - beta * ((logps - torch.log(pi_ref[:2])) * mask).sum(-1)
+    print(f"eq. (28): per-token rewards summed = r_φ − β·(log π − log π_ref), max |Δ| = {(tokens.sum(-1) - seq).abs().max():.1e}")
+
+    betas = torch.logspace(-2, 2, 60, dtype=torch.float64)
+    _plot_policies(pi_ref[0], rewards[0], [0.1, 0.3, 1.0, 3.0])
+    _plot_objective(pi_ref[0], rewards[0], betas, randoms[:2000, 0])
+    print(f"figures: π* for β ∈ {{0.1, 0.3, 1, 3}}; J along β over {len(betas)} values "
+          f"(log10 β ∈ [{math.log10(betas[0]):.0f}, {math.log10(betas[-1]):.0f}])")
+
+
+if __name__ == "__main__":
+    main()

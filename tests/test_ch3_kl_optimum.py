@@ -1,0 +1,210 @@
+"""Chapter 3 (report §3.3, §4.1; eqs (27)–(37)) on discrete response spaces, float64.
+
+Closed forms are computed independently in numpy (explicit sums over y), never by calling the function under
+test a second way.
+"""
+import numpy as np
+import pytest
+import torch
+
+from chapters import ch3_kl_optimum as ch3
+
+BETA = 0.7
+
+
+def problem(seed=0, prompts=3, responses=6):
+    """π_ref with full support, rewards, and a random policy π, each (prompts, responses), float64."""
+    g = torch.Generator().manual_seed(seed)
+    pi_ref = torch.softmax(torch.randn(prompts, responses, generator=g, dtype=torch.float64), -1)
+    rewards = 2 * torch.randn(prompts, responses, generator=g, dtype=torch.float64)
+    pi = torch.softmax(2 * torch.randn(prompts, responses, generator=g, dtype=torch.float64), -1)
+    return pi_ref, rewards, pi
+
+
+def np_kl(p, q):
+    return sum(p[i] * np.log(p[i] / q[i]) for i in range(len(p)))
+
+
+def np_log_z(pi_ref, r, beta):
+    return np.log(sum(pi_ref[i] * np.exp(r[i] / beta) for i in range(len(r))))
+
+
+def np_pi_star(pi_ref, r, beta):
+    w = np.array([pi_ref[i] * np.exp(r[i] / beta) for i in range(len(r))])
+    return w / w.sum()
+
+
+def test_eq27_objective_is_expected_reward_minus_beta_kl():
+    pi_ref, r, pi = problem()
+    got = ch3.kl_objective(pi, pi_ref, r, BETA)
+    for x in range(len(r)):
+        p, q, rx = pi[x].numpy(), pi_ref[x].numpy(), r[x].numpy()
+        want = sum(p[i] * rx[i] for i in range(len(p))) - BETA * np_kl(p, q)
+        assert abs(got[x].item() - want) < 1e-12  # tolerance: float64 round-off
+
+
+def test_kl_divergence_is_zero_on_equal_distributions_and_handles_zeros():
+    p = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    q = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)
+    assert ch3.kl_divergence(p, p).item() == 0.0
+    assert abs(ch3.kl_divergence(p, q).item() - np.log(2)) < 1e-15  # 0·log 0 counts as 0
+
+
+def test_eq28_token_rewards_sum_to_sequence_reward_under_left_and_right_padding():
+    g = torch.Generator().manual_seed(1)
+    policy = -torch.rand(2, 5, generator=g, dtype=torch.float64)  # per-token log-probs
+    ref = -torch.rand(2, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)  # left-, right-padded rows
+    score = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    got = ch3.rlhf_token_rewards(score, policy, ref, mask, BETA)
+    for b in range(2):
+        positions = [t for t in range(5) if mask[b, t]]
+        seq = score[b].item() - BETA * sum(policy[b, t].item() - ref[b, t].item() for t in positions)
+        assert abs(got[b].sum().item() - seq) < 1e-12  # eq. (28) on the whole sequence
+        last = positions[-1]
+        for t in range(5):
+            kl_t = -BETA * (policy[b, t].item() - ref[b, t].item()) if mask[b, t] else 0.0
+            want = kl_t + (score[b].item() if t == last else 0.0)  # the score sits on the last response token
+            assert abs(got[b, t].item() - want) < 1e-12
+
+
+def test_eq28_row_without_response_tokens_is_a_one_line_error():
+    zeros = torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="no response token"):
+        ch3.rlhf_token_rewards(torch.zeros(1), zeros, zeros, torch.zeros(1, 3, dtype=torch.bool), BETA)
+
+
+def test_eq29_objective_is_expectation_of_reward_minus_beta_log_ratio():
+    pi_ref, r, pi = problem()
+    steps = ch3.objective_rewritings(pi, pi_ref, r, BETA)
+    for x in range(len(r)):
+        p, q, rx = pi[x].numpy(), pi_ref[x].numpy(), r[x].numpy()
+        want = sum(p[i] * rx[i] for i in range(len(p))) - BETA * np_kl(p, q)  # eq. (27), by hand
+        assert abs(steps["(29)"][x].item() - want) < 1e-12
+
+
+def test_eq30_dividing_by_minus_beta_turns_the_max_into_a_min():
+    pi_ref, r, _ = problem()
+    candidates = torch.softmax(torch.randn(50, *r.shape, dtype=torch.float64), -1)  # 50 policies per prompt
+    steps = ch3.objective_rewritings(candidates, pi_ref, r, BETA)
+    assert torch.allclose(steps["(30)"], -steps["(29)"] / BETA, rtol=0, atol=1e-12)
+    assert torch.equal(steps["(30)"].argmin(0), steps["(29)"].argmax(0))  # the same policy wins
+
+
+def test_eq31_adding_and_subtracting_log_z_changes_nothing():
+    pi_ref, r, pi = problem()
+    steps = ch3.objective_rewritings(pi, pi_ref, r, BETA)
+    assert torch.allclose(steps["(31)"], steps["(30)"], rtol=0, atol=1e-12)
+
+
+def test_eq32_partition_function_matches_hand_sum_and_stays_finite_for_tiny_beta():
+    pi_ref, r, _ = problem()
+    got = ch3.log_partition_function(pi_ref, r, BETA)
+    for x in range(len(r)):
+        assert abs(got[x].item() - np_log_z(pi_ref[x].numpy(), r[x].numpy(), BETA)) < 1e-12
+    tiny = ch3.log_partition_function(pi_ref, r, 1e-4)  # exp(r/β) overflows float64; the log-sum-exp does not
+    assert torch.isfinite(tiny).all()
+    # as β → 0, β·log Z(x) → max_y r(x, y) (the term of the largest reward dominates); tolerance β·|log π_ref|
+    assert torch.allclose(1e-4 * tiny, r.max(-1).values, atol=1e-3)
+
+
+def test_eq33_optimal_policy_is_a_distribution_matching_hand_formula():
+    pi_ref, r, _ = problem()
+    got = ch3.optimal_policy(pi_ref, r, BETA)
+    assert (got >= 0).all() and torch.allclose(got.sum(-1), torch.ones(len(r), dtype=torch.float64), atol=1e-14)
+    for x in range(len(r)):
+        assert np.abs(got[x].numpy() - np_pi_star(pi_ref[x].numpy(), r[x].numpy(), BETA)).max() < 1e-14
+
+
+def test_eq34_the_gibbs_distribution_is_pi_star_and_log_z_leaves_the_expectation():
+    pi_ref, r, pi = problem()
+    steps = ch3.objective_rewritings(pi, pi_ref, r, BETA)
+    assert torch.allclose(steps["(34)"], steps["(31)"], rtol=0, atol=1e-12)
+
+
+def test_eq35_objective_is_minus_beta_kl_to_pi_star_plus_beta_log_z():
+    """The identity behind eqs. (34)–(35): J(π) = −β·KL(π‖π*) + β·log Z(x), for random π."""
+    pi_ref, r, pi = problem(seed=3, prompts=20)
+    steps = ch3.objective_rewritings(pi, pi_ref, r, BETA)
+    assert torch.allclose(steps["(35)"], steps["(34)"], rtol=0, atol=1e-12)
+    j = ch3.kl_objective(pi, pi_ref, r, BETA)
+    for x in range(len(r)):
+        p, q, rx = pi[x].numpy(), pi_ref[x].numpy(), r[x].numpy()
+        want = -BETA * np_kl(p, np_pi_star(q, rx, BETA)) + BETA * np_log_z(q, rx, BETA)
+        assert abs(j[x].item() - want) < 1e-12
+
+
+def test_eq36_pi_star_beats_every_random_policy():
+    pi_ref, r, _ = problem()
+    pi_star = ch3.optimal_policy(pi_ref, r, BETA)
+    randoms = torch.softmax(3 * torch.randn(5000, *r.shape, dtype=torch.float64), -1)  # (5000, X, Y)
+    gap = ch3.kl_objective(pi_star, pi_ref, r, BETA) - ch3.kl_objective(randoms, pi_ref, r, BETA)
+    assert (gap > 0).all()
+
+
+def test_eq36_pi_star_beats_small_perturbations_of_itself():
+    pi_ref, r, _ = problem()
+    pi_star = ch3.optimal_policy(pi_ref, r, BETA)
+    j_star = ch3.kl_objective(pi_star, pi_ref, r, BETA)
+    for eps in (1e-2, 1e-3, 1e-4):
+        noise = eps * torch.randn(200, *r.shape, dtype=torch.float64)
+        perturbed = torch.softmax(torch.log(pi_star) + noise, -1)  # stays on the simplex
+        gap = j_star - ch3.kl_objective(perturbed, pi_ref, r, BETA)
+        assert (gap > 0).all()
+        # second order: the gap is β·KL(π‖π*) ≈ (β/2)·χ², so it shrinks like eps² (here within a factor 10)
+        assert gap.max() < 10 * BETA * eps ** 2 * r.shape[-1]
+
+
+def test_eq36_gradient_ascent_on_free_logits_converges_to_pi_star():
+    pi_ref, r, _ = problem()
+    got = ch3.ascend_logits(pi_ref, r, BETA)
+    want = np.stack([np_pi_star(pi_ref[x].numpy(), r[x].numpy(), BETA) for x in range(len(r))])
+    assert np.abs(got.numpy() - want).max() < 1e-6  # tolerance: the optimiser's stopping rule
+
+
+def test_eq36_objective_at_pi_star_is_beta_log_z():
+    pi_ref, r, _ = problem()
+    j_star = ch3.kl_objective(ch3.optimal_policy(pi_ref, r, BETA), pi_ref, r, BETA)
+    for x in range(len(r)):
+        assert abs(j_star[x].item() - BETA * np_log_z(pi_ref[x].numpy(), r[x].numpy(), BETA)) < 1e-12
+
+
+def test_eq36_small_beta_concentrates_on_the_argmax_reward():
+    pi_ref, r, _ = problem()
+    off = [1 - ch3.optimal_policy(pi_ref, r, beta).gather(-1, r.argmax(-1, keepdim=True)).min().item()
+           for beta in (1.0, 0.1, 0.01)]
+    assert off[0] > off[1] > off[2] and off[2] < 1e-6
+
+
+def test_eq36_large_beta_returns_pi_ref():
+    pi_ref, r, _ = problem()
+    dist = [(ch3.optimal_policy(pi_ref, r, beta) - pi_ref).abs().max().item() for beta in (1.0, 1e2, 1e5)]
+    assert dist[0] > dist[1] > dist[2] and dist[2] < 1e-4  # |π* − π_ref| = O(|r|/β)
+
+
+def test_eq36_rejects_non_positive_beta_in_one_line():
+    pi_ref, r, _ = problem()
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        ch3.optimal_policy(pi_ref, r, 0.0)
+
+
+def test_eq37_reward_from_policy_recovers_reward_up_to_beta_log_z():
+    pi_ref, r, _ = problem()
+    pi_star = ch3.optimal_policy(pi_ref, r, BETA)
+    shifted = r - ch3.reward_from_policy(pi_star, pi_ref, BETA)  # (X, Y): should be β·log Z(x) for every y
+    for x in range(len(r)):
+        want = BETA * np_log_z(pi_ref[x].numpy(), r[x].numpy(), BETA)
+        assert np.abs(shifted[x].numpy() - want).max() < 1e-12
+    full = ch3.reward_from_policy(pi_star, pi_ref, BETA, ch3.log_partition_function(pi_ref, r, BETA))
+    assert torch.allclose(full, r, rtol=0, atol=1e-12)
+
+
+def test_script_runs_and_writes_both_figures(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPO_PLOTS_DIR", str(tmp_path))
+    ch3.main(["--responses", "5"])
+    out = capsys.readouterr().out
+    assert "eq. (35)" in out and "eq. (37)" in out
+    assert (tmp_path / "ch3_optimal_policy_vs_beta.png").exists()
+    assert (tmp_path / "ch3_objective_along_beta.png").exists()
+    with pytest.raises(SystemExit, match="error: --responses"):
+        ch3.main(["--responses", "1"])
