@@ -1,0 +1,161 @@
+"""Download GPT-2 weights into a cache folder: `python -m gpt.download gpt2-medium [--source openai|hf] [--cache-dir DIR]`.
+
+The cache is DIR, else $DPO_CACHE, else ~/.cache/dpo-from-scratch/gpt2; each model lands in
+<cache>/<name>/<source>/. Every file is written to a temporary name and renamed when complete and
+checked, so the cache never holds half a file. Where sizes or sha256 are published (PUBLISHED below)
+they are checked; otherwise only that the whole file arrived (the server's Content-Length).
+"""
+import argparse
+import hashlib
+import http.client
+import os
+import tempfile
+import urllib.error
+from pathlib import Path
+from urllib.request import urlopen
+
+from tqdm import tqdm
+
+from gpt.config import PRESETS
+
+DEFAULT_CACHE = Path("~/.cache/dpo-from-scratch/gpt2")
+CACHE_ENV = "DPO_CACHE"
+SOURCES = ("openai", "hf")
+OPENAI_SIZE = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+URLS = {
+    "openai": "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}",
+    "hf": "https://huggingface.co/openai-community/{name}/resolve/main/{file}",
+}
+FILES = {
+    "openai": ["checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
+               "model.ckpt.meta", "vocab.bpe"],
+    "hf": ["config.json", "model.safetensors"],
+}
+N_PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+# (source, name, file) -> (bytes, sha256 or None). Anything absent is checked against Content-Length only.
+PUBLISHED = {
+    # openai-community/gpt2 at revision 607a30d783dfa663caf39e06633721c8d4cfcd7e (its Git LFS pointer)
+    ("hf", "gpt2", "model.safetensors"): (548_105_171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
+    ("hf", "gpt2", "config.json"): (665, "0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4"),
+    # OpenAI's 124M folder as listed by its server
+    ("openai", "gpt2", "checkpoint"): (77, None),
+    ("openai", "gpt2", "hparams.json"): (90, None),
+    ("openai", "gpt2", "model.ckpt.index"): (5_215, None),
+    ("openai", "gpt2", "model.ckpt.meta"): (471_155, None),
+}
+for _name in PRESETS:
+    # the BPE files are the same for every size; these are the hashes tiktoken checks for them
+    PUBLISHED["openai", _name, "encoder.json"] = (1_042_301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+    PUBLISHED["openai", _name, "vocab.bpe"] = (456_318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
+    # the data shard is the float32 parameters back to back: 4 bytes each (497,759,232 for 124M, as published)
+    PUBLISHED["openai", _name, "model.ckpt.data-00000-of-00001"] = (4 * N_PARAMS[_name], None)
+NEEDED = {"openai": ["hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001"], "hf": ["model.safetensors"]}
+
+
+class DownloadError(RuntimeError):
+    """A download that failed; the message is one line: what, which URL, what to do."""
+
+
+def cache_root(cache_dir=None) -> Path:
+    """The cache folder: the argument, else $DPO_CACHE, else ~/.cache/dpo-from-scratch/gpt2."""
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def model_dir(name, source, cache_dir=None) -> Path:
+    return cache_root(cache_dir) / name / source
+
+
+def url_for(name, source, file) -> str:
+    return URLS[source].format(name=name, size=OPENAI_SIZE[name], file=file)
+
+
+def _check_name(name, source):
+    if name not in PRESETS:
+        raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(PRESETS)}")
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
+
+
+def fetch(url, dest, size=None, sha256=None, progress=True):
+    """Stream `url` into `dest` through a temporary file in the same folder; rename only when complete and checked."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        digest, got = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out, urlopen(url, timeout=60) as response:
+            length = response.headers.get("Content-Length")
+            length = int(length) if length is not None else None
+            with tqdm(total=length, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                      disable=not progress, leave=False) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+        if length is not None and got != length:
+            raise DownloadError(f"download of {url} stopped after {got} of {length} bytes; run the command again")
+        if size is not None and got != size:
+            raise DownloadError(f"{url} gave {got} bytes but {size} are published; the file changed or is damaged")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise DownloadError(f"{url}: sha256 {digest.hexdigest()} differs from the published {sha256}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def download(name, source="openai", cache_dir=None, progress=True) -> Path:
+    """Every file of model `name` from `source` ("openai" or "hf") into <cache>/<name>/<source>/; returns that folder."""
+    _check_name(name, source)
+    folder = model_dir(name, source, cache_dir)
+    for file in FILES[source]:
+        dest = folder / file
+        size, sha256 = PUBLISHED.get((source, name, file), (None, None))
+        if dest.exists() and (size is None or dest.stat().st_size == size):
+            continue  # written atomically, so a file that exists is whole
+        url = url_for(name, source, file)
+        try:
+            fetch(url, dest, size, sha256, progress)
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
+            reason = getattr(err, "reason", None) or err  # HTTP status, DNS failure, refused, timed out
+            raise DownloadError(
+                f"could not download {url} ({reason}). If you are offline, place the files by hand: fetch "
+                f"{', '.join(FILES[source])} from {url.rsplit('/', 1)[0]}/ into {folder}/ "
+                "(or pass a checkpoint path to load_gpt2)") from None
+    return folder
+
+
+def cached(name, source, cache_dir=None):
+    """The cache folder of `name` from `source` if it holds what loading needs, else None."""
+    folder = model_dir(name, source, cache_dir)
+    return folder if all((folder / f).is_file() for f in NEEDED[source]) else None
+
+
+def ensure_downloaded(name, source=None, cache_dir=None) -> Path:
+    """The cached folder of `name` (from `source`, or whichever source is cached), downloading when missing."""
+    _check_name(name, source or "openai")
+    for s in [source] if source else SOURCES:
+        if folder := cached(name, s, cache_dir):
+            return folder
+    return download(name, source or "openai", cache_dir)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Download GPT-2 weights into the cache that gpt.load_gpt2 reads.")
+    p.add_argument("name", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--source", default="openai", help="openai: OpenAI's TensorFlow files; hf: Hugging Face safetensors")
+    p.add_argument("--cache-dir", help=f"cache folder (default ${CACHE_ENV} or {DEFAULT_CACHE})")
+    args = p.parse_args(argv)
+    try:
+        folder = download(args.name, args.source, args.cache_dir, progress=True)
+    except (ValueError, DownloadError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"{args.name} ({args.source}) is in {folder}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()
