@@ -147,14 +147,16 @@ class ValueHead(nn.Module):
         return self.linear(hidden).squeeze(-1)
 
 
-def response_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-    """log π(y_t | x, y_<t) for each token of input_ids[:, start:], read from the logits one position earlier.
+def policy_forward(model: gpt.GPT, input_ids, attention_mask, start: int, value_head: ValueHead | None = None):
+    """π(·|s_t) logits (B, R, V), log π(y_t|s_t) (B, R) and, with `value_head`, V(s_t) (B, R) for the tokens input_ids[:, start:].
 
-    logits (B, T, V) for input_ids (B, T); returns (B, T − start). Summed over a response mask this is
+    The state s_t before token t is read at position t − 1. Summed over a response mask, the log-probs are
     `chapters.ch4_dpo.response_logprobs`.
     """
-    logp = torch.log_softmax(logits[:, start - 1:-1].float(), dim=-1)  # (B, T-start, V)
-    return logp.gather(-1, input_ids[:, start:, None]).squeeze(-1)  # (B, T-start)
+    hidden = model.hidden_states(input_ids, attention_mask)[:, start - 1:-1]  # (B, R, C): states s_t
+    logits = model.lm_head(hidden).float()  # (B, R, V)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, start:, None]).squeeze(-1)  # (B, R)
+    return logits, logp, value_head(hidden) if value_head is not None else None
 
 
 @dataclass
@@ -191,15 +193,16 @@ class PPOTrainer:
     """PPO-based RLHF (report §2.2 and eq. (28)) for a `gpt.GPT` policy against a frozen reference.
 
     policy: the GPT to train (updated in place; a `ValueHead` on its hidden states is added).
-    ref: the frozen reference π_ref (usually a copy of the SFT policy).
+    ref: the frozen reference π_ref, a separate model (usually a copy of the SFT policy); its gradients are turned off.
     reward_fn(input_ids, attention_mask, response_mask) -> (B,) scores, called on prompt + response
     ids (B, T) with masks (B, T); a true reward or a learned reward model (`lambda ids, am, rm: model(ids, am)`).
     prompts: a list of token-id sequences (lists or 1-D tensors), left-padded into batches.
     """
 
-    def __init__(self, policy: gpt.GPT, ref: gpt.GPT, reward_fn, prompts, config: PPOConfig = PPOConfig()):
+    def __init__(self, policy: gpt.GPT, ref: gpt.GPT, reward_fn, prompts, config: PPOConfig | None = None):
         if not prompts:
             raise ValueError("prompts is empty; pass at least one prompt (a list of token ids)")
+        config = config or PPOConfig()
         self.policy, self.ref, self.reward_fn, self.config = policy, ref, reward_fn, config
         self.prompts = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
         self.policy.eval()  # no dropout: the ratio π_θ/π_θold must be 1 before the first step
@@ -218,13 +221,6 @@ class PPOTrainer:
         idx = torch.randint(len(self.prompts), (n,), generator=self.generator)
         return left_pad([self.prompts[i] for i in idx], pad_id=0)
 
-    def forward(self, model, input_ids, attention_mask, start, value_head=None):
-        """Logits (B, R, V) and log-probs (B, R) of the tokens from `start` on, and values (B, R) when `value_head` is given."""
-        hidden = model.hidden_states(input_ids, attention_mask)[:, start - 1:-1]  # (B, R, C): states s_t
-        logits = model.lm_head(hidden)  # (B, R, V)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, start:, None]).squeeze(-1)
-        return logits, logp, value_head(hidden) if value_head is not None else None
-
     @torch.no_grad()
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict:
         """Sample responses, score them, and compute eq. (28) rewards and eq. (5) advantages; a dict of (B, ...) tensors."""
@@ -233,8 +229,8 @@ class PPOTrainer:
                            attention_mask=prompt_mask, generator=self.generator)  # (B, P + R)
         mask = response_mask(seq[:, P:], cfg.eos_id)  # (B, R)
         attention_mask = torch.cat([prompt_mask, mask], dim=1)  # (B, P + R)
-        _, logp, values = self.forward(self.policy, seq, attention_mask, P, self.value_head)
-        _, ref_logp, _ = self.forward(self.ref, seq, attention_mask, P)
+        _, logp, values = policy_forward(self.policy, seq, attention_mask, P, self.value_head)
+        _, ref_logp, _ = policy_forward(self.ref, seq, attention_mask, P)
         full_response_mask = torch.cat([torch.zeros_like(prompt_mask), mask], dim=1)  # (B, P + R)
         scores = self.reward_fn(seq, attention_mask, full_response_mask).float()  # (B,)
         rewards = rlhf_token_rewards(scores, logp, ref_logp, mask, self.beta)  # (B, R)
@@ -251,7 +247,7 @@ class PPOTrainer:
         for _ in range(cfg.epochs):
             for idx in torch.randperm(len(batch["scores"]), generator=self.generator).split(cfg.minibatch_size):
                 mask = batch["mask"][idx]
-                logits, logp, values = self.forward(self.policy, batch["input_ids"][idx], batch["attention_mask"][idx],
+                logits, logp, values = policy_forward(self.policy, batch["input_ids"][idx], batch["attention_mask"][idx],
                                                     batch["start"], self.value_head)
                 old_logp, advantages = batch["logp"][idx], batch["advantages"][idx]
                 surrogate = clipped_surrogate(logp, old_logp, advantages, cfg.clip_eps)
@@ -269,7 +265,7 @@ class PPOTrainer:
                                      value_loss=masked_mean(v_loss, mask).item(),
                                      entropy=masked_mean(ent, mask).item(),
                                      clip_frac=masked_mean(((ratio - 1).abs() > cfg.clip_eps).float(), mask).item(),
-                                     approx_kl=masked_mean(kl_k3(logp, old_logp), mask).item()))
+                                     approx_kl=masked_mean(kl_k3(old_logp, logp), mask).item()))  # KL(π_old ‖ π_θ)
         return {k: sum(log[k] for log in logs) / len(logs) for k in logs[0]}
 
     def step(self) -> dict:
@@ -347,6 +343,33 @@ def expected_class_fraction(last_tokens: torch.Tensor, transition, token_class, 
     return total / length
 
 
+def chain_kl_optimum(last_tokens: torch.Tensor, transition, token_class, length: int, beta: float) -> dict:
+    """Report eq. (36) on the chain: π*(y|x) ∝ π_ref(y|x)·exp(r(x, y)/β) with π_ref = the chain, r = class fraction.
+
+    The reward is a sum over tokens, so π* is again a Markov policy, found by a backward (soft Bellman)
+    recursion V_t(s) = log Σ_a P(a|s)·exp(c(a)/(β·length) + V_{t+1}(a)). Returns the exact per-prompt
+    E_π*[r], KL(π* ‖ π_ref) and β·log Z(x) = β·V_0 (the optimum of eq. (27)), each (n,), float64.
+    """
+    in_class = torch.zeros(transition.shape[0], dtype=transition.dtype)
+    in_class[list(token_class)] = 1.0
+    bonus = in_class / (beta * length)  # (V,): each class token adds 1/length to r, divided by β
+    log_p = transition.log()  # (V, V): log P(a|s)
+    values, policies = torch.zeros(transition.shape[0], dtype=transition.dtype), []
+    for _ in range(length):  # backward: V_{t+1} -> V_t
+        logits = log_p + bonus + values  # (V, V): log P(a|s) + c(a)/(βL) + V_{t+1}(a)
+        values = torch.logsumexp(logits, dim=-1)  # (V,)
+        policies.insert(0, torch.softmax(logits, dim=-1))  # π*_t(a|s)
+    dist = torch.nn.functional.one_hot(last_tokens, transition.shape[0]).to(transition.dtype)  # (n, V)
+    log_z = dist @ values  # (n,): log Z(x) = V_0(last prompt token)
+    reward = torch.zeros(len(last_tokens), dtype=transition.dtype)
+    kl = torch.zeros_like(reward)
+    for pi in policies:
+        reward += dist @ (pi @ in_class) / length
+        kl += dist @ (pi * (pi.log() - log_p)).sum(-1)
+        dist = dist @ pi
+    return dict(reward=reward, kl=kl, objective=beta * log_z)
+
+
 def class_fraction_reward(token_class):
     """reward_fn for `PPOTrainer`: the fraction of response tokens that lie in `token_class`, exactly."""
     members = torch.tensor(sorted(token_class))
@@ -381,8 +404,8 @@ def evaluate(policy, ref, reward_fn, prompt_ids, prompt_mask, response_length, g
     P = prompt_ids.shape[1]
     seq = gpt.generate(policy, prompt_ids, response_length, attention_mask=prompt_mask, generator=generator)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(seq[:, P:])], dim=1)
-    logp = response_token_logprobs(policy(seq, attention_mask), seq, P)  # (B, R)
-    ref_logp = response_token_logprobs(ref(seq, attention_mask), seq, P)
+    _, logp, _ = policy_forward(policy, seq, attention_mask, P)  # (B, R)
+    _, ref_logp, _ = policy_forward(ref, seq, attention_mask, P)
     scores = reward_fn(seq, attention_mask, torch.cat([torch.zeros_like(prompt_mask), torch.ones_like(seq[:, P:])], 1))
     return dict(reward=scores.mean().item(), reward_se=(scores.std() / math.sqrt(len(scores))).item(),
                 kl=kl_k1(logp, ref_logp).sum(-1).mean().item(), kl_k3=kl_k3(logp, ref_logp).sum(-1).mean().item())
@@ -406,23 +429,25 @@ def closed_form_checks():
             ("k3 estimator: E_π[k3] by enumeration vs KL(π ‖ π_ref)", abs(k3_mean - kl))]
 
 
-def plot_training(history, before, after, exact_ref_reward, name="ch6_ppo_reward_kl"):
-    """Mean reward and KL(π ‖ π_ref) over PPO iterations."""
+def plot_training(history, after, exact_ref_reward, optimum, beta, name):
+    """Mean reward and KL(π ‖ π_ref) over PPO iterations, beside the exact reference and the exact optimum of eq. (27)."""
     import matplotlib.pyplot as plt
     from chapters import plotting
 
     it = range(1, len(history) + 1)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(it, [h["reward"] for h in history], label="PPO rollouts: mean reward")
-    ax1.axhline(exact_ref_reward, color="gray", ls="--", label=f"exact E[reward] under the chain ({exact_ref_reward:.3f})")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax1.plot(it, [h["reward"] for h in history], color="C0", label="PPO rollouts: mean reward")
+    ax1.axhline(optimum["reward"], color="C3", ls="--", label=f"exact optimum π* of eq. (27) ({optimum['reward']:.3f})")
     ax1.axhline(after["reward"], color="C2", ls=":", label=f"final policy, held-out prompts ({after['reward']:.3f})")
-    ax1.set(xlabel="PPO iteration", ylabel="reward (fraction of class tokens)", title="Reward rises under PPO")
-    ax1.legend(fontsize=8)
-    ax2.plot(it, [h["kl"] for h in history], label="KL(π ‖ π_ref), k1 estimate")
-    ax2.plot(it, [h["kl_k3"] for h in history], ls="--", label="KL(π ‖ π_ref), k3 estimate")
-    ax2.set(xlabel="PPO iteration", ylabel="KL per response (nats)", title=f"KL to the reference stays bounded (β = {history[0]['beta']:g})")
-    ax2.legend(fontsize=8)
-    fig.suptitle("Chapter 6: PPO-based RLHF on a tiny GPT fitted to a Markov chain (report §2.2, eq. (28))")
+    ax1.axhline(exact_ref_reward, color="gray", ls="--", label=f"reference: the chain, exact ({exact_ref_reward:.3f})")
+    ax1.set(xlabel="PPO iteration", ylabel="reward = fraction of class tokens", title="Reward rises under PPO")
+    ax1.legend(fontsize=8, loc="lower right")
+    ax2.plot(it, [h["kl"] for h in history], color="C0", label="PPO rollouts: KL(π ‖ π_ref), k1")
+    ax2.plot(it, [h["kl_k3"] for h in history], color="C1", ls="--", lw=1, label="PPO rollouts: KL(π ‖ π_ref), k3")
+    ax2.axhline(optimum["kl"], color="C3", ls="--", label=f"exact optimum π* ({optimum['kl']:.2f} nats)")
+    ax2.set(xlabel="PPO iteration", ylabel="KL per response (nats)", title="KL to the reference stays bounded")
+    ax2.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Chapter 6: PPO-based RLHF (eq. (28), β = {beta:g}) on a tiny GPT fitted to a Markov chain")
     return plotting.save(fig, name)
 
 
@@ -437,6 +462,16 @@ def main(argv=None):
         raise SystemExit("error: --iterations must be at least 1")
     if args.beta < 0:
         raise SystemExit("error: --beta must be >= 0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a GPT this small runs fastest on one thread (and is then repeatable across machines' core counts)
+    try:
+        return run_experiment(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_experiment(args):
+    """Closed-form checks, then SFT on a Markov chain and PPO on a token-class reward; returns the measurements."""
     iterations = args.iterations or (8 if args.quick else 60)
     sft_steps = 150 if args.quick else 600
     vocab, prompt_len, response_len, token_class = 16, 4, 12, (0, 1, 2, 3)
@@ -458,6 +493,8 @@ def main(argv=None):
     eval_prompts = sample_markov(start, transition, 512, prompt_len, g)  # held out, (512, P)
     eval_mask = torch.ones_like(eval_prompts)
     exact = expected_class_fraction(eval_prompts[:, -1], transition, token_class, response_len).mean().item()
+    optimum = {k: v.mean().item() for k, v in chain_kl_optimum(eval_prompts[:, -1], transition, token_class,
+                                                               response_len, args.beta).items()}
     reward_fn = class_fraction_reward(token_class)
     ref = gpt.GPT(sft.config)
     ref.load_state_dict(sft.state_dict())
@@ -483,8 +520,11 @@ def main(argv=None):
           f"gain {gain:+.3f} ± {se:.3f} ({gain / se:.1f} standard errors)")
     print(f"KL(π ‖ π_ref) per response: k1 {after['kl']:.3f}, k3 {after['kl_k3']:.3f} nats "
           f"(max over iterations {max(h['kl'] for h in history):.3f})")
-    plot_training(history, before, after, exact, "ch6_ppo_quick" if args.quick else "ch6_ppo_reward_kl")
-    return dict(before=before, after=after, history=history)
+    print(f"eq. (27) objective E[r] − β·KL: SFT {before['reward'] - args.beta * before['kl']:.3f}, "
+          f"PPO {after['reward'] - args.beta * after['kl']:.3f}, exact optimum π* (β·log Z, reference = the chain) "
+          f"{optimum['objective']:.3f} at reward {optimum['reward']:.3f}, KL {optimum['kl']:.3f}")
+    plot_training(history, after, exact, optimum, args.beta, "ch6_ppo_quick" if args.quick else "ch6_ppo_reward_kl")
+    return dict(before=before, after=after, history=history, optimum=optimum)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,30 @@ def test_kl_estimators_k1_k3_unbiased_by_enumeration_and_k3_nonnegative():
     assert (kl_k3(torch.zeros(1, **F64), torch.linspace(-30, 30, 101, **F64)) >= 0).all()
 
 
+def test_eq36_chain_optimum_matches_enumeration_over_all_responses():
+    """The soft-Bellman optimum on the chain equals π* ∝ π_ref·exp(r/β) enumerated over all 3^4 responses."""
+    import itertools
+    start, transition = ch6_ppo.markov_chain(3, 0.5, torch.Generator().manual_seed(4))
+    token_class, length, beta = (0,), 4, 0.3
+    for s0 in range(3):
+        weights, rewards, log_ref = [], [], []
+        for y in itertools.product(range(3), repeat=length):
+            path = (s0,) + y
+            lp = sum(math.log(transition[path[i], path[i + 1]]) for i in range(length))  # log π_ref(y|x)
+            r = sum(t in token_class for t in y) / length
+            weights.append(math.exp(lp + r / beta))
+            rewards.append(r)
+            log_ref.append(lp)
+        z = sum(weights)
+        pi = [w / z for w in weights]
+        reward = sum(p * r for p, r in zip(pi, rewards))
+        kl = sum(p * (math.log(p) - lr) for p, lr in zip(pi, log_ref))
+        got = ch6_ppo.chain_kl_optimum(torch.tensor([s0]), transition, token_class, length, beta)
+        assert abs(got["reward"].item() - reward) < 1e-12
+        assert abs(got["kl"].item() - kl) < 1e-12
+        assert abs(got["objective"].item() - beta * math.log(z)) < 1e-12
+
+
 def test_adaptive_kl_controller_moves_beta_toward_target_with_capped_steps():
     ctl = ch6_ppo.AdaptiveKLController(beta=0.1, target=6.0, horizon=1000)
     assert abs(ctl.update(kl=100.0, n_samples=100) - 0.1 * (1 + 0.2 * 0.1)) < TOL  # error capped at +0.2
@@ -190,14 +214,15 @@ def test_adaptive_kl_controller_moves_beta_toward_target_with_capped_steps():
     assert abs(ctl.beta - 0.1 * (1 - 0.2 * 0.1)) < TOL
 
 
-def test_response_token_logprobs_sum_to_ch4_response_logprobs():
+def test_policy_forward_logprobs_sum_to_ch4_response_logprobs_and_value_head_starts_at_zero():
     model = gpt.GPT(gpt.GPTConfig.tiny(vocab_size=11, n_positions=16))
     ids = torch.randint(11, (2, 9))
-    logits = model(ids)
-    per_token = ch6_ppo.response_token_logprobs(logits, ids, start=4)  # (2, 5)
+    head = ch6_ppo.ValueHead(model.config.n_embd)
+    logits, per_token, values = ch6_ppo.policy_forward(model, ids, None, start=4, value_head=head)  # (2, 5) each
     mask = torch.zeros_like(ids)
     mask[:, 4:] = 1
-    assert torch.allclose(per_token.sum(-1), response_logprobs(logits, ids, mask), atol=1e-5, rtol=0)
+    assert torch.allclose(per_token.sum(-1), response_logprobs(model(ids), ids, mask), atol=1e-5, rtol=0)
+    assert logits.shape == (2, 5, 11) and values.shape == (2, 5) and (values == 0).all()
 
 
 def test_response_mask_keeps_tokens_up_to_first_eos():
@@ -225,7 +250,7 @@ def test_trainer_starts_on_policy_and_is_repeatable(one_thread):
     assert history[0]["kl"] == 0  # policy = reference before the first update
     batch = trainer.rollout(*trainer.sample_prompts(4))
     with torch.no_grad():
-        _, logp, _ = trainer.forward(trainer.policy, batch["input_ids"], batch["attention_mask"], batch["start"])
+        _, logp, _ = ch6_ppo.policy_forward(trainer.policy, batch["input_ids"], batch["attention_mask"], batch["start"])
     assert torch.allclose(logp, batch["logp"], atol=1e-6, rtol=0)  # r_t(θ) = 1 at the start of each update
 
 
