@@ -287,10 +287,11 @@ class TFCheckpoint:
         path = self.data_path(e["shard_id"])
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path}: file missing; download it again or check the folder")
+        buf = bytearray(e["size"])  # writable, so torch can take the array without a copy
         with open(path, "rb") as f:
             f.seek(e["offset"])
-            buf = f.read(e["size"])
-        if len(buf) != e["size"]:
+            got = f.readinto(buf)
+        if got != e["size"]:
             raise CheckpointError(
                 f"checkpoint {path}: tensor {name} needs bytes {e['offset']}..{e['offset'] + e['size']} "
                 f"but the file has {path.stat().st_size} (truncated); download it again")
@@ -353,7 +354,8 @@ def _names_line(names, limit=6):
 
 
 def _fill(ckpt, fmt: str, config: GPTConfig, where: str, extra_ok=()) -> GPT:
-    """Build a GPT for `config` and fill every parameter from `ckpt` through NAME_TABLE, checking names and shapes."""
+    """Build a GPT for `config` and fill every parameter from `ckpt` through NAME_TABLE, checking names and shapes.
+    Names in `extra_ok` may be present and are not loaded."""
     mapping = name_map(fmt, config.n_layer)
     present = set(ckpt.names) - set(extra_ok)
     missing, unexpected = set(mapping) - present, present - set(mapping)
@@ -372,7 +374,7 @@ def _fill(ckpt, fmt: str, config: GPTConfig, where: str, extra_ok=()) -> GPT:
             raise CheckpointError(f"checkpoint {where}: tensor {name} has shape {tuple(ckpt.shape(name))} "
                                   f"but {_describe(config)} needs {need}")
         array = ckpt.read(name)
-        tensor = torch.from_numpy(np.array(array)) if isinstance(array, np.ndarray) else array
+        tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
         state[ours] = torch.nn.Parameter(apply(tensor).to(torch.float32).contiguous())
     for head, embedding in TIED.items():  # the same Parameter object, so the tie survives assign=True
         state[head] = state[embedding]
@@ -427,24 +429,7 @@ def load_safetensors(path) -> GPT:
                 ckpt.read("lm_head.weight"), ckpt.read("wte.weight")):
             raise CheckpointError(f"checkpoint {path}: lm_head.weight differs from wte.weight, "
                                   "but GPT-2 ties them (one Parameter); this is not a GPT-2 checkpoint")
-    return _fill(_Without(ckpt, extra), "hf", config, str(path))
-
-
-class _Without:
-    """A checkpoint view that hides some names (the HF buffers and the tied lm_head)."""
-
-    def __init__(self, ckpt, hidden):
-        self._ckpt, self._hidden = ckpt, set(hidden)
-
-    @property
-    def names(self):
-        return [n for n in self._ckpt.names if n not in self._hidden]
-
-    def shape(self, name):
-        return self._ckpt.shape(name)
-
-    def read(self, name):
-        return self._ckpt.read(name)
+    return _fill(ckpt, "hf", config, str(path), extra_ok=extra)
 
 
 def load_checkpoint(path) -> GPT:
@@ -472,7 +457,7 @@ def load_gpt2(name_or_path, cache_dir=None, source=None) -> GPT:
     from gpt.download import ensure_downloaded
 
     text = str(name_or_path)
-    if text in PRESETS and not Path(text).exists():
+    if text in PRESETS:  # a name wins over a folder of that name; write ./gpt2 for the folder
         return load_checkpoint(ensure_downloaded(text, source=source, cache_dir=cache_dir))
     if Path(text).expanduser().exists() or "/" in text or "\\" in text or Path(text).suffix:
         return load_checkpoint(text)

@@ -53,7 +53,7 @@ for _name in PRESETS:
 NEEDED = {"openai": ["hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001"], "hf": ["model.safetensors"]}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(OSError):
     """A download that failed; the message is one line: what, which URL, what to do."""
 
 
@@ -88,7 +88,7 @@ def fetch(url, dest, size=None, sha256=None, progress=True):
             length = response.headers.get("Content-Length")
             length = int(length) if length is not None else None
             with tqdm(total=length, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                      disable=not progress, leave=False) as bar:
+                      disable=not progress) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     digest.update(chunk)
@@ -144,7 +144,7 @@ def ensure_downloaded(name, source=None, cache_dir=None) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Download GPT-2 weights into the cache that gpt.load_gpt2 reads.")
+    p = argparse.ArgumentParser(prog="python -m gpt.download", description="Download GPT-2 weights into the cache that gpt.load_gpt2 reads.")
     p.add_argument("name", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--source", default="openai", help="openai: OpenAI's TensorFlow files; hf: Hugging Face safetensors")
     p.add_argument("--cache-dir", help=f"cache folder (default ${CACHE_ENV} or {DEFAULT_CACHE})")
