@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gpt.config import PRESETS, GPTConfig
+from gpt.download import ensure_downloaded
 from gpt.model import GPT
 
 
@@ -52,7 +53,7 @@ NAME_TABLE = [
 ]
 TIED = {"lm_head.weight": "transformer.wte.weight"}  # the output head is the token embedding, one Parameter
 # Hugging Face tensors that are not weights: the causal-mask buffers older transformers saved (the hub's
-# gpt2 model.safetensors holds them), and lm_head.weight, a copy of wte.weight that must equal it.
+# gpt2 model.safetensors holds them). A save_pretrained file may also hold lm_head.weight: it must equal wte.
 HF_NOT_WEIGHTS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 # how each "turn" maps an array, and the checkpoint shape it expects given our (out, in)-style shape
@@ -380,6 +381,7 @@ def _fill(ckpt, fmt: str, config: GPTConfig, where: str, extra_ok=()) -> GPT:
         state[head] = state[embedding]
     model.load_state_dict(state, strict=True, assign=True)
     assert model.lm_head.weight is model.transformer.wte.weight
+    assert not any(t.is_meta for t in model.buffers()), "gpt.GPT has a buffer the checkpoint cannot fill"
     return model.eval()
 
 
@@ -387,16 +389,26 @@ def _config_from_hparams(folder: Path) -> GPTConfig:
     path = folder / "hparams.json"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {folder}: hparams.json missing (OpenAI's folder has it); download it again")
-    h = json.loads(path.read_text())
+    h = _read_json(path, ["n_vocab", "n_ctx", "n_embd", "n_layer", "n_head"])
     return GPTConfig(vocab_size=h["n_vocab"], n_positions=h["n_ctx"], n_embd=h["n_embd"], n_layer=h["n_layer"],
                      n_head=h["n_head"])
+
+
+def _read_json(path: Path, keys) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path}: not valid JSON ({err})") from None
+    if missing := [k for k in keys if k not in d]:
+        raise CheckpointError(f"checkpoint {path}: lacks {', '.join(missing)}")
+    return d
 
 
 def _config_for_safetensors(ckpt: SafetensorsCheckpoint) -> GPTConfig:
     """From config.json beside the file when there is one, else from the tensor shapes."""
     path = ckpt.path.parent / "config.json"
     if path.is_file():
-        c = json.loads(path.read_text())
+        c = _read_json(path, ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head"])
         return GPTConfig(vocab_size=c["vocab_size"], n_positions=c["n_positions"], n_embd=c["n_embd"],
                          n_layer=c["n_layer"], n_head=c["n_head"], layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-5))
     if "wte.weight" not in ckpt.entries or "wpe.weight" not in ckpt.entries:
@@ -454,8 +466,6 @@ def load_checkpoint(path) -> GPT:
 def load_gpt2(name_or_path, cache_dir=None, source=None) -> GPT:
     """GPT-2 in eval mode from a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; the download cache,
     downloading when missing) or a checkpoint path (see `load_checkpoint`)."""
-    from gpt.download import ensure_downloaded
-
     text = str(name_or_path)
     if text in PRESETS:  # a name wins over a folder of that name; write ./gpt2 for the folder
         return load_checkpoint(ensure_downloaded(text, source=source, cache_dir=cache_dir))
