@@ -1,22 +1,422 @@
-"""Chapter 4 (report §4.2–§4.4; eqs (38)–(41)): the DPO loss, its gradient, and the implicit reward."""
+"""Chapter 4 (report §4.2–§4.4; eqs (38)–(41)): the DPO loss, its gradient, and the implicit reward.
+
+    python3 -m chapters.ch4_dpo          # every claim of §4.2–§4.4 beside the number that checks it
+
+Run order: the loss (38) and its stable form, Plackett–Luce DPO (39)–(40), the gradient (41) in a
+table and in a tiny GPT-2, response log-probs done right next to the report authors' three mistakes,
+and the central claim: DPO on preferences drawn from BT(r*) recovers π* = π_ref·exp(r*/β)/Z (eq 36).
+"""
+import argparse
+import itertools
+import math
+
+import numpy as np
+from scipy.optimize import brentq
 import torch
 import torch.nn.functional as F
 
+from chapters.ch3_kl_optimum import optimal_policy
 
-def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+
+# --------------------------------------------------------------------------- log-probs of a response
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, *,
+                      per_token_mean: bool = False) -> torch.Tensor:
     """log π(y | x) = Σ_t log π(y_t | x, y_<t), summed over the tokens where `response_mask` is true.
 
     logits (B, T, V) are the model's outputs for input_ids (B, T); response_mask (B, T) is aligned with
     input_ids. The token at position t is predicted by the logits at t − 1, hence the shift by one.
-    Returns (B,).
+    Prompt and padding tokens are left out by the mask. Returns (B,).
+
+    per_token_mean=True divides by the number of response tokens. That is no longer log π(y|x), and in
+    DPO it acts like a per-response β/|y|: the optimum becomes π_ref·exp(|y|·(r + c)/β), which
+    multiplies the reward of long responses by their length (see `fit_tabular_dpo(lengths=...)`).
     """
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): predicts tokens 1..T-1
+    if input_ids.shape != response_mask.shape or logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"shapes disagree: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
+                         f"response_mask {tuple(response_mask.shape)}; want (B, T, V), (B, T), (B, T)")
+    if response_mask[:, 0].any():
+        raise ValueError("response_mask marks position 0, which no logits predict; put the prompt (or a BOS token) first")
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 for GPT-2, float64 stays float64
+    logp = torch.log_softmax(logits[:, :-1].to(dtype), dim=-1)  # (B, T-1, V): predicts tokens 1..T-1
     token_logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    return (token_logp * response_mask[:, 1:]).sum(-1)  # (B,)
+    mask = response_mask[:, 1:].bool()  # (B, T-1)
+    total = torch.where(mask, token_logp, 0.0).sum(-1)  # (B,)
+    return total / mask.sum(-1) if per_token_mean else total
+
+
+def unshifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The report authors' log-prob (their `get_log_prob`): log_softmax(logits_t)[token_t], NO shift. Returns (B,).
+
+    The logits at t have already read token t, so this scores each token with a model that saw it:
+    it is not log π(y | x) and, summed over all responses, exp of it is not 1. Kept to show the mistake.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    token_logp = logp.gather(-1, input_ids[..., None]).squeeze(-1)  # (B, T)
+    return torch.where(mask.bool(), token_logp, 0.0).sum(-1)  # (B,)
+
+
+def concat_prompt_response(prompts, responses, pad_id: int = 0):
+    """Lay out (prompt, response) pairs as rows [prompt, response, right padding]: the layout `response_logprobs` reads.
+
+    prompts, responses: lists of 1-D LongTensors. Returns input_ids, attention_mask, response_mask, each (B, T).
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; give one response per prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt leaves the first response token unpredicted; start with at least one token")
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    response_mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, :len(p) + len(r)] = torch.cat([p, r])
+        attention_mask[i, :len(p) + len(r)] = 1
+        response_mask[i, len(p):len(p) + len(r)] = True
+    return input_ids, attention_mask, response_mask
+
+
+def logprob_by_prefixes(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """log π(y | x) from its definition: one forward pass per prefix (x, y_<t), Σ_t log π(y_t | x, y_<t). Slow; for checks."""
+    total = 0.0
+    for t in range(len(response)):
+        prefix = torch.cat([prompt, response[:t]])[None]  # (1, |x| + t)
+        total = total + torch.log_softmax(model(prefix)[0, -1].float(), dim=-1)[response[t]]
+    return total
+
+
+# --------------------------------------------------------------------------- the loss, eqs (38)–(40)
+def implicit_reward(policy_logps, ref_logps, beta: float):
+    """Report §4.4: r̂_θ(x, y) = β·log π_θ(y|x)/π_ref(y|x), the reward the policy implicitly defines."""
+    return beta * (policy_logps - ref_logps)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
-    """Report eq. (38): −log σ(β·log π(y_w|x)/π_ref(y_w|x) − β·log π(y_l|x)/π_ref(y_l|x)), per example."""
-    chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # implicit reward r̂(x, y_w)
-    rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # implicit reward r̂(x, y_l)
+    """Report eq. (38): −log σ(β·log π(y_w|x)/π_ref(y_w|x) − β·log π(y_l|x)/π_ref(y_l|x)), per example.
+
+    F.logsigmoid is −softplus(−z): finite for any margin z (±1e4 included), unlike log(sigmoid(z)).
+    """
+    chosen = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta)  # r̂(x, y_w)
+    rejected = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta)  # r̂(x, y_l)
     return -F.logsigmoid(chosen - rejected)
+
+
+def plackett_luce_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """Report eq. (40): −log Π_k exp(r̂(y_τ(k))) / Σ_{j≥k} exp(r̂(y_τ(j))), with r̂ = β·log π_θ/π_ref.
+
+    policy_logps, ref_logps (B, K): column k holds the response ranked k-th (most preferred first).
+    The summand is eq. (39)'s second line, where Z(x) has cancelled. Returns (B,).
+    """
+    if policy_logps.shape != ref_logps.shape or policy_logps.dim() != 2 or policy_logps.shape[1] < 2:
+        raise ValueError(f"want (B, K) log-probs with K >= 2 in ranked order; got {tuple(policy_logps.shape)} "
+                         f"and {tuple(ref_logps.shape)}")
+    r = implicit_reward(policy_logps, ref_logps, beta)  # (B, K)
+    tail_lse = torch.logcumsumexp(r.flip(-1), dim=-1).flip(-1)  # (B, K): log Σ_{j≥k} exp r̂_j
+    return -(r - tail_lse).sum(-1)  # (B,)
+
+
+def dpo_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> dict:
+    """What a DPO trainer logs, batch means: loss (38), implicit rewards of y_w and y_l, their margin, accuracy."""
+    chosen = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta)
+    rejected = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta)
+    loss = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    return {
+        "loss": loss.mean().item(),
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+        "rewards/accuracies": (chosen > rejected).double().mean().item(),  # ties count as wrong
+    }
+
+
+# --------------------------------------------------------------------------- the gradient, eq (41)
+def dpo_gradient(grad_chosen_logps, grad_rejected_logps, policy_chosen_logps, policy_rejected_logps,
+                 ref_chosen_logps, ref_rejected_logps, beta: float) -> torch.Tensor:
+    """Report eq. (41): ∇_θ L = −β·mean[σ(r̂(y_l) − r̂(y_w))·(∇_θ log π(y_w|x) − ∇_θ log π(y_l|x))].
+
+    grad_*_logps (B, P): per-example gradients of log π(y|x) w.r.t. the P parameters; the rest are (B,).
+    Returns (P,), the gradient of the batch mean of eq. (38).
+    """
+    weight = torch.sigmoid(implicit_reward(policy_rejected_logps, ref_rejected_logps, beta)
+                           - implicit_reward(policy_chosen_logps, ref_chosen_logps, beta))  # (B,): large when misordered
+    return -beta * (weight[:, None] * (grad_chosen_logps - grad_rejected_logps)).mean(0)  # (P,)
+
+
+# --------------------------------------------------------------------------- the central claim, tabular
+def preference_probabilities(pi_ref: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """P(x, y_w, y_l) of one data row: x uniform, y1 ≠ y2 drawn from π_ref(·|x), y1 ≻ y2 with BT's σ(r*(y1) − r*(y2)).
+
+    pi_ref, rewards (X, Y). Returns (X, Y, Y), summing to 1: the infinite-data limit of a data set's counts.
+    """
+    pair = pi_ref[:, :, None] * pi_ref[:, None, :]  # (X, Y, Y): y1, y2 iid from π_ref
+    pair = pair * (1 - torch.eye(pi_ref.shape[1], dtype=pi_ref.dtype))  # drop y1 = y2 (no preference to state)
+    pair = pair / pair.sum((1, 2), keepdim=True)
+    win = torch.sigmoid(rewards[:, :, None] - rewards[:, None, :])  # (X, Y, Y): P(y_w ≻ y_l)
+    # (y_w, y_l) arises as (y1, y2) with y1 winning or as (y2, y1) with y2 winning; pair is symmetric
+    return 2 * pair * win / pi_ref.shape[0]
+
+
+def preference_counts(probs: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """How often each (x, y_w, y_l) occurs among n rows drawn from `probs`: all the DPO loss needs of a data set."""
+    counts = np.random.default_rng(seed).multinomial(n, probs.flatten().numpy())
+    return torch.from_numpy(counts).to(probs.dtype).reshape(probs.shape)
+
+
+def tabular_dpo_loss(theta: torch.Tensor, pi_ref: torch.Tensor, weights: torch.Tensor, beta: float,
+                     lengths: torch.Tensor = None) -> torch.Tensor:
+    """Report eq. (38) averaged over a data set, for a tabular policy π_θ(·|x) = softmax(θ[x]), θ (X, Y).
+
+    weights (X, Y, Y): how often each (x, y_w, y_l) occurs (or its probability): the mean over the data
+    set's rows. lengths (Y,), optional: per-token mean log-ratios log(π_θ/π_ref)(y)/|y| instead of sums.
+    """
+    per_token = 1.0 if lengths is None else lengths.to(pi_ref.dtype)
+    logp = torch.log_softmax(theta, dim=-1) / per_token  # (X, Y)
+    ref = torch.log(pi_ref) / per_token  # (X, Y)
+    # every (x, w, l) cell at once: (X, Y, 1) chosen against (X, 1, Y) rejected -> (X, Y, Y)
+    losses = dpo_loss(logp[:, :, None], logp[:, None, :], ref[:, :, None], ref[:, None, :], beta)
+    return (weights * losses).sum() / weights.sum()
+
+
+def fit_tabular_dpo(pi_ref: torch.Tensor, weights: torch.Tensor, beta: float, lengths: torch.Tensor = None,
+                    max_iter: int = 50) -> torch.Tensor:
+    """Minimise `tabular_dpo_loss` over θ from π_θ = π_ref; return π_θ (X, Y).
+
+    Full batch, float64, Newton's method with a backtracking line search (Hessian eigenvalues taken as
+    |λ| so every step goes downhill: with `lengths` the loss is not convex in θ). If the data put the
+    minimiser at infinity (a response that never lost), it stops after max_iter steps.
+    """
+    def loss_fn(flat):
+        return tabular_dpo_loss(flat.reshape(pi_ref.shape), pi_ref, weights, beta, lengths)
+
+    theta = torch.log(pi_ref).flatten()  # (X*Y,)
+    for _ in range(max_iter):
+        flat = theta.clone().requires_grad_(True)
+        loss = loss_fn(flat)
+        (grad,) = torch.autograd.grad(loss, flat)
+        if grad.abs().max() < 1e-14:
+            break
+        hessian = torch.autograd.functional.hessian(loss_fn, theta, vectorize=True)  # (X*Y, X*Y)
+        eigval, eigvec = torch.linalg.eigh(hessian)
+        keep = eigval.abs() > 1e-12 * eigval.abs().max()  # drop θ[x] + c, which no loss sees
+        step = eigvec[:, keep] @ ((eigvec[:, keep].T @ grad) / eigval[keep].abs())  # |λ|: always downhill
+        t = 1.0
+        while loss_fn(theta - t * step) > loss - 1e-4 * t * (grad @ step) and t > 1e-8:
+            t /= 2
+        theta = theta - t * step
+    return torch.softmax(theta.reshape(pi_ref.shape), dim=-1)
+
+
+# --------------------------------------------------------------------------- the script
+def _tiny_gpt2(seed: int, weight_std: float = 0.3):
+    """A tiny random GPT-2 with larger-than-init weights, so its next-token distributions are far from uniform."""
+    import gpt
+
+    torch.manual_seed(seed)
+    model = gpt.GPT(gpt.GPTConfig.tiny()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, weight_std)
+    return model
+
+
+def _random_pairs(vocab: int, n: int, generator):
+    """n (prompt, chosen, rejected) of random tokens, prompt 2–4 tokens and responses 1–5 (so rows need padding)."""
+    def tokens(lo, hi):
+        return torch.randint(1, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=generator)),), generator=generator)
+
+    return [(tokens(2, 4), tokens(1, 5), tokens(1, 5)) for _ in range(n)]
+
+
+def _section(title):
+    print(f"\n--- {title}")
+
+
+def _loss_checks(beta):
+    _section("eq. (38): the DPO loss")
+    lp = torch.tensor([-3.0, -7.5, -1.2], dtype=torch.float64)
+    same = dpo_loss(lp, lp - 1, lp, lp - 1, beta)
+    print(f"policy = reference: loss = {same.min():.12f}…{same.max():.12f} (ln 2 = {math.log(2):.12f})")
+    z = torch.tensor([1e4, -1e4], requires_grad=True)
+    loss = dpo_loss(z, torch.zeros(2), torch.zeros(2), torch.zeros(2), 1.0)
+    loss.sum().backward()
+    naive = -torch.log(torch.sigmoid(z.detach()))
+    print(f"margins +1e4, −1e4: stable loss = {loss[0] + 0:.3g}, {loss[1]:.3g}; d loss/d margin = {z.grad[0] + 0:.3g}, "
+          f"{z.grad[1]:.3g}; naive −log σ(z) = {naive[0] + 0:.3g}, {naive[1]:.3g}")
+
+    _section("eqs. (39)–(40): Plackett–Luce DPO")
+    g = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(4, generator=g, dtype=torch.float64) for _ in range(4))
+    pl = plackett_luce_dpo_loss(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), beta)
+    print(f"K = 2: max |PL-DPO (40) − DPO (38)| = {(pl - dpo_loss(pc, pr, rc, rr, beta)).abs().max():.1e} (report: equal)")
+    K = 4
+    pol, ref = torch.randn(1, K, generator=g, dtype=torch.float64), torch.randn(1, K, generator=g, dtype=torch.float64)
+    total = sum(math.exp(-plackett_luce_dpo_loss(pol[:, list(t)], ref[:, list(t)], beta).item())
+                for t in itertools.permutations(range(K)))
+    print(f"K = {K}: Σ over all {math.factorial(K)} rankings of exp(−loss) = {total:.12f} (a distribution over rankings: 1)")
+    r = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
+    printed = sum(math.prod(r[t[k]].item() / sum(r[t[j]].item() for j in range(k, 3)) for k in range(3))
+                  for t in itertools.permutations(range(3)) if t[0] == 1)
+    print(f"erratum, eq. (39) as printed (r/Σr, no exp): P(y2 ranked first) = {printed:.3f} for r* = {r.tolist()}, "
+          "a negative 'probability'; with exp(r*) it is the PL model above")
+
+    _section("§4.4: implicit reward and what a trainer logs")
+    m = dpo_metrics(pc, pr, rc, rr, beta)
+    print("  " + ", ".join(f"{k} = {v:.4f}" for k, v in m.items()))
+
+
+def _gradient_checks(beta, seed):
+    _section("eq. (41): autograd of eq. (38) vs the closed form")
+    g = torch.Generator().manual_seed(seed)
+    X, Y = 3, 5
+    theta = torch.randn(X, Y, generator=g, dtype=torch.float64, requires_grad=True)
+    log_ref = torch.log_softmax(torch.randn(X, Y, generator=g, dtype=torch.float64), -1)
+    x, w, l = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 3, 1, 4]), torch.tensor([2, 1, 0, 3])
+    logp = torch.log_softmax(theta, -1)
+    auto = torch.autograd.grad(dpo_loss(logp[x, w], logp[x, l], log_ref[x, w], log_ref[x, l], beta).mean(), theta,
+                               retain_graph=True)[0]
+    per_example = [torch.autograd.grad(logp[x[i], y[i]], theta, retain_graph=True)[0].flatten()
+                   for y in (w, l) for i in range(len(x))]
+    grads = torch.stack(per_example).reshape(2, len(x), -1)  # (2, B, X*Y): ∇ log π(y_w), ∇ log π(y_l)
+    closed = dpo_gradient(grads[0], grads[1], logp[x, w], logp[x, l], log_ref[x, w], log_ref[x, l], beta)
+    print(f"tabular policy (float64): max |autograd − eq. (41)| = {(auto.flatten() - closed).abs().max():.1e}")
+
+    policy, ref = _tiny_gpt2(seed), _tiny_gpt2(seed + 1)
+    params = [p for p in policy.parameters()]
+    triples = _random_pairs(policy.config.vocab_size, 3, g)
+    prompts = [t[0] for t in triples] * 2
+    ids, attn, resp = concat_prompt_response(prompts, [t[1] for t in triples] + [t[2] for t in triples])
+    with torch.no_grad():
+        ref_lp = response_logprobs(ref(ids, attn), ids, resp)  # (2B,)
+    lp = response_logprobs(policy(ids, attn), ids, resp)  # (2B,)
+    B = len(triples)
+    auto = torch.autograd.grad(dpo_loss(lp[:B], lp[B:], ref_lp[:B], ref_lp[B:], beta).mean(), params, retain_graph=True)
+    per_example = torch.stack([torch.cat([gi.flatten() for gi in torch.autograd.grad(lp[i], params, retain_graph=True)])
+                               for i in range(2 * B)])  # (2B, P)
+    closed = dpo_gradient(per_example[:B], per_example[B:], lp[:B], lp[B:], ref_lp[:B], ref_lp[B:], beta)
+    auto = torch.cat([a.flatten() for a in auto])
+    print(f"tiny GPT-2 ({auto.numel()} parameters, float32): max |autograd − eq. (41)| = "
+          f"{(auto - closed).abs().max():.1e} (max |gradient| = {auto.abs().max():.1e})")
+
+
+def _authors_code_checks(beta, seed):
+    _section("response log-probs on a tiny GPT-2, and the report authors' code")
+    g = torch.Generator().manual_seed(seed)
+    policy, ref = _tiny_gpt2(seed), _tiny_gpt2(seed + 1)
+    triples = _random_pairs(policy.config.vocab_size, 4, g)
+    B = len(triples)
+    prompts = [t[0] for t in triples] * 2
+    responses = [t[1] for t in triples] + [t[2] for t in triples]
+    ids, attn, resp = concat_prompt_response(prompts, responses)
+    prompt_only = attn * ~resp  # the authors' attention mask: zero on the response
+    with torch.no_grad():
+        by_prefix = torch.stack([logprob_by_prefixes(policy, p, r) for p, r in zip(prompts, responses)])
+        variants = {}
+        for name, model in (("policy", policy), ("ref", ref)):
+            logits, hidden = model(ids, attn), model(ids, prompt_only)
+            variants[name] = {
+                "correct (shifted, response only, summed)": response_logprobs(logits, ids, resp),
+                "unshifted": unshifted_logprobs(logits, ids, resp),
+                "response hidden from attention": response_logprobs(hidden, ids, resp),
+                "prompt and padding inside": response_logprobs(logits, ids, torch.ones_like(resp).index_fill(1, torch.tensor([0]), 0)),
+                "per-token mean": response_logprobs(logits, ids, resp, per_token_mean=True),
+                "all four (the authors' code)": unshifted_logprobs(hidden, ids, torch.ones_like(resp)) / ids.shape[1],
+            }
+    print(f"{B} pairs, responses of {min(map(len, responses))}–{max(map(len, responses))} tokens, right-padded to {ids.shape[1]}")
+    print(f"{'log-prob computed as':42s} {'max |Δ| vs token-by-token':>26s} {'DPO loss (38)':>14s}")
+    for name in variants["policy"]:
+        lp, rl = variants["policy"][name], variants["ref"][name]
+        loss = dpo_loss(lp[:B], lp[B:], rl[:B], rl[B:], beta).mean()
+        print(f"{name:42s} {(lp - by_prefix).abs().max():26.2e} {loss:14.4f}")
+    same = {name: dpo_loss(v[:B], v[B:], v[:B], v[B:], beta).mean().item() for name, v in variants["policy"].items()}
+    print(f"first step (policy = reference): loss = {min(same.values()):.6f}…{max(same.values()):.6f} for every variant "
+          f"(ln 2 = {math.log(2):.6f}): the first-step check cannot see these mistakes")
+
+
+def _central_claim(beta, seed, sizes, repeats):
+    from tqdm import tqdm
+
+    from chapters.plotting import plt, save
+
+    _section("§4.2 + eq. (36): DPO on BT(r*) preferences recovers π* = π_ref·exp(r*/β)/Z")
+    g = torch.Generator().manual_seed(seed)
+    X, Y = 4, 6
+    pi_ref = torch.softmax(0.5 * torch.randn(X, Y, generator=g, dtype=torch.float64), -1)
+    r_star = torch.randn(X, Y, generator=g, dtype=torch.float64)
+    pi_star = optimal_policy(pi_ref, r_star, beta)
+    probs = preference_probabilities(pi_ref, r_star)
+    print(f"{X} prompts × {Y} responses, β = {beta}, r* ~ N(0, 1); max |π_ref − π*| = {(pi_ref - pi_star).abs().max():.3f}")
+    print("data: x uniform, y1 ≠ y2 ~ π_ref, label from BT(r*); loss: mean eq. (38) over the N rows, minimised by Newton")
+    pop = fit_tabular_dpo(pi_ref, probs, beta)
+    pop_err = (pop - pi_star).abs().max().item()
+    print(f"infinite data (expected loss): max |π_θ − π*| = {pop_err:.1e} (report: DPO's optimum is π*)")
+    errors = np.zeros((len(sizes), repeats))
+    fits = {}
+    for i, n in enumerate(tqdm(sizes, desc="data set sizes", leave=False)):
+        for j in range(repeats):
+            fit = fit_tabular_dpo(pi_ref, preference_counts(probs, n, seed=seed * 10_000 + 100 * i + j), beta)
+            errors[i, j] = (fit - pi_star).abs().max().item()
+            fits.setdefault(n, fit)
+    print(f"{'N pairs':>12s} {'max |π_θ − π*| (median, worst of ' + str(repeats) + ' data sets)':>50s}")
+    for n, med, worst in zip(sizes, np.median(errors, 1), errors.max(1)):
+        print(f"{n:12,d} {med:35.4f} {worst:10.4f}{'   ≤ 0.01' if worst <= 0.01 else ''}")
+    reached = [n for n, e in zip(sizes, errors.max(1)) if e <= 0.01]
+    print(f"max |π_θ − π*| ≤ 0.01 in all {repeats} data sets from N = {reached[0]:,} pairs on" if reached
+          else "max |π_θ − π*| ≤ 0.01 not reached at these sizes")
+
+    lengths = torch.arange(1, Y + 1, dtype=torch.float64)
+    biased = fit_tabular_dpo(pi_ref, probs, beta, lengths=lengths)
+    # its closed form: β·log(π/π_ref)(y)/|y| = r*(y) + c(x), so π = π_ref·exp(|y|(r* + c)/β), c making Σ_y π = 1
+    c = [brentq(lambda c: (pi_ref[i] * torch.exp(lengths * (r_star[i] + c) / beta)).sum().item() - 1, -50, 50)
+         for i in range(X)]
+    predicted = pi_ref * torch.exp(lengths * (r_star + torch.tensor(c, dtype=torch.float64)[:, None]) / beta)
+    print(f"per-token mean instead of sum (|y| = {lengths.int().tolist()} tokens), infinite data: max |π_θ − π*| = "
+          f"{(biased - pi_star).abs().max():.3f}; it is π_ref·exp(|y|(r* + c)/β) instead: max |Δ| = "
+          f"{(biased - predicted).abs().max():.1e}")
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    n_arr = np.array(sizes, dtype=float)
+    for j in range(repeats):
+        ax.scatter(n_arr, errors[:, j], s=10, color="tab:blue", alpha=0.3, label="one data set" if j == 0 else None)
+    med = np.median(errors, 1)
+    ax.plot(n_arr, med, "o-", color="tab:blue", label=f"median of {repeats} data sets")
+    ax.plot(n_arr, med[-1] * np.sqrt(n_arr[-1] / n_arr), ":", color="gray", label=r"slope $1/\sqrt{N}$")
+    ax.axhline(0.01, color="tab:red", ls="--", label="0.01")
+    ax.plot([], [], " ", label=f"infinite data (expected loss): {pop_err:.0e}")
+    ax.set(xscale="log", yscale="log", xlabel="N preference pairs drawn from BT(r*)",
+           ylabel=r"max$_{x,y}$ $|\pi_\theta(y|x) - \pi^*(y|x)|$", title="DPO's minimiser approaches π* as data grows")
+    ax.legend(fontsize=8, loc="lower left")
+    x0, width, idx = 0, 0.2, np.arange(Y)
+    small, large = sizes[2], sizes[-1]
+    for k, (p, label) in enumerate([(pi_ref, r"$\pi_{ref}$ (DPO's start)"), (pi_star, r"$\pi^* = \pi_{ref}\,e^{r^*/\beta}/Z$"),
+                                    (fits[small], f"DPO, N = {small:,}"), (fits[large], f"DPO, N = {large:,}")]):
+        bx.bar(idx + (k - 1.5) * width, p[x0].numpy(), width, label=label)
+    bx.set(xticks=idx, xticklabels=[f"y{i}\nr*={r_star[x0, i]:.2f}" for i in idx], ylabel=r"$\pi(y|x_0)$",
+           title=f"prompt x0, β = {beta}: first data set of each N")
+    bx.legend(fontsize=8)
+    save(fig, "ch4_dpo_recovers_optimal_policy")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python3 -m chapters.ch4_dpo", description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="seed for every random draw (default 0)")
+    parser.add_argument("--beta", type=float, default=0.5, help="DPO's β (default 0.5)")
+    parser.add_argument("--repeats", type=int, default=20, help="data sets drawn per size N (default 20)")
+    args = parser.parse_args(argv)
+    if args.beta <= 0:
+        raise SystemExit(f"error: --beta must be > 0 (got {args.beta})")
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be >= 1 (got {args.repeats})")
+    torch.manual_seed(args.seed)
+    _loss_checks(args.beta)
+    _gradient_checks(args.beta, args.seed)
+    _authors_code_checks(args.beta, args.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tabular fits are tiny: threads only add overhead
+    try:
+        _central_claim(args.beta, args.seed, [int(10 ** (k / 2)) for k in range(4, 15)], args.repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()
