@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from gpt.config import PRESETS, GPTConfig
-from gpt.download import ensure_downloaded
 from gpt.model import GPT
 
 
@@ -466,6 +465,8 @@ def load_checkpoint(path) -> GPT:
 def load_gpt2(name_or_path, cache_dir=None, source=None) -> GPT:
     """GPT-2 in eval mode from a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; the download cache,
     downloading when missing) or a checkpoint path (see `load_checkpoint`)."""
+    from gpt.download import ensure_downloaded  # here, not at the top: `python -m gpt.download` imports gpt first
+
     text = str(name_or_path)
     if text in PRESETS:  # a name wins over a folder of that name; write ./gpt2 for the folder
         return load_checkpoint(ensure_downloaded(text, source=source, cache_dir=cache_dir))

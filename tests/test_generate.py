@@ -5,7 +5,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt import GPT, GPTConfig, generate
 from gpt.checkpoint import load_gpt2
-from gpt.generate import left_pad, sample_next
+from gpt.generation import left_pad, sample_next
 
 
 @pytest.fixture(scope="module")
