@@ -100,6 +100,9 @@ def fetch(url, dest, size=None, sha256=None, progress=True):
             raise DownloadError(f"{url} gave {got} bytes but {size} are published; the file changed or is damaged")
         if sha256 is not None and digest.hexdigest() != sha256:
             raise DownloadError(f"{url}: sha256 {digest.hexdigest()} differs from the published {sha256}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's permissions
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
