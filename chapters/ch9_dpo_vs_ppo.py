@@ -291,14 +291,31 @@ def train_dpo(policy, problem: Problem, steps: int, lr: float) -> list:
     return history
 
 
+def minimise_dpo_lbfgs(policy, problem: Problem):
+    """Eq. (38) minimised by L-BFGS from π = π_ref. Like plain gradient descent, its steps stay in the span of the
+    gradients, so it lands on the minimiser gradient flow picks (Adam's per-parameter scaling leaves that span)."""
+    opt = torch.optim.LBFGS(policy.params, lr=1, max_iter=3000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = empirical_dpo_loss(policy.logp(), problem)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return policy
+
+
 def train_ppo(policy, problem: Problem, rewards: torch.Tensor, iterations: int, lr: float, batch: int = 64,
               epochs: int = 4, clip_eps: float = 0.2, generator=None) -> list:
     """KL-regularised PPO on responses, from π = π_ref: sample `batch` responses per prompt from π_old, score them with
     eq. (28), r̂(x, y) − β·log π_old/π_ref(y|x), advantage = score − its per-prompt batch mean (whitened), then
-    `epochs` Adam steps on eq. (1). The whole response is one action, so a one-step episode. Returns `measure`
-    dicts, one per optimiser step (plus the start).
+    `epochs` Adam steps on eq. (1), the learning rate annealed linearly to 0 over the rounds (as in Schulman et
+    al.'s PPO runs). The whole response is one action, so a one-step episode. Returns `measure` dicts, one per
+    optimiser step (plus the start).
     """
     opt = torch.optim.Adam(policy.params, lr=lr)
+    anneal = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / iterations)
     mask = unseen_mask(problem)
     ref_logp = problem.pi_ref.log()
     P, _ = problem.shape
@@ -318,6 +335,7 @@ def train_ppo(policy, problem: Problem, rewards: torch.Tensor, iterations: int, 
             (-masked_mean(clipped_surrogate(logp, old_logp, advantages, clip_eps))).backward()
             opt.step()
             history.append(measure(policy.logp().detach(), problem, mask))
+        anneal.step()
     return history
 
 
@@ -366,15 +384,21 @@ def family_along_unseen(problem: Problem, rewards: torch.Tensor, masses) -> list
 
 
 def run_all(problem: Problem, steps: int, seed: int, progress: bool = True) -> dict:
-    """DPO and PPO from π_ref for each policy of `POLICIES`; {name: (dpo history, ppo history, π* of its reward model)}."""
+    """DPO and PPO from π_ref for each policy of `POLICIES`.
+
+    Returns {name: dict(dpo=history, ppo=history, dpo_pi=π, ppo_pi=π (P, Y) at the end, target=π* of its reward model)}.
+    """
     rewards = {"table": fit_reward_model(problem), "linear": fit_reward_model(problem, linear=True)}
     runs = {}
     for cls in tqdm(POLICIES, desc="DPO and PPO runs", disable=not progress):
         r_hat = rewards["linear" if cls is LogLinear else "table"]
-        dpo = train_dpo(cls(problem), problem, steps, lr=0.05)
-        ppo = train_ppo(cls(problem), problem, r_hat, steps // 4, lr=0.05, batch=256, epochs=4,
+        dpo_policy, ppo_policy = cls(problem), cls(problem)
+        dpo = train_dpo(dpo_policy, problem, steps, lr=0.05)
+        ppo = train_ppo(ppo_policy, problem, r_hat, steps // 4, lr=0.05, batch=256, epochs=4,
                         generator=torch.Generator().manual_seed(seed))
-        runs[cls.name] = (dpo, ppo, dpo_minimiser(problem, r_hat))
+        lbfgs_pi = minimise_dpo_lbfgs(cls(problem), problem).logp().detach().exp()
+        runs[cls.name] = dict(dpo=dpo, ppo=ppo, dpo_pi=dpo_policy.logp().detach().exp(), lbfgs_pi=lbfgs_pi,
+                              ppo_pi=ppo_policy.logp().detach().exp(), target=dpo_minimiser(problem, r_hat))
     return runs
 
 
@@ -386,12 +410,14 @@ def plot_unseen_mass(problem: Problem, runs: dict):
     mask = unseen_mask(problem)
     ref = measure(problem.pi_ref.log(), problem, mask)
     fig, axes = plt.subplots(2, len(runs), figsize=(4.6 * len(runs), 7), sharex=True)
-    for col, (name, (dpo, ppo, target)) in enumerate(runs.items()):
-        goal = measure(target.log(), problem, mask)
+    for col, (name, run) in enumerate(runs.items()):
+        dpo, ppo, goal = run["dpo"], run["ppo"], measure(run["target"].log(), problem, mask)
         for row, key, label in ((0, "unseen", "mass on responses absent from the data"), (1, "true_reward", "E_π[r*] (true reward)")):
             ax = axes[row, col]
             ax.plot([h[key] for h in dpo], color="C0", label="DPO (eq. 38)")
             ax.plot([h[key] for h in ppo], color="C3", alpha=0.8, label="PPO (eqs. 1, 28) on fitted r̂")
+            ax.axhline(measure(run["lbfgs_pi"].log(), problem, mask)[key], color="C0", ls="-.", lw=1,
+                       label="DPO minimised by L-BFGS (end point)")
             ax.axhline(goal[key], color="C3", ls="--", lw=1, label="π* = eq. (36) for r̂ (PPO's target)")
             ax.axhline(ref[key], color="gray", ls=":", lw=1, label="π_ref")
             ax.set(ylabel=label)
@@ -438,10 +464,10 @@ def plot_minimiser_set(problem: Problem, rewards: torch.Tensor, runs: dict, chec
     ax3 = ax2.twinx()
     ax3.plot([f[0] for f in fam], [f[3] for f in fam], color="C4", ls="--", label="KL(π ‖ π_ref) across Π_DPO")
     mask = unseen_mask(problem)
-    for marker, (name, (dpo, _, target)) in zip("osD", runs.items()):
+    for marker, (name, run) in zip("osD", runs.items()):
         if name == "log-linear":
             continue  # its reward model is another r̂, so another slice of minimisers
-        ax2.plot(dpo[-1]["unseen"], dpo[-1]["true_reward"], marker, color="C0", label=f"DPO run, {name} policy")
+        ax2.plot(run["dpo"][-1]["unseen"], run["dpo"][-1]["true_reward"], marker, color="C0", label=f"DPO run, {name} policy")
     goal = measure(dpo_minimiser(problem, rewards).log(), problem, mask)
     ax2.plot(goal["unseen"], goal["true_reward"], "*", ms=14, color="C3", label="π*, PPO's target (tabular r̂)")
     ref = measure(problem.pi_ref.log(), problem, mask)
@@ -450,7 +476,8 @@ def plot_minimiser_set(problem: Problem, rewards: torch.Tensor, runs: dict, chec
             title="One DPO loss value, any mass on unseen responses")
     ax3.set_ylabel("KL(π ‖ π_ref)")
     lines = ax2.get_legend_handles_labels(), ax3.get_legend_handles_labels()
-    ax2.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="lower left")
+    ax2.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="upper center",
+               bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.suptitle("Chapter 9: the set of DPO minimisers Π_DPO on the example (report §7)")
     fig.tight_layout()
     return plotting.save(fig, "ch9_minimiser_set")
@@ -549,30 +576,37 @@ def _run(args):
     print(f"\n4. Training from π_ref, {args.steps} Adam steps each (PPO: {args.steps // 4} rounds × 4 epochs, 256 samples/prompt, "
           f"ε = 0.2; reward r̂ − β·log π/π_ref, eq. (28)); exact measurements by enumeration")
     runs = run_all(problem, args.steps, args.seed)
-    print(f"   {'policy':15s} {'method':5s} {'unseen mass':>11s} {'E[r*]':>7s} {'KL':>6s} {'eq.(38) − min':>14s}")
-    for name, (dpo, ppo, target) in runs.items():
-        floor = empirical_dpo_loss(target.log(), problem).item()  # the minimum within this reward class
-        for method, h in (("DPO", dpo[-1]), ("PPO", ppo[-1]), ("π*", measure(target.log(), problem, mask))):
-            print(f"   {name:15s} {method:5s} {h['unseen']:11.3f} {h['true_reward']:+7.3f} {h['kl']:6.3f} {h['dpo'] - floor:14.1e}")
+    print(f"   {'policy':15s} {'method':6s} {'unseen mass':>11s} {'E[r*]':>7s} {'KL':>6s} {'eq.(38) − min':>14s} {'TV to π*':>9s}")
+    for name, run in runs.items():
+        floor = empirical_dpo_loss(run["target"].log(), problem).item()  # the minimum within this reward class
+        for method, pi in (("DPO", run["dpo_pi"]), ("DPO†", run["lbfgs_pi"]), ("PPO", run["ppo_pi"]), ("π*", run["target"])):
+            h = measure(pi.log(), problem, mask)
+            tv = 0.5 * (pi - run["target"]).abs().sum(-1).max().item()
+            print(f"   {name:15s} {method:6s} {h['unseen']:11.3f} {h['true_reward']:+7.3f} {h['kl']:6.3f} "
+                  f"{h['dpo'] - floor:14.1e} {tv:9.1e}")
     print(f"   π_ref: {_fmt(measure(problem.pi_ref.log(), problem, mask))}")
+    print("   DPO = Adam, as in the figure; DPO† = the same loss minimised by L-BFGS (moves within the span of the gradients, "
+          "as plain gradient descent does)")
     plot_unseen_mass(problem, runs)
     plot_minimiser_set(problem, r_hat, runs)
 
     sweep = []
     if args.sweep:
         print(f"\n5. {args.sweep} more examples (seeds {args.seed + 1}–{args.seed + args.sweep}): autoregressive DPO vs π* (PPO's target)")
-        print(f"   {'seed':>4s} {'unseen: π_ref':>13s} {'π*':>6s} {'DPO tab':>7s} {'DPO AR':>7s}   {'E[r*]: π*':>9s} {'DPO AR':>7s}")
+        print(f"   {'seed':>4s} {'unseen: π_ref':>13s} {'π*':>6s} {'DPO tab':>7s} {'DPO AR':>7s} {'DPO† AR':>7s}   "
+              f"{'E[r*]: π*':>9s} {'DPO AR':>7s} {'DPO† AR':>7s}")
         for seed in tqdm(range(args.seed + 1, args.seed + 1 + args.sweep), desc="sweep", leave=False):
             pb = make_problem(seed=seed, beta=args.beta)
             pb_mask = unseen_mask(pb)
             target = measure(dpo_minimiser(pb, fit_reward_model(pb)).log(), pb, pb_mask)
             tab, ar = (train_dpo(cls(pb), pb, args.steps, lr=0.05)[-1] for cls in (Tabular, Autoregressive))
+            ar2 = measure(minimise_dpo_lbfgs(Autoregressive(pb), pb).logp().detach(), pb, pb_mask)
             ref = measure(pb.pi_ref.log(), pb, pb_mask)
-            sweep.append((seed, ref, target, tab, ar))
-            print(f"   {seed:4d} {ref['unseen']:13.3f} {target['unseen']:6.3f} {tab['unseen']:7.3f} {ar['unseen']:7.3f}   "
-                  f"{target['true_reward']:+9.3f} {ar['true_reward']:+7.3f}")
+            sweep.append((seed, ref, target, tab, ar, ar2))
+            print(f"   {seed:4d} {ref['unseen']:13.3f} {target['unseen']:6.3f} {tab['unseen']:7.3f} {ar['unseen']:7.3f} "
+                  f"{ar2['unseen']:7.3f}   {target['true_reward']:+9.3f} {ar['true_reward']:+7.3f} {ar2['true_reward']:+7.3f}")
 
-    ar_dpo, ar_goal = runs["autoregressive"][0][-1], measure(runs["autoregressive"][2].log(), problem, mask)
+    ar_dpo, ar_goal = runs["autoregressive"]["dpo"][-1], measure(runs["autoregressive"]["target"].log(), problem, mask)
     print("\nWhat the report says vs what the numbers show")
     print(f"  'Π_PPO ⊂ Π_DPO: DPO can recover any policy optimised by PPO' -> π* = eq. (36)(r̂) minimises eq. (38): "
           f"|Δ| = {abs(loss.item() - rm_min):.1e}, |∇| = {grad.norm():.1e}")
@@ -580,14 +614,15 @@ def _run(args):
           f"ranges over (0, 1) at one loss value; with full-support π_ref each member is eq. (36) for another eq. (26) "
           f"minimiser, so the strict part comes from responses π_ref never produces (KL = ∞ for PPO)")
     print(f"  'DPO suffers from OOD misspecification' -> which minimiser DPO reaches depends on the parameterisation: "
-          f"tabular {runs['tabular'][0][-1]['unseen']:.3f} vs π* {ar_goal['unseen']:.3f} unseen mass; autoregressive "
+          f"tabular {runs['tabular']['dpo'][-1]['unseen']:.3f} vs π* {ar_goal['unseen']:.3f} unseen mass; autoregressive "
           f"{ar_dpo['unseen']:.3f} (E[r*] {ar_dpo['true_reward']:+.3f} vs {ar_goal['true_reward']:+.3f}); PPO lands on π* "
-          f"({runs['autoregressive'][1][-1]['unseen']:.3f}) whatever the parameterisation")
+          f"({runs['autoregressive']['ppo'][-1]['unseen']:.3f}) whatever the parameterisation")
     if sweep:
-        more = sum(ar["unseen"] > target["unseen"] for _, _, target, _, ar in sweep)
-        worse = sum(ar["true_reward"] < target["true_reward"] for _, _, target, _, ar in sweep)
-        print(f"  over {len(sweep)} more examples: autoregressive DPO put more mass on unseen responses than π* in {more}, "
-              f"and reached a lower E[r*] in {worse}")
+        for label, i in (("Adam", 4), ("L-BFGS", 5)):
+            more = sum(row[i]["unseen"] > row[2]["unseen"] for row in sweep)
+            worse = sum(row[i]["true_reward"] < row[2]["true_reward"] for row in sweep)
+            print(f"  over {len(sweep)} more examples, autoregressive DPO ({label}) put more mass on unseen responses "
+                  f"than π* in {more} and reached a lower E[r*] in {worse}")
     return dict(problem=problem, checks=checks, runs=runs, sweep=sweep)
 
 
