@@ -172,6 +172,20 @@ def test_baseline_changes_the_variance_and_sampling_agrees_with_enumeration():
     assert exact[float(b_rl)] < 0.2 * exact[0.0]
 
 
+def test_mean_reward_baseline_can_raise_the_variance():
+    """Erratum: §5.2's argument shows a baseline is unbiased, not that it lowers variance; B_RL = E_π[r] can raise it.
+
+    π = (0.9, 0.1), r = (1, 0), by hand: ‖∇log π(y)‖² = 2(1 − π_y)², E[g] = (0.09, −0.09), so
+    Var(B) = 0.9·(1 − B)²·0.02 + 0.1·B²·1.62 − 0.0162: Var(0) = 0.0018, Var(B_RL = 0.9) = 0.1152.
+    """
+    theta = torch.log(torch.tensor([0.9, 0.1], dtype=torch.float64))
+    rewards = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    b_rl = ch5.rl_baseline(theta, rewards)
+    assert abs(b_rl.item() - 0.9) < 1e-15
+    assert abs(ch5.gradient_variance(theta, rewards, 0.0).item() - 0.0018) < 1e-15
+    assert abs(ch5.gradient_variance(theta, rewards, b_rl).item() - 0.1152) < 1e-14
+
+
 def test_min_variance_baseline_minimises_the_exact_variance():
     theta, _, rewards = bandit()
     b_min = float(ch5.min_variance_baseline(theta, rewards))
