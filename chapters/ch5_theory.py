@@ -37,7 +37,8 @@ def are_equivalent(r1: torch.Tensor, r2: torch.Tensor, atol: float = 1e-9) -> to
 def ranking_distribution(rewards: torch.Tensor):
     """Report §5.1, Lemma 1's object: p_r(τ | y_1..y_K, x) of every ranking τ, by eq. (11) over all K! of them.
 
-    rewards (..., K). Returns (rankings (K!, K), probabilities (..., K!)).
+    rewards (..., K). Returns (rankings (K!, K), probabilities (..., K!)). Comparing it for r and r + f(x)
+    checks Lemma 1 on the rewards and f tried; that exp(f(x)) cancels for every r is the proof's step.
     """
     rankings = torch.tensor(list(itertools.permutations(range(rewards.shape[-1]))))  # (K!, K)
     return rankings, plackett_luce(rewards[..., None, :], rankings)  # (..., K!)
@@ -49,6 +50,7 @@ def lemma2_proof_steps(pi_ref: torch.Tensor, rewards: torch.Tensor, f: torch.Ten
     "π_r'": eq. (36) at r'; "numerator": π_ref·exp(r'/β) = π_ref·exp((r + f(x))/β), the correct second line;
     "factored": π_ref·exp(r/β)·exp(f(x)/β), the third line with the right factor; "as printed": the report's
     π_ref·exp(r/β + f(x)), which differs unless β = 1, and "π as printed": it normalised; "π_r": eq. (36) at r.
+    A numerical mismatch between two lines would refute a step; agreement shows it only for the problems tried.
     """
     shifted = equivalent_reward(rewards, f)
     printed = pi_ref * torch.exp(rewards / beta + f[..., None])
