@@ -425,9 +425,9 @@ def plot_unseen_mass(problem: Problem, runs: dict):
                 ax.set_title(f"{name} policy")
             else:
                 ax.set_xlabel("optimiser step (Adam)")
-        axes[0, col].legend(fontsize=8)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=9)
     fig.suptitle(f"Chapter 9: where DPO and PPO put probability the preference data never covered (β = {problem.beta:g})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return plotting.save(fig, "ch9_unseen_mass")
 
 
@@ -464,16 +464,16 @@ def plot_minimiser_set(problem: Problem, rewards: torch.Tensor, runs: dict, chec
     ax3 = ax2.twinx()
     ax3.plot([f[0] for f in fam], [f[3] for f in fam], color="C4", ls="--", label="KL(π ‖ π_ref) across Π_DPO")
     mask = unseen_mask(problem)
-    for marker, (name, run) in zip("osD", runs.items()):
-        if name == "log-linear":
-            continue  # its reward model is another r̂, so another slice of minimisers
-        ax2.plot(run["dpo"][-1]["unseen"], run["dpo"][-1]["true_reward"], marker, color="C0", label=f"DPO run, {name} policy")
+    for marker, name in (("o", "tabular"), ("D", "autoregressive")):  # log-linear has another r̂: another slice
+        for key, fill, how in (("dpo_pi", "C0", "Adam"), ("lbfgs_pi", "none", "L-BFGS")):
+            h = measure(runs[name][key].log(), problem, mask)
+            ax2.plot(h["unseen"], h["true_reward"], marker, color="C0", mfc=fill, ms=8, label=f"DPO ({how}), {name} policy")
     goal = measure(dpo_minimiser(problem, rewards).log(), problem, mask)
     ax2.plot(goal["unseen"], goal["true_reward"], "*", ms=14, color="C3", label="π*, PPO's target (tabular r̂)")
     ref = measure(problem.pi_ref.log(), problem, mask)
     ax2.plot(ref["unseen"], ref["true_reward"], "x", ms=10, color="gray", label="π_ref (not a minimiser)")
     ax2.set(xlabel="probability mass on responses absent from the data (mean over prompts)", ylabel="E_π[r*]",
-            title="One DPO loss value, any mass on unseen responses")
+            title="Same DPO loss, any mass on unseen responses (a slice of Π_DPO)")
     ax3.set_ylabel("KL(π ‖ π_ref)")
     lines = ax2.get_legend_handles_labels(), ax3.get_legend_handles_labels()
     ax2.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="upper center",
@@ -606,17 +606,25 @@ def _run(args):
             print(f"   {seed:4d} {ref['unseen']:13.3f} {target['unseen']:6.3f} {tab['unseen']:7.3f} {ar['unseen']:7.3f} "
                   f"{ar2['unseen']:7.3f}   {target['true_reward']:+9.3f} {ar['true_reward']:+7.3f} {ar2['true_reward']:+7.3f}")
 
-    ar_dpo, ar_goal = runs["autoregressive"]["dpo"][-1], measure(runs["autoregressive"]["target"].log(), problem, mask)
+    final = {name: {k: measure(run[k].log(), problem, mask) for k in ("dpo_pi", "lbfgs_pi", "ppo_pi", "target")}
+             for name, run in runs.items()}
+    family = family_along_unseen(problem, r_hat, [0.01, 0.99])
+    tab, ar, lin = final["tabular"], final["autoregressive"], final["log-linear"]
     print("\nWhat the report says vs what the numbers show")
-    print(f"  'Π_PPO ⊂ Π_DPO: DPO can recover any policy optimised by PPO' -> π* = eq. (36)(r̂) minimises eq. (38): "
-          f"|Δ| = {abs(loss.item() - rm_min):.1e}, |∇| = {grad.norm():.1e}")
-    print(f"  '...as well as additional solutions' -> Π_DPO is a {dim - P}-dimensional family here; its unseen mass "
-          f"ranges over (0, 1) at one loss value; with full-support π_ref each member is eq. (36) for another eq. (26) "
-          f"minimiser, so the strict part comes from responses π_ref never produces (KL = ∞ for PPO)")
-    print(f"  'DPO suffers from OOD misspecification' -> which minimiser DPO reaches depends on the parameterisation: "
-          f"tabular {runs['tabular']['dpo'][-1]['unseen']:.3f} vs π* {ar_goal['unseen']:.3f} unseen mass; autoregressive "
-          f"{ar_dpo['unseen']:.3f} (E[r*] {ar_dpo['true_reward']:+.3f} vs {ar_goal['true_reward']:+.3f}); PPO lands on π* "
-          f"({runs['autoregressive']['ppo'][-1]['unseen']:.3f}) whatever the parameterisation")
+    print(f"  'Π_PPO ⊂ Π_DPO: DPO can recover any policy optimised by PPO' -> π* = eq. (36) for the eq. (26) fit minimises "
+          f"eq. (38): |eq. (38)(π*) − min eq. (26)| = {abs(loss.item() - rm_min):.1e}, |∇| = {grad.norm():.1e}")
+    print(f"  '...as well as additional solutions' -> Π_DPO is a {dim - P}-dimensional family at one loss value; its mass on "
+          f"unseen responses takes any value in (0, 1) (E[r*] {family[0][2]:+.3f} at 0.01, {family[1][2]:+.3f} at 0.99). "
+          f"With π_ref > 0 everywhere each member is eq. (36) for another eq. (26) minimiser (the two sets coincide); "
+          f"the strict ⊂ comes from responses π_ref never produces (DPO's loss never sees them, PPO's KL is ∞ there)")
+    print(f"  'DPO still suffers from misspecification on OOD responses' -> the member DPO reaches depends on the "
+          f"parameterisation and the optimiser, PPO's does not. Unseen mass: π* {tab['target']['unseen']:.3f}, PPO "
+          f"{tab['ppo_pi']['unseen']:.3f} (tabular) / {ar['ppo_pi']['unseen']:.3f} (autoregressive); DPO tabular "
+          f"{tab['dpo_pi']['unseen']:.3f} (Adam) / {tab['lbfgs_pi']['unseen']:.3f} (L-BFGS, = π*); DPO autoregressive "
+          f"{ar['dpo_pi']['unseen']:.3f} / {ar['lbfgs_pi']['unseen']:.3f}, with E[r*] {ar['dpo_pi']['true_reward']:+.3f} / "
+          f"{ar['lbfgs_pi']['true_reward']:+.3f} vs π*'s {ar['target']['true_reward']:+.3f}. Log-linear (shared, matched "
+          f"reward model): the data pin the policy, DPO = PPO = π* ({lin['dpo_pi']['unseen']:.3f}, "
+          f"{lin['ppo_pi']['unseen']:.3f}, {lin['target']['unseen']:.3f})")
     if sweep:
         for label, i in (("Adam", 4), ("L-BFGS", 5)):
             more = sum(row[i]["unseen"] > row[2]["unseen"] for row in sweep)
