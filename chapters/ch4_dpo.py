@@ -406,13 +406,13 @@ def main(argv=None):
         raise SystemExit(f"error: --beta must be > 0 (got {args.beta})")
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be >= 1 (got {args.repeats})")
-    torch.manual_seed(args.seed)
-    _loss_checks(args.beta)
-    _gradient_checks(args.beta, args.seed)
-    _authors_code_checks(args.beta, args.seed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tabular fits are tiny: threads only add overhead
+    torch.set_num_threads(1)  # every tensor here is tiny: on a shared CPU extra threads only add overhead
     try:
+        torch.manual_seed(args.seed)
+        _loss_checks(args.beta)
+        _gradient_checks(args.beta, args.seed)
+        _authors_code_checks(args.beta, args.seed)
         _central_claim(args.beta, args.seed, [int(10 ** (k / 2)) for k in range(4, 15)], args.repeats)
     finally:
         torch.set_num_threads(threads)
