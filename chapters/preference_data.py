@@ -24,6 +24,10 @@ PROMPT_HEAD = ("Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request.")
 
 
+class DownloadError(OSError):
+    """The data set is not in data/ and cannot be downloaded; the message says how to get it."""
+
+
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -41,7 +45,7 @@ def fetch(path=None) -> Path:
         try:
             urllib.request.urlretrieve(URL, tmp)
         except OSError as e:
-            raise ValueError(f"cannot download the data set ({e.__class__.__name__}); "
+            raise DownloadError(f"cannot download the data set ({e.__class__.__name__}); "
                              f"fetch {URL} by hand and put it at {CACHE}, or pass --data PATH") from None
         tmp.replace(CACHE)
     digest = sha256(CACHE)

@@ -1,0 +1,294 @@
+"""Chapter 8 (report §6.2): data, masks, SFT loss, the fast DPO step against the plain one, win rates, --smoke."""
+import copy
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chapters import ChapterSkipped
+from chapters import ch8_instruction_dpo as ch8
+from chapters import preference_data as pdata
+from chapters.ch3_kl_optimum import optimal_policy
+from chapters.ch4_dpo import response_logprobs
+from chapters.dpo_step import (ReferenceCache, fast_dpo_loss, packed_pairs_batch, plain_dpo_loss, sequence_logprobs,
+                               token_kl, unpacked_pairs_batch)
+from gpt import GPT, GPTConfig, get_tokenizer
+from gpt.tokenizer import EOS_ID
+
+needs_data = pytest.mark.skipif(not pdata.CACHE.is_file(), reason=f"data set not at {pdata.CACHE} (CI copies it there)")
+
+
+@pytest.fixture(scope="module")
+def entries():
+    return pdata.load() if pdata.CACHE.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def pairs(entries):
+    """Four real training pairs: one with an input, one without, of different lengths."""
+    if entries is None:
+        pytest.skip("data set missing")
+    train = pdata.split(len(entries))["train"]
+    with_input = [i for i in train if entries[i]["input"]][:2]
+    without = [i for i in train if not entries[i]["input"]][:2]
+    return pdata.tokenize(entries, with_input + without, get_tokenizer(), EOS_ID)
+
+
+def tiny(seed, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.tiny(vocab_size=50257, n_positions=256, n_embd=16, n_layer=2, n_head=2)).to(dtype).eval()
+
+
+# ---------------------------------------------------------------- data
+
+@needs_data
+def test_data_set_validates_and_has_the_six_identical_pairs(entries):
+    assert len(entries) == 1100
+    same = [i for i, e in enumerate(entries) if not pdata.has_preference(e)]
+    assert same == [122, 226, 400, 566, 628, 676]  # as ../shared/data/README.md lists them
+
+
+def test_bad_entries_give_one_clear_line_each():
+    good = {"instruction": "Add 2 and 3.", "input": "", "output": "5", "chosen": "5.", "rejected": "Five, duh."}
+    bad = [good, {k: v for k, v in good.items() if k != "chosen"}, {**good, "rejected": 7}, {**good, "instruction": " "},
+           "not an object"]
+    with pytest.raises(ValueError) as err:
+        pdata.validate(bad)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "4 bad entries in the data set:"
+    assert lines[1:] == ["entry 1: missing key(s) chosen", "entry 2: 'rejected' is a int, not a string",
+                         "entry 3: empty 'instruction'",
+                         "entry 4: is a str, not an object with keys instruction, input, output, chosen, rejected"]
+
+
+def test_bad_data_file_stops_the_chapter_with_error_lines(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"instruction": "x", "input": "", "output": "", "chosen": "a"}]))
+    with pytest.raises(SystemExit) as err:
+        ch8.main(["--smoke", "--data", str(path), "--out", str(tmp_path)])
+    assert str(err.value).splitlines() == ["error: 1 bad entry in the data set:", "entry 0: missing key(s) rejected"]
+
+
+def test_split_is_seeded_disjoint_and_85_5_10():
+    a, b, c = pdata.split(1100, seed=0), pdata.split(1100, seed=0), pdata.split(1100, seed=1)
+    assert a == b and a != c
+    sets = [set(a[k]) for k in ("train", "validation", "test")]
+    assert [len(s) for s in sets] == [935, 55, 110]
+    assert set.union(*sets) == set(range(1100)) and sum(map(len, sets)) == 1100  # disjoint and complete
+
+
+def test_length_grouped_batches_cover_every_index_once_with_less_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 200, size=500).tolist()
+    batches = pdata.length_grouped_batches(lengths, 8, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    padding = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+    shuffled = rng.permutation(500).tolist()
+    assert padding(batches) < 0.25 * padding([shuffled[s:s + 8] for s in range(0, 500, 8)])
+
+
+# ---------------------------------------------------------------- masks and prompt format
+
+@needs_data
+def test_masks_on_real_examples_cover_exactly_the_response_and_eos(entries, pairs):
+    tok = get_tokenizer()
+    ids, att, resp = pdata.padded_pairs(pairs, EOS_ID)  # (2B, T)
+    B = len(pairs)
+    for r in range(2 * B):
+        p = pairs[r % B]
+        e = entries[p.index]
+        response = p.chosen if r < B else p.rejected
+        n = len(p.prompt) + len(response)
+        assert att[r].tolist() == [1] * n + [0] * (ids.shape[1] - n)  # prompt and response attended, padding not
+        assert tok.decode(ids[r, :len(p.prompt)].tolist()) == pdata.format_prompt(e)
+        assert resp[r, :len(p.prompt)].sum() == 0 and resp[r, n:].sum() == 0  # no prompt, no padding
+        text = e["chosen"] if r < B else e["rejected"]
+        assert tok.decode(ids[r][resp[r].bool()].tolist()) == text + "<|endoftext|>"
+    # the packed layout predicts the same tokens: its plan targets decode to each response + EOS
+    batch = packed_pairs_batch(pairs, EOS_ID)
+    for s in range(2 * B):
+        e = entries[pairs[s % B].index]
+        assert tok.decode(batch.targets[batch.seq == s].tolist()) == (e["chosen"] if s < B else e["rejected"]) + "<|endoftext|>"
+
+
+@needs_data
+def test_one_prompt_format_for_sft_dpo_and_evaluation(entries, pairs):
+    tok = get_tokenizer()
+    sft_ids, _, sft_resp = pdata.padded_sft(pairs, EOS_ID)
+    for r, p in enumerate(pairs):
+        text = pdata.format_prompt(entries[p.index])
+        assert text.startswith(pdata.PROMPT_HEAD) and text.endswith("### Response:\n")
+        assert ("### Input:" in text) == bool(entries[p.index]["input"].strip())
+        assert sft_ids[r, :len(p.prompt)].tolist() == p.prompt == tok.encode(text)  # SFT == DPO == generation prompt
+
+
+# ---------------------------------------------------------------- SFT
+
+@needs_data
+def test_sft_loss_ignores_prompt_and_padding(pairs):
+    model = tiny(0)
+    ids, att, resp = pdata.padded_sft(pairs, EOS_ID)
+    loss = ch8.sft_loss(model, ch8.sft_batches(pairs, range(len(pairs)), EOS_ID, "cpu"))
+    labels = ids.masked_fill(resp == 0, -100)[:, 1:]  # targets: response tokens only
+    expected = F.cross_entropy(model(ids, att)[:, :-1].reshape(-1, 50257), labels.reshape(-1), ignore_index=-100)
+    assert abs(loss.item() - expected.item()) < 1e-10
+    all_tokens = F.cross_entropy(model(ids, att)[:, :-1].reshape(-1, 50257), ids.masked_fill(att == 0, -100)[:, 1:].reshape(-1))
+    assert abs(all_tokens.item() - expected.item()) > 1e-3  # prompt tokens would change it
+    # a much longer row in the batch adds padding to the others; their response log-probs stay the same
+    longer = pairs + [pdata.Pair(-1, pairs[0].prompt * 2, pairs[0].chosen * 2, pairs[0].rejected)]
+    sums, _ = sequence_logprobs(model, ch8.sft_batches(longer, range(len(longer)), EOS_ID, "cpu"))
+    sums_alone, _ = sequence_logprobs(model, ch8.sft_batches(pairs, range(len(pairs)), EOS_ID, "cpu"))
+    assert torch.allclose(sums[:len(pairs)], sums_alone, atol=1e-10)
+
+
+# ---------------------------------------------------------------- the fast DPO step
+
+@needs_data
+def test_sequence_logprob_is_a_sum_over_response_tokens_unchanged_by_padding(pairs):
+    """The report's code averaged over all positions, prompt and padding included; eq. (38) needs the sum."""
+    model = tiny(1)
+    ids, att, resp = pdata.padded_pairs(pairs[:1], EOS_ID)
+    logp = torch.log_softmax(model(ids, att), -1)[0]  # (T, V)
+    by_hand = sum(logp[t - 1, ids[0, t]].item() for t in range(ids.shape[1]) if resp[0, t])
+    alone, _ = sequence_logprobs(model, packed_pairs_batch(pairs[:1], EOS_ID))
+    with_longer, _ = sequence_logprobs(model, packed_pairs_batch(pairs, EOS_ID))
+    assert abs(alone[0].item() - by_hand) < 1e-10
+    assert abs(with_longer[0].item() - by_hand) < 1e-10  # pair 0 in a padded batch of 4
+
+
+@needs_data
+def test_cached_and_live_reference_logprobs_agree(pairs):
+    reference = tiny(2)
+    cache = ReferenceCache(reference, pairs, EOS_ID, batch_size=3)
+    ids, att, resp = pdata.padded_pairs(pairs, EOS_ID)
+    B = len(pairs)
+    with torch.no_grad():
+        live = response_logprobs(reference(ids, att), ids, resp)  # (2B,), full logits, ch4's function
+    idx = [2, 0, 3, 1]
+    ref_c, ref_r, ref_h = cache.get(idx)
+    assert torch.allclose(ref_c, live[:B][idx], atol=1e-10) and torch.allclose(ref_r, live[B:][idx], atol=1e-10)
+    # the cached hidden states give the reference's whole next-token distribution at each response position
+    batch = packed_pairs_batch([pairs[i] for i in idx], EOS_ID)
+    _, live_logp = sequence_logprobs(reference, batch)
+    assert torch.allclose(torch.log_softmax(ref_h @ cache.head_weight.T, -1), live_logp, atol=1e-10)
+
+
+@needs_data
+def test_fast_step_losses_and_gradients_equal_the_plain_step(pairs):
+    reference = tiny(3)
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # a policy some steps away from the reference
+    cache = ReferenceCache(reference, pairs, EOS_ID)
+    idx = list(range(len(pairs)))
+    ref_c, ref_r, _ = cache.get(idx)
+    results = []
+    for build in (packed_pairs_batch, unpacked_pairs_batch, None):
+        policy.zero_grad()
+        if build is None:
+            loss = plain_dpo_loss(policy, reference, pairs, EOS_ID, beta=0.3)
+        else:
+            loss, _ = fast_dpo_loss(policy, build(pairs, EOS_ID), ref_c, ref_r, beta=0.3)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in policy.parameters()]))
+    (packed, g_packed), (unpacked, g_unpacked), (plain, g_plain) = results
+    assert abs(packed - plain) < 1e-12 and abs(unpacked - plain) < 1e-12
+    for a, b, c in zip(g_packed, g_unpacked, g_plain):
+        assert torch.allclose(a, c, atol=1e-12, rtol=1e-9) and torch.allclose(b, c, atol=1e-12, rtol=1e-9)
+    assert max(g.abs().max().item() for g in g_plain) > 1e-4  # the gradients compared are not all zero
+
+
+@needs_data
+def test_first_dpo_step_loss_is_ln2_and_accuracy_zero_only_when_policy_starts_at_the_reference(pairs):
+    """§6.2's code started the policy from base GPT-2 with reference = SFT; DPO starts both at π_SFT."""
+    sft = tiny(4)
+    cache = ReferenceCache(sft, pairs, EOS_ID)
+    ref_c, ref_r, ref_h = cache.get(list(range(len(pairs))))
+    batch = packed_pairs_batch(pairs, EOS_ID)
+    loss, m = fast_dpo_loss(copy.deepcopy(sft), batch, ref_c, ref_r, 0.1, ref_h, cache.head_weight)
+    assert abs(loss.item() - math.log(2)) < 1e-12 and m["accuracy"] == 0.0 and abs(m["kl"]) < 1e-12
+    base = tiny(5)  # "base GPT-2": another model than the reference
+    loss_base, m_base = fast_dpo_loss(base, batch, ref_c, ref_r, 0.1, ref_h, cache.head_weight)
+    assert abs(loss_base.item() - math.log(2)) > 1e-3 and m_base["kl"] > 1e-3
+
+
+def test_token_kl_matches_enumeration():
+    rng = np.random.default_rng(0)
+    p, q = rng.dirichlet(np.ones(5), size=3), rng.dirichlet(np.ones(5), size=3)  # (3 positions, 5 tokens)
+    by_hand = [sum(p[n, v] * math.log(p[n, v] / q[n, v]) for v in range(5)) for n in range(3)]
+    got = token_kl(torch.tensor(np.log(p)), torch.tensor(np.log(q)))
+    assert np.allclose(got.numpy(), by_hand, atol=1e-14)
+
+
+@needs_data
+def test_dpo_training_keeps_the_reference_frozen_and_each_beta_starts_from_sft(pairs):
+    sft = tiny(6, torch.float32).requires_grad_(False)
+    before = {k: v.clone() for k, v in sft.state_dict().items()}
+    args = ch8.parse_args(["--smoke"])
+    args.dpo_epochs = 1
+    caches = {"train": ReferenceCache(sft, pairs, EOS_ID), "validation": ReferenceCache(sft, pairs[:2], EOS_ID)}
+    firsts = []
+    for beta in (0.1, 1.0):
+        policy, steps, epochs = ch8.train_dpo(sft, pairs, pairs[:2], caches, beta, args, EOS_ID)
+        firsts.append(steps[0]["loss"])
+        assert any((a != b).any() for a, b in zip(policy.state_dict().values(), before.values()))  # the policy moved
+    assert all(torch.equal(v, before[k]) for k, v in sft.state_dict().items())  # the reference did not
+    assert all(p.grad is None for p in sft.parameters())
+    assert np.allclose(firsts, math.log(2), atol=1e-6)  # the second β did not continue from the first's policy
+
+
+# ---------------------------------------------------------------- win rates
+
+def test_win_rate_counts_ties_as_half():
+    sim_c = np.array([0.9, 0.2, 0.5, 0.5])
+    sim_r = np.array([0.1, 0.8, 0.5, 0.4])
+    assert ch8.win_scores(sim_c, sim_r).tolist() == [1.0, 0.0, 0.5, 1.0]  # the report's code scored the tie 0
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    scores = np.array([1.0, 0.0, 0.5] * 20 + [1.0] * 40)
+    a, b = ch8.bootstrap_interval(scores, 2000, 0), ch8.bootstrap_interval(scores, 2000, 0)
+    assert a == b and a[0] < scores.mean() < a[1]
+    se = scores.std() / math.sqrt(len(scores))  # normal approximation, by hand
+    assert abs((a[1] - a[0]) - 2 * 1.96 * se) < 0.3 * 2 * 1.96 * se
+
+
+def test_sec62_higher_beta_means_lower_kl_at_the_optimum():
+    """§6.2 says "higher β → higher KL"; eq. (36)'s optimum π* ∝ π_ref·exp(r/β) moves less from π_ref as β grows."""
+    rng = np.random.default_rng(0)
+    pi_ref, rewards = rng.dirichlet(np.ones(6), size=4), rng.normal(size=(4, 6))
+    kls = []
+    for beta in (0.1, 0.3, 0.7, 1.0):
+        pi = optimal_policy(torch.tensor(pi_ref), torch.tensor(rewards), beta).numpy()  # float64
+        kls.append(float((pi * np.log(pi / pi_ref)).sum(-1).mean()))
+    assert all(a > b for a, b in zip(kls, kls[1:])), kls
+
+
+# ---------------------------------------------------------------- the chapter
+
+def test_missing_weights_skip_the_chapter_with_one_line(tmp_path):
+    with pytest.raises(ChapterSkipped) as err:
+        ch8.main(["--checkpoint", str(tmp_path / "no-such-gpt2")])
+    assert len(str(err.value).splitlines()) == 1 and "no-such-gpt2" in str(err.value)
+
+
+@needs_data
+def test_smoke_runs_end_to_end_and_writes_every_figure_and_table(tmp_path, capsys):
+    ch8.main(["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "numbers mean nothing" in out
+    for name in ("ch8_dpo_training.png", "ch8_win_rates.png", "sft_epochs.csv", "dpo_steps.csv", "dpo_epochs.csv",
+                 "win_rates.csv", "win_rates.md", "generations.jsonl", "examples.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    wins = list(csv.DictReader(open(tmp_path / "win_rates.csv")))
+    models = ["SFT"] + [f"DPO β={b}" for b in ch8.BETAS]
+    assert [(r["model"], float(r["temperature"])) for r in wins] == [(m, t) for m in models for t in ch8.TEMPERATURES]
+    steps = list(csv.DictReader(open(tmp_path / "dpo_steps.csv")))
+    for beta in ch8.BETAS:  # every β starts from the SFT model: its first step is at ln 2 with accuracy 0
+        first = next(s for s in steps if float(s["beta"]) == beta)
+        assert abs(float(first["loss"]) - math.log(2)) < 1e-6 and float(first["accuracy"]) == 0.0
