@@ -13,7 +13,7 @@ CHAPTERS = [
 ]
 
 # chapters whose `main` takes --quick (a short form of the same run); `python -m chapters --quick` passes it on
-QUICK_CHAPTERS = {"ch2_reward_model", "ch6_ppo"}
+QUICK_CHAPTERS = {"ch2_reward_model", "ch6_ppo", "ch7_frontier"}
 
 
 class ChapterSkipped(Exception):

@@ -1,0 +1,200 @@
+"""Chapter 7: exact evaluation by enumeration, the exact reward–KL frontier, Best-of-N, and the --quick run."""
+import csv
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from chapters import ch7_frontier as ch7
+from chapters.ch3_kl_optimum import log_partition_function
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models are tiny; a second thread only adds waiting (the chapter's main does the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturbed_pair(seed=0, scale=0.3):
+    """A random reference and a policy whose weights are the reference's plus noise: two different distributions."""
+    ref = ch7.new_model(seed).eval()
+    policy = ch7.new_model(seed).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p += scale * torch.randn(p.shape, generator=g)
+    return policy, ref
+
+
+def random_problem(prompts=3, responses=40, seed=0, spread=2.0):
+    g = torch.Generator().manual_seed(seed)
+    logp_ref = torch.log_softmax(spread * torch.randn(prompts, responses, generator=g, dtype=torch.float64), -1)
+    rewards = torch.randn(prompts, responses, generator=g, dtype=torch.float64)
+    return logp_ref, rewards
+
+
+def test_true_reward_counts_sentiment_and_doubles_echoes_of_the_prompt():
+    # prompt (0, 5); response (0, 1, 2, 4, 0): +2 (echo of 0), +1, −1, 0, +2 (echo of 0) = 4
+    assert ch7.true_reward(torch.tensor([0, 5]), torch.tensor([0, 1, 2, 4, 0])).item() == 4.0
+    # prompt (2, 3): the negative tokens it contains count −2 each; positive ones +1
+    assert ch7.true_reward(torch.tensor([2, 3]), torch.tensor([2, 3, 0, 6, 7])).item() == -3.0
+
+
+def test_process_logprobs_are_the_markov_chain_by_hand_and_sum_to_one():
+    prompts = ch7.task_prompts(3)
+    responses = ch7.all_responses()
+    logp = ch7.process_logprobs(prompts, responses)  # (3, 32768)
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-12, rtol=0)
+    T = ch7.transition_matrix()
+    x, y = prompts[1].tolist(), responses[12345].tolist()
+    by_hand = math.log(T[x[-1], y[0]]) + sum(math.log(T[a, b]) for a, b in zip(y, y[1:]))
+    assert abs(logp[1, 12345].item() - by_hand) < 1e-12
+
+
+def test_prefix_tree_enumeration_equals_full_forward_passes():
+    """The KV-cache tree walk gives the same log π(y|x) as feeding whole sequences (float32: |Δ| < 1e-4)."""
+    policy, _ = perturbed_pair()
+    prompts = ch7.task_prompts(3)
+    logp = ch7.enumerate_logprobs(policy, prompts, chunk=2)  # (3, 32768)
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    idx = torch.randint(logp.shape[1], (200,))
+    responses = ch7.all_responses()[idx]  # (200, 5)
+    for p in range(3):
+        with torch.no_grad():
+            direct = ch7.logprob(policy, prompts[p].expand(200, -1), responses).double()
+        assert (direct - logp[p, idx]).abs().max().item() < 1e-4
+
+
+def test_enumerated_kl_equals_monte_carlo_estimates_within_their_standard_error():
+    """Exact KL(π‖π_ref) by enumeration lies within 4 standard errors of both sampled estimators."""
+    policy, ref = perturbed_pair()
+    prompts = ch7.task_prompts(4)
+    logp, logp_ref = ch7.enumerate_logprobs(policy, prompts), ch7.enumerate_logprobs(ref, prompts)
+    _, kl = ch7.exact_reward_and_kl(logp, logp_ref, torch.zeros_like(logp))
+    tok, tok_se, ratio, ratio_se = ch7.sampled_kl(policy, ref, prompts, 500, torch.Generator().manual_seed(0))
+    assert kl > 0.5  # the two policies really differ
+    assert abs(ratio - kl) < 4 * ratio_se, (kl, ratio, ratio_se)
+    assert abs(tok - kl) < 4 * tok_se, (kl, tok, tok_se)
+    assert tok_se < ratio_se  # the paper's per-token sum is the lower-variance estimator
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_eq36_frontier_reward_and_kl_match_the_closed_forms_of_ch3(beta):
+    """E_π*[r] − β·KL(π*‖π_ref) = β·log Z (eq. 35 at π = π*), and E_π*[r] = d log Z / d(1/β) (finite difference)."""
+    logp_ref, rewards = random_problem()
+    (reward,), (kl,) = ch7.exact_frontier(logp_ref, rewards, [beta])
+    log_z = lambda b: log_partition_function(logp_ref.exp(), rewards, b).mean().item()  # noqa: E731
+    assert abs((reward - beta * kl) - beta * log_z(beta)) < 1e-12
+    h = 1e-5  # central difference in t = 1/β: error O(h²)
+    d_log_z = (log_z(1 / (1 / beta + h)) - log_z(1 / (1 / beta - h))) / (2 * h)
+    assert abs(reward - d_log_z) < 1e-6
+
+
+def test_frontier_is_monotone_and_its_slope_is_beta():
+    """Along the frontier reward and KL both grow as β shrinks, and dE[r]/dKL = β (so the curve is concave)."""
+    logp_ref, rewards = random_problem()
+    betas = np.geomspace(0.05, 20, 80)
+    reward, kl = ch7.exact_frontier(logp_ref, rewards, betas)
+    assert np.all(np.diff(reward) < 0) and np.all(np.diff(kl) < 0)
+    slopes = np.diff(reward) / np.diff(kl)  # between consecutive β, so between them
+    assert np.all(slopes >= betas[:-1] * (1 - 1e-6)) and np.all(slopes <= betas[1:] * (1 + 1e-6))
+
+
+def best_of_n_by_brute_force(p_ref, scores, n):
+    """Enumerate every n-tuple of draws; the best score wins, ties split evenly among the tied draws."""
+    out = np.zeros(len(p_ref))
+    for draw in itertools.product(range(len(p_ref)), repeat=n):
+        prob = np.prod([p_ref[i] for i in draw])
+        top = max(scores[i] for i in draw)
+        winners = [i for i in draw if scores[i] == top]
+        for i in winners:
+            out[i] += prob / len(winners)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_best_of_n_distribution_matches_brute_force_with_ties(n):
+    p_ref = np.array([0.1, 0.25, 0.05, 0.3, 0.2, 0.1])
+    scores = np.array([1.0, 0.0, 2.0, 1.0, 0.0, 2.0])  # three levels, two responses each
+    logp = ch7.best_of_n_logprobs(torch.tensor(np.log(p_ref))[None], torch.tensor(scores)[None], n)[0]
+    np.testing.assert_allclose(logp.exp().numpy(), best_of_n_by_brute_force(p_ref, scores, n), atol=1e-14)
+
+
+@pytest.mark.parametrize("n", [2, 16, 256])
+def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n_without_ties(n):
+    """With distinct scores KL(best-of-N ‖ π_ref) = log N − (N−1)/N exactly (Stiennon et al.'s closed form)."""
+    logp_ref, rewards = random_problem(responses=20_000, spread=0.5)  # no response holds much mass
+    logp = ch7.best_of_n_logprobs(logp_ref, rewards, n)
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-12, rtol=0)
+    _, kl = ch7.exact_reward_and_kl(logp, logp_ref, rewards)
+    closed_form = math.log(n) - (n - 1) / n  # the continuous limit; a discrete π_ref sits just below it
+    assert closed_form - 1e-4 < kl <= closed_form
+
+
+def test_preference_labels_follow_bradley_terry_of_the_true_reward():
+    """Report eq. (23): among sampled pairs whose rewards differ by 1, the better one is chosen σ(1) = 73% of the time."""
+    ref = ch7.new_model(0).eval()
+    data = ch7.preference_pairs(ref, ch7.task_prompts(4), draws=400, k=4, generator=torch.Generator().manual_seed(0))
+    gap = ch7.true_reward(data["prompt"], data["chosen"]) - ch7.true_reward(data["prompt"], data["rejected"])
+    unit = gap[gap.abs() == 1]
+    share = (unit > 0).double().mean().item()
+    se = math.sqrt(share * (1 - share) / len(unit))
+    assert abs(share - torch.sigmoid(torch.tensor(1.0)).item()) < 4 * se, (share, se, len(unit))
+
+
+def test_unlikelihood_loss_by_hand():
+    """Report §6.1 (ref. [19]): −log π(y_w|x) − α·Σ_t log(1 − π(y_l,t|·)), computed token by token with softmax."""
+    policy, _ = perturbed_pair()
+    x, yw, yl = torch.tensor([[0, 5]]), torch.tensor([[1, 2, 3, 4, 5]]), torch.tensor([[2, 2, 6, 7, 0]])
+    alpha = 0.3
+    with torch.no_grad():
+        loss = ch7.unlikelihood_loss(policy, dict(prompt=x, chosen=yw, rejected=yl), alpha).item()
+        by_hand = 0.0
+        for y, sign in ((yw, "w"), (yl, "l")):
+            ids = torch.cat([x, y], 1)[0]
+            for t in range(5):
+                p = torch.softmax(policy(ids[None, :2 + t])[0, -1].double(), -1)[ids[2 + t]].item()
+                by_hand += -math.log(p) if sign == "w" else -alpha * math.log(1 - p)
+    assert abs(loss - by_hand) < 1e-5
+
+
+def test_bad_sizes_fail_with_one_line():
+    with pytest.raises(ValueError, match="number of prompts must be in 1..64"):
+        ch7.task_prompts(0)
+    with pytest.raises(ValueError, match="N must be >= 1"):
+        ch7.best_of_n_logprobs(*random_problem(), 0)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        out = tmp_path_factory.mktemp("ch7_plots")
+        mp.setenv("DPO_PLOTS_DIR", str(out))
+        torch.manual_seed(0)
+        return ch7.main(["--quick"]), out
+
+
+def test_quick_run_writes_the_table_and_the_figure(quick_run):
+    result, out = quick_run
+    assert (out / "ch7_frontier.png").stat().st_size > 10_000
+    with open(out / "ch7_frontier.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(result["rows"])
+    assert {"DPO", "Preferred-FT", "Unlikelihood", "Best-of-N"} <= {r["method"] for r in rows}
+    assert all(math.isfinite(float(r["reward"])) and float(r["kl"]) >= -1e-9 for r in rows)
+
+
+def test_every_trained_point_lies_on_or_below_the_exact_frontier(quick_run):
+    """For every β, E_π[r*] − β·KL(π‖π_ref) ≤ β·E_x log Z_β(x) (eq. 35): no point is above the frontier (1e-6)."""
+    result, _ = quick_run
+    logp_ref, rewards = result["logp_ref"], result["rewards"]
+    for beta in np.geomspace(0.02, 200, 40):
+        bound = beta * log_partition_function(logp_ref.exp(), rewards, beta).mean().item()
+        for r in result["rows"]:
+            assert r["reward"] - beta * r["kl"] <= bound + 1e-6, (r, beta)
+    assert min(r["gap"] for r in result["rows"]) > -1e-6
