@@ -206,7 +206,7 @@ def loglinear_flat_directions(problem: Problem) -> torch.Tensor:
 
 
 def logit_hessian(problem: Problem, logits: torch.Tensor) -> torch.Tensor:
-    """The Hessian of eq. (38) with respect to the flat logits θ (P·Y) of π = softmax θ, at `logits` (P, Y); (P·Y, P·Y)."""
+    """Report eq. (38), its Hessian with respect to the flat logits θ (P·Y) of π = softmax θ, at `logits` (P, Y); (P·Y, P·Y)."""
     P, Y = problem.shape
 
     def loss(flat):
@@ -279,7 +279,7 @@ def measure(logp: torch.Tensor, problem: Problem, mask: torch.Tensor) -> dict:
 
 
 def train_dpo(policy, problem: Problem, steps: int, lr: float) -> list:
-    """Full-batch Adam on eq. (38) over the votes, from π = π_ref; a `measure` dict before and after each step."""
+    """Report eq. (38) minimised by full-batch Adam over the votes, from π = π_ref; a `measure` dict at the start and after each step."""
     opt = torch.optim.Adam(policy.params, lr=lr)
     mask = unseen_mask(problem)
     history = [measure(policy.logp().detach(), problem, mask)]
@@ -292,8 +292,10 @@ def train_dpo(policy, problem: Problem, steps: int, lr: float) -> list:
 
 
 def minimise_dpo_lbfgs(policy, problem: Problem):
-    """Eq. (38) minimised by L-BFGS from π = π_ref. Like plain gradient descent, its steps stay in the span of the
-    gradients, so it lands on the minimiser gradient flow picks (Adam's per-parameter scaling leaves that span)."""
+    """Report eq. (38) minimised by L-BFGS from π = π_ref; returns the policy, trained in place.
+
+    Like plain gradient descent its steps stay in the span of the gradients, so it lands on the minimiser gradient
+    flow picks (Adam's per-parameter scaling leaves that span)."""
     opt = torch.optim.LBFGS(policy.params, lr=1, max_iter=3000, tolerance_grad=1e-12, tolerance_change=1e-15,
                             line_search_fn="strong_wolfe")
 
@@ -308,7 +310,9 @@ def minimise_dpo_lbfgs(policy, problem: Problem):
 
 def train_ppo(policy, problem: Problem, rewards: torch.Tensor, iterations: int, lr: float, batch: int = 64,
               epochs: int = 4, clip_eps: float = 0.2, generator=None) -> list:
-    """KL-regularised PPO on responses, from π = π_ref: sample `batch` responses per prompt from π_old, score them with
+    """Report eqs. (1), (28): KL-regularised PPO on whole responses, from π = π_ref.
+
+    Each round: sample `batch` responses per prompt from π_old, score them with
     eq. (28), r̂(x, y) − β·log π_old/π_ref(y|x), advantage = score − its per-prompt batch mean (whitened), then
     `epochs` Adam steps on eq. (1), the learning rate annealed linearly to 0 over the rounds (as in Schulman et
     al.'s PPO runs). The whole response is one action, so a one-step episode. Returns `measure` dicts, one per
