@@ -16,7 +16,7 @@ from scipy import stats
 from chapters import plotting
 
 
-def _float(x) -> torch.Tensor:
+def as_tensor(x) -> torch.Tensor:
     """A tensor of `x`; Python numbers and lists become float64 (the precision of tabular maths here)."""
     return x if torch.is_tensor(x) else torch.as_tensor(x, dtype=torch.float64)
 
@@ -49,7 +49,7 @@ def plackett_sequential(p, ranking) -> torch.Tensor:
     p (..., r) sums to 1 over the last axis. `ranking` (..., m) may be a top-m list (m ≤ r): the result is
     the probability that these m options are chosen first, in this order (m = 3 gives eq. (6)).
     """
-    p = _float(p)
+    p = as_tensor(p)
     if not torch.allclose(p.sum(-1), torch.ones((), dtype=p.dtype), atol=1e-9):
         raise ValueError("p must sum to 1 over the last axis (eq. (7) uses 1 − Σ p); normalise it, e.g. with eq. (9)")
     p, ranking = _broadcast(p, _indices(ranking, p.shape[-1], full=False))
@@ -63,7 +63,7 @@ def plackett_remaining(p, ranking) -> torch.Tensor:
 
     Unlike eq. (7) it needs no Σ p = 1: scaling every p by the same factor leaves it unchanged.
     """
-    p = _float(p)
+    p = as_tensor(p)
     p, ranking = _broadcast(p, _indices(ranking, p.shape[-1], full=True))
     chosen = p.gather(-1, ranking)  # (..., r)
     remaining = chosen.flip(-1).cumsum(-1).flip(-1)  # (..., r): Σ_{k≥j} p_{i_k}, the mass still available
@@ -72,7 +72,7 @@ def plackett_remaining(p, ranking) -> torch.Tensor:
 
 def plackett_probabilities(scores) -> torch.Tensor:
     """Report eq. (9): p_{i_j} = e^{β_{i_j}} / Σ_a e^{β_{i_a}}, a softmax of the scores β over the last axis."""
-    return torch.softmax(_float(scores), dim=-1)
+    return torch.softmax(as_tensor(scores), dim=-1)
 
 
 def plackett_eq10_steps(scores, ranking) -> tuple:
@@ -80,7 +80,7 @@ def plackett_eq10_steps(scores, ranking) -> tuple:
 
     Computed literally (exp without a shift), so use moderate scores. Returns three (...,) tensors.
     """
-    scores = _float(scores)
+    scores = as_tensor(scores)
     scores, ranking = _broadcast(scores, _indices(ranking, scores.shape[-1], full=True))
     e = scores.exp()  # (..., r)
     total = e.sum(-1, keepdim=True)  # (..., 1): Σ_a e^{β_{i_a}}
@@ -100,7 +100,7 @@ def plackett_luce_logprob(rewards, ranking) -> torch.Tensor:
 
     rewards (..., K); ranking (..., K) a permutation, most preferred first. Stable for any reward scale.
     """
-    rewards = _float(rewards)
+    rewards = as_tensor(rewards)
     rewards, ranking = _broadcast(rewards, _indices(ranking, rewards.shape[-1], full=True))
     ordered = rewards.gather(-1, ranking)  # (..., K): r*(x, y_τ(1)), ..., r*(x, y_τ(K))
     tail = ordered.flip(-1).logcumsumexp(-1).flip(-1)  # (..., K): log Σ_{j≥t} e^{r*(x, y_τ(j))}
@@ -118,7 +118,7 @@ def sample_rankings(rewards, num_samples: int, generator=None) -> torch.Tensor:
     rewards (..., K) -> rankings (num_samples, ..., K). Why it works: the argmax of r + Gumbel is y with
     probability softmax(r)_y (the first factor of eq. (11)), and the order of the rest is again Gumbel-max.
     """
-    rewards = _float(rewards)
+    rewards = as_tensor(rewards)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     exp1 = torch.empty((num_samples, *rewards.shape), dtype=rewards.dtype).exponential_(generator=generator)
@@ -130,7 +130,7 @@ def sample_rankings(rewards, num_samples: int, generator=None) -> torch.Tensor:
 
 def bt_from_plackett_luce_steps(r1, r2) -> dict:
     """Report eqs. (12)–(15): eq. (11) at K = 2, τ = (1, 2), factor by factor. Returns {"(12)": …, …, "(15)": …}."""
-    r1, r2 = _float(r1), _float(r2)
+    r1, r2 = as_tensor(r1), as_tensor(r2)
     first = r1.exp() / (r1.exp() + r2.exp())  # eq. (13), the factor for t = 1
     second = r2.exp() / r2.exp()  # eq. (14), the factor for t = 2: always 1
     return {"(12)": first * second, "(13)": first, "(14)": second, "(15)": first}
@@ -141,7 +141,7 @@ def bradley_terry(r1, r2) -> torch.Tensor:
 
     r1, r2 broadcast; computed as plackett_luce of the pair ranked (y1, y2), which is stable.
     """
-    pair = torch.stack(torch.broadcast_tensors(_float(r1), _float(r2)), dim=-1)  # (..., 2)
+    pair = torch.stack(torch.broadcast_tensors(as_tensor(r1), as_tensor(r2)), dim=-1)  # (..., 2)
     return plackett_luce(pair, [0, 1])
 
 
@@ -164,7 +164,7 @@ def preference_database(segment_rewards_1, segment_rewards_2, judgements):
         raise ValueError(f"unknown judgement(s) {bad}; use one of {list(MU)}")
     keep = [i for i, j in enumerate(judgements) if MU[j] is not None]
     mu = torch.tensor([MU[judgements[i]] for i in keep], dtype=torch.float64).reshape(-1, 2)  # (M, 2)
-    return _float(segment_rewards_1)[keep], _float(segment_rewards_2)[keep], mu
+    return as_tensor(segment_rewards_1)[keep], as_tensor(segment_rewards_2)[keep], mu
 
 
 def christiano_predictor(segment_rewards_1, segment_rewards_2) -> torch.Tensor:
@@ -172,7 +172,7 @@ def christiano_predictor(segment_rewards_1, segment_rewards_2) -> torch.Tensor:
 
     segment_rewards_* (..., k) -> (...,): Bradley–Terry on the rewards summed over each segment.
     """
-    return bradley_terry(_float(segment_rewards_1).sum(-1), _float(segment_rewards_2).sum(-1))
+    return bradley_terry(as_tensor(segment_rewards_1).sum(-1), as_tensor(segment_rewards_2).sum(-1))
 
 
 def christiano_loss(segment_rewards_1, segment_rewards_2, mu) -> torch.Tensor:
@@ -180,9 +180,9 @@ def christiano_loss(segment_rewards_1, segment_rewards_2, mu) -> torch.Tensor:
 
     segment_rewards_* (N, k), mu (N, 2) as from `preference_database`. Returns a scalar (a sum over D).
     """
-    sums = torch.stack([_float(segment_rewards_1).sum(-1), _float(segment_rewards_2).sum(-1)], dim=-1)  # (N, 2)
+    sums = torch.stack([as_tensor(segment_rewards_1).sum(-1), as_tensor(segment_rewards_2).sum(-1)], dim=-1)  # (N, 2)
     log_p = torch.log_softmax(sums, dim=-1)  # (N, 2): log P̂(1≻2), log P̂(2≻1), stably
-    return -(_float(mu) * log_p).sum()
+    return -(as_tensor(mu) * log_p).sum()
 
 
 # ---------------------------------------------------------------- the script

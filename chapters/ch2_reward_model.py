@@ -17,19 +17,14 @@ from tqdm import tqdm
 
 import gpt
 from chapters import plotting
-from chapters.ch1_preference_models import bradley_terry
-
-
-def _float(x) -> torch.Tensor:
-    """A tensor of `x`; Python numbers and lists become float64 (the precision of tabular maths here)."""
-    return x if torch.is_tensor(x) else torch.as_tensor(x, dtype=torch.float64)
+from chapters.ch1_preference_models import as_tensor, bradley_terry
 
 
 # ---------------------------------------------------------------- eqs (17)–(23): BT as a sigmoid of the gap
 
 def sigmoid(z) -> torch.Tensor:
     """Report eq. (22): σ(z) = 1 / (1 + exp(−z)), written out (torch.sigmoid is its stable twin)."""
-    return 1 / (1 + torch.exp(-_float(z)))
+    return 1 / (1 + torch.exp(-as_tensor(z)))
 
 
 def bt_sigmoid_steps(r1, r2) -> dict:
@@ -38,7 +33,7 @@ def bt_sigmoid_steps(r1, r2) -> dict:
     Returns {"(17)": p, "(18)": p, "(19)": p, "(20)": (left side, right side), "(21)": p, "(23)": p},
     computed literally (plain exp), so use moderate rewards. Eq. (22) is `sigmoid`.
     """
-    r1, r2 = _float(r1), _float(r2)
+    r1, r2 = as_tensor(r1), as_tensor(r2)
     e1, e2 = r1.exp(), r2.exp()
     return {
         "(17)": e1 / (e1 + e2),
@@ -52,7 +47,7 @@ def bt_sigmoid_steps(r1, r2) -> dict:
 
 def bt_probability(r1, r2) -> torch.Tensor:
     """Report eq. (23): p*(y1 ≻ y2 | x) = σ(r*(x, y1) − r*(x, y2)); stable for any reward scale."""
-    return torch.sigmoid(_float(r1) - _float(r2))
+    return torch.sigmoid(as_tensor(r1) - as_tensor(r2))
 
 
 # ---------------------------------------------------------------- eqs (24)–(26): the reward-model NLL
@@ -62,12 +57,12 @@ def preference_likelihood(p_w_over_l) -> torch.Tensor:
 
     p_w_over_l (N,) holds p_φ(y_w ≻ y_l | x) for each comparison. Underflows for large N: use eq. (25).
     """
-    return _float(p_w_over_l).prod(-1)
+    return as_tensor(p_w_over_l).prod(-1)
 
 
 def preference_nll(p_w_over_l) -> torch.Tensor:
     """Report eq. (25): L_R = −E_{(x, y_w, y_l) ∼ D} log p(y_w ≻ y_l | x), the mean over the comparisons."""
-    return -_float(p_w_over_l).log().mean(-1)
+    return -as_tensor(p_w_over_l).log().mean(-1)
 
 
 def reward_model_loss(r_w, r_l) -> torch.Tensor:
@@ -75,7 +70,7 @@ def reward_model_loss(r_w, r_l) -> torch.Tensor:
 
     r_w, r_l (N,): rewards of the preferred and the dispreferred response. Returns the mean, a scalar.
     """
-    return -F.logsigmoid(_float(r_w) - _float(r_l)).mean()
+    return -F.logsigmoid(as_tensor(r_w) - as_tensor(r_l)).mean()
 
 
 def reward_model_loss_grad(r_w, r_l) -> tuple:
@@ -83,7 +78,7 @@ def reward_model_loss_grad(r_w, r_l) -> tuple:
 
     Descent raises r_φ(x, y_w) and lowers r_φ(x, y_l), more strongly the more the model misorders them.
     """
-    r_w, r_l = _float(r_w), _float(r_l)
+    r_w, r_l = as_tensor(r_w), as_tensor(r_l)
     weight = torch.sigmoid(r_l - r_w) / r_w.shape[-1]  # (N,)
     return -weight, weight
 
@@ -94,7 +89,7 @@ def normalize_rewards(rewards, prompt_index=None) -> torch.Tensor:
     With `prompt_index` (N,) (the prompt of each of the N rewards), rewards (N,) are centred per prompt.
     Without it, rewards (..., Y) are a table of Y responses per prompt, centred over the last axis.
     """
-    rewards = _float(rewards)
+    rewards = as_tensor(rewards)
     if prompt_index is None:
         return rewards - rewards.mean(-1, keepdim=True)
     prompt_index = torch.as_tensor(prompt_index, dtype=torch.long)
@@ -114,7 +109,7 @@ def sample_bt_comparisons(true_rewards, num_per_prompt: int, generator=None):
 
     true_rewards (P, Y) -> (prompt, winner, loser), three (P·num_per_prompt,) long tensors.
     """
-    true_rewards = _float(true_rewards)
+    true_rewards = as_tensor(true_rewards)
     P, Y = true_rewards.shape
     if Y < 2:
         raise ValueError("need at least 2 responses per prompt to compare")
@@ -228,8 +223,9 @@ class RewardModel(nn.Module):
 
 def pair_rewards(model: RewardModel, pairs: PreferencePairs):
     """(r_φ(x, y_w), r_φ(x, y_l)), each (N,), in one forward pass over chosen and rejected together."""
-    ids = torch.cat([pairs.chosen_ids, pairs.rejected_ids])  # (2N, T)
-    mask = torch.cat([pairs.chosen_mask, pairs.rejected_mask])
+    device = next(model.parameters()).device
+    ids = torch.cat([pairs.chosen_ids, pairs.rejected_ids]).to(device)  # (2N, T)
+    mask = torch.cat([pairs.chosen_mask, pairs.rejected_mask]).to(device)
     return model(ids, mask).chunk(2)
 
 
