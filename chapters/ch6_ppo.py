@@ -475,8 +475,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.iterations is not None and args.iterations < 1:
         raise SystemExit("error: --iterations must be at least 1")
-    if args.beta < 0:
-        raise SystemExit("error: --beta must be >= 0")
+    if args.beta <= 0:
+        raise SystemExit("error: --beta must be > 0 (the exact optimum π* ∝ π_ref·exp(r/β) needs it)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a GPT this small runs fastest on one thread (and is then repeatable across machines' core counts)
     try:

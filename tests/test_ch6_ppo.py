@@ -207,11 +207,10 @@ def test_eq36_chain_optimum_matches_enumeration_over_all_responses():
 
 
 def test_adaptive_kl_controller_moves_beta_toward_target_with_capped_steps():
-    ctl = ch6_ppo.AdaptiveKLController(beta=0.1, target=6.0, horizon=1000)
-    assert abs(ctl.update(kl=100.0, n_samples=100) - 0.1 * (1 + 0.2 * 0.1)) < TOL  # error capped at +0.2
-    ctl = ch6_ppo.AdaptiveKLController(beta=0.1, target=6.0, horizon=1000)
-    assert abs(ctl.update(kl=4.5, n_samples=100) - 0.1 * (1 - 0.25 * 0.1 * 0.8)) < 1e-3  # error −0.25 capped at −0.2
-    assert abs(ctl.beta - 0.1 * (1 - 0.2 * 0.1)) < TOL
+    # β·(1 + K·e), K = 100/1000, e = clip(KL/6 − 1, −0.2, 0.2)
+    for kl, error in [(100.0, 0.2), (6.6, 0.1), (3.0, -0.2)]:
+        ctl = ch6_ppo.AdaptiveKLController(beta=0.1, target=6.0, horizon=1000)
+        assert abs(ctl.update(kl=kl, n_samples=100) - 0.1 * (1 + 0.1 * error)) < TOL
 
 
 def test_policy_forward_logprobs_sum_to_ch4_response_logprobs_and_value_head_starts_at_zero():
