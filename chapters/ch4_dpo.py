@@ -14,34 +14,41 @@ import numpy as np
 from scipy.optimize import brentq
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+import gpt
 from chapters.ch3_kl_optimum import optimal_policy
+from chapters.plotting import plt, save
 
 
 # --------------------------------------------------------------------------- log-probs of a response
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, *,
                       per_token_mean: bool = False) -> torch.Tensor:
-    """log π(y | x) = Σ_t log π(y_t | x, y_<t), summed over the tokens where `response_mask` is true.
+    """Report eq. (38)'s log π(y | x) = Σ_t log π(y_t | x, y_<t), over the tokens where `response_mask` is true.
 
     logits (B, T, V) are the model's outputs for input_ids (B, T); response_mask (B, T) is aligned with
     input_ids. The token at position t is predicted by the logits at t − 1, hence the shift by one.
     Prompt and padding tokens are left out by the mask. Returns (B,).
 
-    per_token_mean=True divides by the number of response tokens. That is no longer log π(y|x), and in
-    DPO it acts like a per-response β/|y|: the optimum becomes π_ref·exp(|y|·(r + c)/β), which
-    multiplies the reward of long responses by their length (see `fit_tabular_dpo(lengths=...)`).
+    per_token_mean=True divides by the number of response tokens. That is no longer log π(y|x): in
+    eq. (38) it acts as a per-response β/|y|, the optimum becomes π_ref·exp(|y|·(r/β + c(x))) instead
+    of π*, and long responses move further from π_ref than short ones (`fit_tabular_dpo(lengths=...)`).
     """
     if input_ids.shape != response_mask.shape or logits.shape[:2] != input_ids.shape:
         raise ValueError(f"shapes disagree: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
                          f"response_mask {tuple(response_mask.shape)}; want (B, T, V), (B, T), (B, T)")
     if response_mask[:, 0].any():
-        raise ValueError("response_mask marks position 0, which no logits predict; put the prompt (or a BOS token) first")
+        raise ValueError("response_mask marks position 0, which no logits predict; put the prompt (or a BOS) first")
     dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 for GPT-2, float64 stays float64
     logp = torch.log_softmax(logits[:, :-1].to(dtype), dim=-1)  # (B, T-1, V): predicts tokens 1..T-1
     token_logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
     mask = response_mask[:, 1:].bool()  # (B, T-1)
     total = torch.where(mask, token_logp, 0.0).sum(-1)  # (B,)
-    return total / mask.sum(-1) if per_token_mean else total
+    if not per_token_mean:
+        return total
+    if not mask.any(-1).all():
+        raise ValueError("a row has no response tokens, so it has no per-token mean; drop it or mark its response")
+    return total / mask.sum(-1)
 
 
 def unshifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -76,7 +83,7 @@ def concat_prompt_response(prompts, responses, pad_id: int = 0):
 
 
 def logprob_by_prefixes(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-    """log π(y | x) from its definition: one forward pass per prefix (x, y_<t), Σ_t log π(y_t | x, y_<t). Slow; for checks."""
+    """Report eq. (38)'s log π(y | x) by definition, Σ_t log π(y_t | x, y_<t): one forward pass per prefix (slow)."""
     total = 0.0
     for t in range(len(response)):
         prefix = torch.cat([prompt, response[:t]])[None]  # (1, |x| + t)
@@ -115,7 +122,7 @@ def plackett_luce_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, 
 
 
 def dpo_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> dict:
-    """What a DPO trainer logs, batch means: loss (38), implicit rewards of y_w and y_l, their margin, accuracy."""
+    """Report eq. (38) and §4.4's r̂, as a trainer logs them (batch means): loss, r̂(y_w), r̂(y_l), margin, accuracy."""
     chosen = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta)
     rejected = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta)
     loss = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
@@ -143,7 +150,9 @@ def dpo_gradient(grad_chosen_logps, grad_rejected_logps, policy_chosen_logps, po
 
 # --------------------------------------------------------------------------- the central claim, tabular
 def preference_probabilities(pi_ref: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    """P(x, y_w, y_l) of one data row: x uniform, y1 ≠ y2 drawn from π_ref(·|x), y1 ≻ y2 with BT's σ(r*(y1) − r*(y2)).
+    """Report §4.4 step 1 with eq. (16): P(x, y_w, y_l) of a data row, BT labels on y1 ≠ y2 ~ π_ref(·|x).
+
+    x is uniform; y1 ≻ y2 with probability σ(r*(x, y1) − r*(x, y2)).
 
     pi_ref, rewards (X, Y). Returns (X, Y, Y), summing to 1: the infinite-data limit of a data set's counts.
     """
@@ -178,7 +187,7 @@ def tabular_dpo_loss(theta: torch.Tensor, pi_ref: torch.Tensor, weights: torch.T
 
 def fit_tabular_dpo(pi_ref: torch.Tensor, weights: torch.Tensor, beta: float, lengths: torch.Tensor = None,
                     max_iter: int = 50) -> torch.Tensor:
-    """Minimise `tabular_dpo_loss` over θ from π_θ = π_ref; return π_θ (X, Y).
+    """Report eq. (38) minimised over a tabular policy (`tabular_dpo_loss`), from π_θ = π_ref; returns π_θ (X, Y).
 
     Full batch, float64, Newton's method with a backtracking line search (Hessian eigenvalues taken as
     |λ| so every step goes downhill: with `lengths` the loss is not convex in θ). If the data put the
@@ -208,8 +217,6 @@ def fit_tabular_dpo(pi_ref: torch.Tensor, weights: torch.Tensor, beta: float, le
 # --------------------------------------------------------------------------- the script
 def _tiny_gpt2(seed: int, weight_std: float = 0.3):
     """A tiny random GPT-2 with larger-than-init weights, so its next-token distributions are far from uniform."""
-    import gpt
-
     torch.manual_seed(seed)
     model = gpt.GPT(gpt.GPTConfig.tiny()).eval()
     with torch.no_grad():
@@ -252,7 +259,8 @@ def _loss_checks(beta):
     pol, ref = torch.randn(1, K, generator=g, dtype=torch.float64), torch.randn(1, K, generator=g, dtype=torch.float64)
     total = sum(math.exp(-plackett_luce_dpo_loss(pol[:, list(t)], ref[:, list(t)], beta).item())
                 for t in itertools.permutations(range(K)))
-    print(f"K = {K}: Σ over all {math.factorial(K)} rankings of exp(−loss) = {total:.12f} (a distribution over rankings: 1)")
+    print(f"K = {K}: Σ over all {math.factorial(K)} rankings of exp(−loss) = {total:.12f} "
+          "(a distribution over rankings: 1)")
     r = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
     printed = sum(math.prod(r[t[k]].item() / sum(r[t[j]].item() for j in range(k, 3)) for k in range(3))
                   for t in itertools.permutations(range(3)) if t[0] == 1)
@@ -308,6 +316,8 @@ def _authors_code_checks(beta, seed):
     responses = [t[1] for t in triples] + [t[2] for t in triples]
     ids, attn, resp = concat_prompt_response(prompts, responses)
     prompt_only = attn * ~resp  # the authors' attention mask: zero on the response
+    everything = torch.ones_like(resp)
+    everything[:, 0] = False  # every token that has a predictor: prompt, response and padding
     with torch.no_grad():
         by_prefix = torch.stack([logprob_by_prefixes(policy, p, r) for p, r in zip(prompts, responses)])
         variants = {}
@@ -317,11 +327,12 @@ def _authors_code_checks(beta, seed):
                 "correct (shifted, response only, summed)": response_logprobs(logits, ids, resp),
                 "unshifted": unshifted_logprobs(logits, ids, resp),
                 "response hidden from attention": response_logprobs(hidden, ids, resp),
-                "prompt and padding inside": response_logprobs(logits, ids, torch.ones_like(resp).index_fill(1, torch.tensor([0]), 0)),
+                "prompt and padding inside": response_logprobs(logits, ids, everything),
                 "per-token mean": response_logprobs(logits, ids, resp, per_token_mean=True),
                 "all four (the authors' code)": unshifted_logprobs(hidden, ids, torch.ones_like(resp)) / ids.shape[1],
             }
-    print(f"{B} pairs, responses of {min(map(len, responses))}–{max(map(len, responses))} tokens, right-padded to {ids.shape[1]}")
+    lengths = [len(r) for r in responses]
+    print(f"{B} pairs, responses of {min(lengths)}–{max(lengths)} tokens, right-padded to {ids.shape[1]}")
     print(f"{'log-prob computed as':42s} {'max |Δ| vs token-by-token':>26s} {'DPO loss (38)':>14s}")
     for name in variants["policy"]:
         lp, rl = variants["policy"][name], variants["ref"][name]
@@ -333,10 +344,6 @@ def _authors_code_checks(beta, seed):
 
 
 def _central_claim(beta, seed, sizes, repeats):
-    from tqdm import tqdm
-
-    from chapters.plotting import plt, save
-
     _section("§4.2 + eq. (36): DPO on BT(r*) preferences recovers π* = π_ref·exp(r*/β)/Z")
     g = torch.Generator().manual_seed(seed)
     X, Y = 4, 6
@@ -344,7 +351,8 @@ def _central_claim(beta, seed, sizes, repeats):
     r_star = torch.randn(X, Y, generator=g, dtype=torch.float64)
     pi_star = optimal_policy(pi_ref, r_star, beta)
     probs = preference_probabilities(pi_ref, r_star)
-    print(f"{X} prompts × {Y} responses, β = {beta}, r* ~ N(0, 1); max |π_ref − π*| = {(pi_ref - pi_star).abs().max():.3f}")
+    print(f"{X} prompts × {Y} responses, β = {beta}, r* ~ N(0, 1); "
+          f"max |π_ref − π*| = {(pi_ref - pi_star).abs().max():.3f}")
     print("data: x uniform, y1 ≠ y2 ~ π_ref, label from BT(r*); loss: mean eq. (38) over the N rows, minimised by Newton")
     pop = fit_tabular_dpo(pi_ref, probs, beta)
     pop_err = (pop - pi_star).abs().max().item()
@@ -387,8 +395,9 @@ def _central_claim(beta, seed, sizes, repeats):
     ax.legend(fontsize=8, loc="lower left")
     x0, width, idx = 0, 0.2, np.arange(Y)
     small, large = sizes[2], sizes[-1]
-    for k, (p, label) in enumerate([(pi_ref, r"$\pi_{ref}$ (DPO's start)"), (pi_star, r"$\pi^* = \pi_{ref}\,e^{r^*/\beta}/Z$"),
-                                    (fits[small], f"DPO, N = {small:,}"), (fits[large], f"DPO, N = {large:,}")]):
+    bars = [(pi_ref, r"$\pi_{ref}$ (DPO's start)"), (pi_star, r"$\pi^* = \pi_{ref}\,e^{r^*/\beta}/Z$"),
+            (fits[small], f"DPO, N = {small:,}"), (fits[large], f"DPO, N = {large:,}")]
+    for k, (p, label) in enumerate(bars):
         bx.bar(idx + (k - 1.5) * width, p[x0].numpy(), width, label=label)
     bx.set(xticks=idx, xticklabels=[f"y{i}\nr*={r_star[x0, i]:.2f}" for i in idx], ylabel=r"$\pi(y|x_0)$",
            title=f"prompt x0, β = {beta}: first data set of each N")

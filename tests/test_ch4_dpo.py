@@ -85,7 +85,7 @@ def test_eq38_large_margins_give_finite_loss_and_gradients():
     loss = dpo_loss(margin, zeros, zeros, zeros, beta=1.0)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(margin.grad).all()
-    assert loss.tolist() == pytest.approx([0.0, 1e4], abs=1e-3)  # −log σ(z) → 0 for z → ∞ and → −z for z → −∞
+    assert loss.tolist() == pytest.approx([0.0, 1e4], abs=1e-3)  # −log σ(z): → 0 as z → ∞, → −z as z → −∞
     assert margin.grad.tolist() == pytest.approx([0.0, -1.0], abs=1e-6)  # d/dz −log σ(z) = −σ(−z)
     naive = -torch.log(torch.sigmoid(margin.detach()))  # what the stable form avoids
     assert torch.isinf(naive[1])
@@ -169,7 +169,8 @@ def test_eq39_partition_function_cancels():
     assert torch.allclose(beta * torch.log(pi_star / pi_ref) + beta * torch.log(Z), r, atol=1e-14)  # eq (37)
     for tau in itertools.permutations(range(K)):
         # first line of (39) with exp(r*), against its second line (β·log π*/π_ref, no Z)
-        second_line = math.exp(-plackett_luce_dpo_loss(pi_star.log()[list(tau)][None], pi_ref.log()[list(tau)][None], beta).item())
+        order = list(tau)
+        second_line = math.exp(-plackett_luce_dpo_loss(pi_star.log()[order][None], pi_ref.log()[order][None], beta).item())
         assert second_line == pytest.approx(pl_probability_by_hand(r.tolist(), tau), abs=1e-13)
 
 
@@ -207,11 +208,15 @@ def test_eq41_autograd_equals_closed_form_tabular():
         closed[x[i], w[i]] -= beta * sigmoid(r_l - r_w) / len(x)
         closed[x[i], l[i]] += beta * sigmoid(r_l - r_w) / len(x)
     assert torch.allclose(theta.grad, closed, atol=1e-15, rtol=0)
-    # the chapter's eq (41) function, fed per-example gradients, gives the same
-    eye = torch.eye(X * Y, **F64)
-    grad_lp = lambda xs, ys: eye[xs * Y + ys] - (torch.zeros(len(xs), X, Y, **F64).index_put_(  # noqa: E731
-        (torch.arange(len(xs)), xs), lp.exp()[xs])).flatten(1)
-    got = dpo_gradient(grad_lp(x, w), grad_lp(x, l), lp[x, w], lp[x, l], log_ref[x, w], log_ref[x, l], beta)
+    # the chapter's eq (41) function, fed the per-example gradients by hand, gives the same
+    def grad_logp(xs, ys):  # (B, X*Y): ∇_θ log π(y|x) = e_{x,y} − π(·|x) in row x
+        grads = torch.zeros(len(xs), X, Y, **F64)
+        for i, (xi, yi) in enumerate(zip(xs, ys)):
+            grads[i, xi] = -lp[xi].exp()
+            grads[i, xi, yi] += 1
+        return grads.flatten(1)
+
+    got = dpo_gradient(grad_logp(x, w), grad_logp(x, l), lp[x, w], lp[x, l], log_ref[x, w], log_ref[x, l], beta)
     assert torch.allclose(got, closed.flatten(), atol=1e-15, rtol=0)
 
 
@@ -226,7 +231,7 @@ def test_eq41_autograd_equals_closed_form_gpt2_parameters():
     lp = response_logprobs(policy(ids, attn), ids, resp)
     params = list(policy.parameters())
     auto = torch.autograd.grad(dpo_loss(lp[:2], lp[2:], ref_lp[:2], ref_lp[2:], beta).mean(), params)
-    # closed form: −β/B Σ_i σ(r̂_l − r̂_w)(∇log π(y_w) − ∇log π(y_l)); gradients from the prefix-by-prefix definition
+    # closed form −β/B Σ_i σ(r̂_l − r̂_w)(∇log π(y_w) − ∇log π(y_l)), gradients of the prefix-by-prefix definition
     closed = [torch.zeros_like(p) for p in params]
     for p, c, r in pairs:
         lp_w, lp_l = by_prefixes(policy, p, c), by_prefixes(policy, p, r)
@@ -296,6 +301,8 @@ def test_response_logprobs_rejects_bad_input():
         response_logprobs(logits, ids, torch.tensor([[True, True, False, False]]))
     with pytest.raises(ValueError, match="shapes disagree"):
         response_logprobs(logits, ids, torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no response tokens"):
+        response_logprobs(logits, ids, torch.zeros(1, 4, dtype=torch.bool), per_token_mean=True)
 
 
 # ----------------------------------------------------------------------- the report authors' code
@@ -386,7 +393,8 @@ def test_preference_probabilities_are_bradley_terry_on_pairs_from_the_reference(
         if w == l:
             assert P[x, w, l] == 0
             continue
-        assert (P[x, w, l] / (P[x, w, l] + P[x, l, w])).item() == pytest.approx(sigmoid((r[x, w] - r[x, l]).item()), abs=1e-14)
+        bt = sigmoid((r[x, w] - r[x, l]).item())
+        assert (P[x, w, l] / (P[x, w, l] + P[x, l, w])).item() == pytest.approx(bt, abs=1e-14)
         pair = pi_ref[x, w] * pi_ref[x, l] / (1 - (pi_ref[x] ** 2).sum()) / 2  # x uniform over 2, unordered pair
         assert (P[x, w, l] + P[x, l, w]).item() == pytest.approx(2 * pair.item(), abs=1e-14)
 
@@ -399,7 +407,8 @@ def test_tabular_loss_on_counts_equals_mean_over_rows():
     for row in rows:
         counts[row] += 1
     lp, lr = torch.log_softmax(theta, -1), pi_ref.log()
-    by_hand = sum(-math.log(sigmoid(beta * ((lp[x, w] - lr[x, w]) - (lp[x, l] - lr[x, l])).item())) for x, w, l in rows) / len(rows)
+    margins = [beta * ((lp[x, w] - lr[x, w]) - (lp[x, l] - lr[x, l])).item() for x, w, l in rows]
+    by_hand = sum(-math.log(sigmoid(m)) for m in margins) / len(rows)
     assert tabular_dpo_loss(theta, pi_ref, counts, beta).item() == pytest.approx(by_hand, abs=1e-14)
 
 
