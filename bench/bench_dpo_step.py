@@ -1,0 +1,227 @@
+"""Time per DPO step: chapter 8's fast step vs TRL's DPOTrainer vs a plain loop, on identical weights and data.
+
+    python3 -m venv --system-site-packages /tmp/benchvenv && /tmp/benchvenv/bin/pip install trl==1.16.0
+    /tmp/benchvenv/bin/python bench/bench_dpo_step.py                      # CPU, gpt2 (124M) shape, float32
+    /tmp/benchvenv/bin/python bench/bench_dpo_step.py --shape gpt2-medium --device cuda   # GPU, bf16 autocast
+
+Random weights of the GPT-2 shape (the same tensors in transformers' GPT2LMHeadModel for TRL and in gpt.GPT for
+ours, through gpt.load_gpt2), 8 pairs a batch from the instruction-preference data set's training split, prompts
+in chapter 8's format, sequences up to 256 tokens, AdamW. Each method runs `--warmup` untimed steps and then
+`--steps` timed ones; a step is forward, backward and optimizer update. Before timing, TRL's per-batch losses are
+compared with ours on the same pairs (policy ≠ reference). trl is not a project dependency: it lives in the
+bench's own virtual environment (the command above; it keeps the system's torch).
+"""
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chapters import preference_data as pdata  # noqa: E402
+from chapters.dpo_step import (ReferenceCache, autocast, fast_dpo_loss, packed_pairs_batch, plain_dpo_loss,  # noqa: E402
+                               unpacked_pairs_batch)
+from gpt import get_tokenizer, load_gpt2  # noqa: E402
+from gpt.config import PRESETS  # noqa: E402
+from gpt.tokenizer import EOS_ID, bpe_files_dir  # noqa: E402
+
+
+def random_hf_gpt2(shape, seed):
+    """transformers' GPT2LMHeadModel of `shape` with GPT-2's random initialisation, no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(**PRESETS[shape], vocab_size=50257, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def as_ours(hf_model):
+    """The same weights in gpt.GPT, through save_pretrained and the project's own loader."""
+    with tempfile.TemporaryDirectory() as folder:
+        hf_model.save_pretrained(folder)
+        return load_gpt2(folder)
+
+
+def perturbed(hf_model, seed, scale=1e-3):
+    """A policy a few updates away from the reference: a copy with small seeded noise on every weight."""
+    model = copy.deepcopy(hf_model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def hf_tokenizer():
+    from transformers import GPT2TokenizerFast
+    folder = bpe_files_dir()
+    tok = GPT2TokenizerFast(vocab=str(folder / "encoder.json"), merges=str(folder / "vocab.bpe"))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def trl_trainer(policy, reference, rows, args, max_steps, out):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    config = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+                       beta=args.beta, learning_rate=args.lr, max_steps=max_steps, logging_steps=10_000,
+                       save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.device == "cpu",
+                       bf16=args.device == "cuda", dataloader_num_workers=0, disable_tqdm=True)
+    return DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(rows),
+                      processing_class=hf_tokenizer())
+
+
+class StepTimer:
+    """A transformers TrainerCallback: times each of TRL's optimizer steps, then one step of each of ours."""
+
+    def __init__(self, ours, device):
+        self.ours, self.device, self._t = ours, device, None
+        self.times = {"TRL DPOTrainer": [], **{name: [] for name, _, _ in ours}}
+
+    def __getattr__(self, name):  # every other callback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def _now(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_step_begin(self, *a, **k):
+        self._t = self._now()
+
+    def on_step_end(self, *a, **k):
+        self.times["TRL DPOTrainer"].append(self._now() - self._t)
+        for name, step, batches in self.ours:
+            t = self._now()
+            step(batches[len(self.times[name])])
+            self.times[name].append(self._now() - t)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="gpt2", choices=list(PRESETS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--check-batches", type=int, default=3, help="batches whose TRL and fast losses are compared")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=5e-6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-plain", action="store_true")
+    args = parser.parse_args(argv)
+    dev = args.device
+
+    entries = pdata.load()
+    train = pdata.split(len(entries), args.seed)["train"]
+    train = [i for i in train if pdata.has_preference(entries[i])]
+    pairs = pdata.tokenize(entries, train, get_tokenizer(), EOS_ID, args.max_length)
+    rows = [{"prompt": pdata.format_prompt(entries[p.index]), "chosen": entries[p.index]["chosen"],
+             "rejected": entries[p.index]["rejected"]} for p in pairs]
+    n_steps = args.warmup + args.steps
+    print(f"{len(pairs)} training pairs, batch {args.batch_size}, max length {args.max_length}, shape {args.shape}, "
+          f"device {dev}, torch threads {torch.get_num_threads()}")
+
+    hf_ref = random_hf_gpt2(args.shape, args.seed)
+    hf_policy = perturbed(hf_ref, args.seed + 1)
+    ref, policy = as_ours(hf_ref), as_ours(hf_policy)
+    with torch.no_grad():
+        ids = torch.tensor([pairs[0].prompt + pairs[0].chosen])
+        print(f"identical weights: max |logits(TRL's model) - logits(ours)| = "
+              f"{(hf_policy(ids).logits - policy(ids)).abs().max().item():.2e}")
+    hf_ref.to(dev), ref.to(dev), hf_policy.to(dev), policy.to(dev)
+    ref.requires_grad_(False)
+
+    # --- equality: TRL's per-batch losses vs the fast step's, same pairs, same weights
+    with tempfile.TemporaryDirectory() as out:
+        trainer = trl_trainer(hf_policy, hf_ref, rows, args, n_steps, out)
+        ds = trainer.train_dataset
+        worst_ids, worst = 0, 0.0
+        for b in range(args.check_batches):
+            idx = list(range(b * args.batch_size, (b + 1) * args.batch_size))
+            for i in idx:  # TRL tokenized the same texts into the same ids
+                p = pairs[i]
+                same = (ds[i]["prompt_ids"] == p.prompt and ds[i]["chosen_ids"] == p.chosen
+                        and ds[i]["rejected_ids"] == p.rejected)
+                worst_ids += not same
+            batch = trainer.data_collator([ds[i] for i in idx])
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            with torch.no_grad():
+                trl_loss = trainer.compute_loss(trainer.model, batch).item()
+                cache = ReferenceCache(ref, [pairs[i] for i in idx], EOS_ID, args.batch_size, keep_hidden=False)
+                c, r, _ = cache.get(list(range(len(idx))))
+                ours, _ = fast_dpo_loss(policy, packed_pairs_batch([pairs[i] for i in idx], EOS_ID).to(dev), c, r, args.beta)
+            worst = max(worst, abs(trl_loss - ours.item()))
+            print(f"batch {b}: TRL loss {trl_loss:.7f}, fast step {ours.item():.7f}, |Δ| = {abs(trl_loss - ours.item()):.1e}")
+        print(f"token ids differing from TRL's tokenization: {worst_ids} pairs; max |Δ loss| = {worst:.1e} "
+              f"({'within' if worst <= 1e-5 else 'OUTSIDE'} 1e-5)")
+
+        # --- our two steps share one policy and optimizer (weights do not change the time) and run inside TRL's
+        # training loop, right after each of its steps, so that the shared machine's load falls on all three alike
+        train_policy = copy.deepcopy(policy).requires_grad_(True)
+        opt = torch.optim.AdamW(train_policy.parameters(), lr=args.lr)
+
+        def plain_step(idx):  # policy and reference forward each step, chosen and rejected apart, full logits
+            with autocast(dev):
+                loss = plain_dpo_loss(train_policy, ref, [pairs[i] for i in idx], EOS_ID, args.beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        # the fast step: cached reference (built once, timed apart), packed pairs, head at response positions only
+        fast_batches = pdata.length_grouped_batches([p.packed_length for p in pairs], args.batch_size, args.seed)[:n_steps]
+        used = sorted({i for b in fast_batches for i in b})
+        where = {i: k for k, i in enumerate(used)}
+        t = time.perf_counter()
+        cache = ReferenceCache(ref, [pairs[i] for i in used], EOS_ID, args.batch_size)
+        cache_per_pair = (time.perf_counter() - t) / len(used)
+
+        def fast_step(idx, layout=packed_pairs_batch):
+            c, r, h = cache.get([where[i] for i in idx])
+            loss, _ = fast_dpo_loss(train_policy, layout([pairs[i] for i in idx], EOS_ID).to(dev), c, r,
+                                    args.beta, h, cache.head_weight)  # with the token-level KL, as chapter 8 trains
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def rows_step(idx):  # the fast step without prompt reuse: chosen and rejected as separate rows of one batch
+            fast_step(idx, unpacked_pairs_batch)
+
+        g = torch.Generator().manual_seed(args.seed)
+        plain_batches = torch.randperm(len(pairs), generator=g)[:n_steps * args.batch_size].view(n_steps, -1).tolist()
+        steps = [("plain loop", plain_step, plain_batches)] * (not args.skip_plain) + [
+            ("fast step, no prompt reuse", rows_step, fast_batches), ("fast step", fast_step, fast_batches)]
+        timer = StepTimer(steps, dev)
+        trainer.add_callback(timer)
+        trainer.train()  # TRL's own sampler, collator and optimizer; each optimizer step timed by the callback
+    results = {name: ts[args.warmup:] for name, ts in timer.times.items()}
+    steps_per_epoch = len(pairs) / args.batch_size
+    results["fast step + cache (1 epoch)"] = [statistics.mean(results["fast step"])
+                                              + cache_per_pair * len(pairs) / steps_per_epoch]
+
+    pair_tokens = lambda idx: statistics.mean(2 * len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected) for i in idx)
+    tokens = pair_tokens(range(len(pairs))) * args.batch_size
+    timed_pairs = lambda batches: [i for b in batches[args.warmup:] for i in b]
+    print(f"\ntokens a pair (prompt twice + both responses): data set {pair_tokens(range(len(pairs))):.1f}, "
+          f"plain loop's timed batches {pair_tokens(timed_pairs(plain_batches)):.1f}, "
+          f"fast step's timed batches {pair_tokens(timed_pairs(fast_batches)):.1f}")
+    trl = statistics.mean(results["TRL DPOTrainer"])
+    print(f"reference cache: {cache_per_pair * 1000:.0f} ms a pair, built once for all epochs and all β")
+    print("| method | s / step | pairs / s | tokens / s | TRL's time ÷ this |\n|---|---:|---:|---:|---:|")
+    for name, ts in results.items():
+        s = statistics.mean(ts)
+        print(f"| {name} | {s:.2f} | {args.batch_size / s:.2f} | {tokens / s:.0f} | {trl / s:.2f}× |")
+    print(f"(tokens / s: the data set's mean tokens a pair × pairs / s; {args.steps} timed steps after "
+          f"{args.warmup} warm-up, ours interleaved with TRL's)")
+
+
+if __name__ == "__main__":
+    main()
