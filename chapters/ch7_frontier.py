@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from chapters.ch2_reward_model import PreferencePairs, RewardModel, pair_accuracy, train_reward_model
 from chapters.ch3_kl_optimum import optimal_policy
 from chapters.ch4_dpo import dpo_loss, response_logprobs
+from chapters.ch6_ppo import PPOConfig, PPOTrainer
 from chapters.plotting import plots_dir, plt, save
 from gpt import GPT, GPTConfig, KVCache, generate
 
@@ -274,13 +276,59 @@ def finetune(policy: GPT, loss_fn, data: dict, steps: int, checkpoints, batch_si
     return saved
 
 
+# ---------------------------------------------------------------- the reward model and PPO (chapters 2 and 6)
+
+
+def true_reward_fn(input_ids: torch.Tensor, attention_mask=None, response_mask=None) -> torch.Tensor:
+    """r*(x, y) in the form `PPOTrainer` calls a reward: on (B, SEQ_LEN) ids, prompt first (no padding here)."""
+    return true_reward(input_ids[:, :PROMPT_LEN], input_ids[:, PROMPT_LEN:])
+
+
+def learn_reward_model(ref: GPT, data: dict, steps: int, generator: torch.Generator) -> RewardModel:
+    """Report eq. (26) via `chapters.ch2_reward_model`: r_φ = a scalar head on a copy of π_ref, fitted to the pairs."""
+    ones = torch.ones(len(data["prompt"]), SEQ_LEN, dtype=torch.long)
+    pairs = PreferencePairs(sequence(data["prompt"], data["chosen"]), ones, sequence(data["prompt"], data["rejected"]), ones)
+    rm = RewardModel(copy.deepcopy(ref).requires_grad_(True))
+    train_reward_model(rm, pairs, steps, batch_size=64, lr=1e-3, generator=generator)
+    rm.requires_grad_(False)
+    rm.train_accuracy = pair_accuracy(rm, pairs)
+    return rm
+
+
+@torch.no_grad()
+def score_all(rm: RewardModel, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    """r_φ(x, y) of every response of every prompt, (P, Y) float64, in batches of one prompt's responses."""
+    return torch.stack([torch.cat([rm(sequence(x.expand(len(chunk), -1), chunk)).double()
+                                   for chunk in responses.split(8192)]) for x in prompts])
+
+
+def ppo_checkpoints(ref: GPT, reward_fn, prompts: torch.Tensor, beta: float, checkpoints, seed: int, desc: str):
+    """PPO-based RLHF with KL coefficient β (eqs. (1)–(5), (28)) via `chapters.ch6_ppo.PPOTrainer`, from π_ref.
+
+    Yields (iteration, policy) at each iteration count in `checkpoints`; the policy is trained in place.
+    """
+    policy = copy.deepcopy(ref).requires_grad_(True)
+    config = PPOConfig(beta=beta, lr=1e-3, response_length=RESPONSE_LEN, batch_size=64, seed=seed)
+    trainer = PPOTrainer(policy, ref, reward_fn, list(prompts), config)
+    bar = tqdm(total=max(checkpoints), desc=desc, leave=False)
+    for iteration in range(1, max(checkpoints) + 1):
+        log = trainer.step()
+        bar.update()
+        bar.set_postfix(reward=f"{log['reward']:.2f}", kl=f"{log['kl']:.2f}")
+        if iteration in checkpoints:
+            yield iteration, policy
+    bar.close()
+
+
 # ---------------------------------------------------------------- the experiment
 
 FULL = dict(prompts=16, sft_sequences=20_000, sft_steps=1000, draws=64, k=4, steps=400, checkpoints=(100, 200, 300, 400),
-            dpo_betas=(0.25, 0.5, 1.0, 2.0, 4.0), ul_alphas=(0.05, 0.1, 0.5, 1.0), pft_seeds=(0, 1),
+            dpo_betas=(0.25, 0.5, 1.0, 2.0, 4.0), ul_alphas=(0.05, 0.1, 0.5, 1.0), pft_seeds=(0, 1), rm_steps=600,
+            ppo_betas=(0.25, 0.5, 1.0, 2.0, 4.0), ppo_checkpoints=(50, 100, 150, 200),
             best_of=(1, 2, 4, 8, 16, 32, 64, 128, 256), kl_samples=32, frontier=np.geomspace(0.02, 200.0, 200))
 QUICK = dict(prompts=4, sft_sequences=4000, sft_steps=150, draws=16, k=4, steps=40, checkpoints=(20, 40),
-             dpo_betas=(0.5, 2.0), ul_alphas=(0.5,), pft_seeds=(0,), best_of=(1, 4, 16), kl_samples=8,
+             dpo_betas=(0.5, 2.0), ul_alphas=(0.5,), pft_seeds=(0,), rm_steps=40, ppo_betas=(1.0,), ppo_checkpoints=(10, 20),
+             best_of=(1, 4, 16), kl_samples=8,
              frontier=np.geomspace(0.05, 100.0, 60))
 COLUMNS = ["method", "setting", "step", "reward", "kl", "kl_per_token", "kl_per_token_se", "kl_log_ratio",
            "kl_log_ratio_se", "gap", "efficiency"]
@@ -295,7 +343,7 @@ def evaluate(policy: GPT, ref: GPT, prompts, logp_ref, rewards, per_prompt: int,
                       kl_log_ratio_se=ratio_se)
 
 
-def plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta):
+def plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta, kl_to_opt):
     """Fig. 1 left in miniature (exact frontier, each method's points) and DPO's log π against log π*_β."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
     top_kl = max(r["kl"] for r in rows) * 1.1
@@ -323,7 +371,7 @@ def plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta):
     ax2.set_ylim(lo, 0.5)
     ax2.set_xlabel(f"log π*_β(y|x), β = {dpo_beta} (exact optimum)")
     ax2.set_ylabel(f"log π_DPO(y|x), β = {dpo_beta} (trained)")
-    ax2.set_title("DPO's learned policy against the optimum it targets")
+    ax2.set_title(f"DPO's learned policy against the optimum it targets\nKL(π_DPO ‖ π*_β) = {kl_to_opt:.3f} nats")
     fig.colorbar(hb, ax=ax2, label="responses (all prompts), log count")
     ax2.legend(loc="upper left")
     return save(fig, "ch7_frontier")
@@ -383,9 +431,9 @@ def run(argv=None):
     print("\n2. the exact frontier, eq. (36): π*_β = π_ref·exp(r*/β)/Z for each β, by enumeration")
     front_r, front_kl = exact_frontier(logp_ref, rewards, cfg["frontier"])
     front_r, front_kl = np.append(front_r, ref_reward), np.append(front_kl, 0.0)  # β → ∞: π*_β → π_ref
-    for beta in (cfg["frontier"][0], 0.5, 2.0, cfg["frontier"][-1]):
-        i = int(np.argmin(np.abs(cfg["frontier"] - beta)))
-        print(f"   β = {cfg['frontier'][i]:7.3f}: E[r*] = {front_r[i]:6.3f}, KL = {front_kl[i]:6.3f}")
+    for beta in (cfg["frontier"][0], *sorted(set(cfg["dpo_betas"]) | set(cfg["ppo_betas"])), cfg["frontier"][-1]):
+        (r,), (kl,) = exact_frontier(logp_ref, rewards, [beta])
+        print(f"   π*_β, β = {beta:7.3f}: E[r*] = {r:6.3f}, KL = {kl:6.3f}")
     print(f"   monotone in β (reward and KL both fall as β grows): "
           f"{bool(np.all(np.diff(front_r) <= 1e-9) and np.all(np.diff(front_kl) <= 1e-9))}")
 
@@ -419,6 +467,25 @@ def run(argv=None):
                          kl_per_token_se=math.nan, kl_log_ratio=math.nan, kl_log_ratio_se=math.nan))
         print(f"   Best-of-{n}: exact KL = {kl:.3f} ≤ log N − (N−1)/N = {math.log(n) - (n - 1) / n:.3f} "
               f"(equal when no two responses tie)")
+
+    print("\n   the reward model: ch2's RewardModel on a copy of π_ref, fitted to the same pairs (eq. 26)")
+    rm = learn_reward_model(ref, data, cfg["rm_steps"], gen)
+    rm_scores = score_all(rm, prompts, responses)  # (P, Y)
+    centred = lambda v: (v - v.mean(-1, keepdim=True)).flatten().numpy()  # noqa: E731  (r_φ is free up to f(x))
+    print(f"   pair accuracy {rm.train_accuracy:.3f} (r* itself: {((gap > 0) + 0.5 * (gap == 0)).double().mean():.3f}); "
+          f"corr(r_φ, r*) over all responses, centred per prompt: {np.corrcoef(centred(rm_scores), centred(rewards))[0, 1]:.3f}")
+    for n in cfg["best_of"]:
+        reward, kl = exact_reward_and_kl(best_of_n_logprobs(logp_ref, rm_scores, n), logp_ref, rewards)
+        rows.append(dict(method="Best-of-N (RM)", setting=f"N={n}", step=0, reward=reward, kl=kl,
+                         kl_per_token=math.nan, kl_per_token_se=math.nan, kl_log_ratio=math.nan,
+                         kl_log_ratio_se=math.nan))
+    rm_fn = lambda ids, mask, response_mask: rm(ids, mask)  # noqa: E731
+    for method, reward_fn in (("PPO", rm_fn), ("PPO-GT", true_reward_fn)):
+        for beta in cfg["ppo_betas"]:
+            for step, policy in ppo_checkpoints(ref, reward_fn, prompts, beta, cfg["ppo_checkpoints"], args.seed,
+                                                f"{method} beta={beta}"):
+                _, row = evaluate(policy, ref, prompts, logp_ref, rewards, cfg["kl_samples"], gen)
+                rows.append(dict(method=method, setting=f"beta={beta}", step=step, **row))
 
     for r in rows:  # gap ≥ 0 for every policy; efficiency: the share of the frontier's gain over π_ref at this KL
         best = frontier_reward(r["kl"], front_r, front_kl)
@@ -459,7 +526,7 @@ def run(argv=None):
     corr = np.corrcoef(opt_logp.flatten().numpy(), dpo_logp.flatten().numpy())[0, 1]
     print(f"\n7. DPO (β = {dpo_beta}, last checkpoint) against π*_β: KL(π_DPO ‖ π*_β) = {kl_to_opt:.3f} nats, "
           f"corr(log π_DPO, log π*_β) = {corr:.3f}")
-    plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta)
+    plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta, kl_to_opt)
     write_table(rows)
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
     return dict(rows=rows, summary=summary, frontier=(front_r, front_kl), betas=np.append(cfg["frontier"], np.inf), logp_ref=logp_ref,
