@@ -170,13 +170,14 @@ def main(argv=None):
         # --- our two steps share one policy and optimizer (weights do not change the time) and run inside TRL's
         # training loop, right after each of its steps, so that the shared machine's load falls on all three alike
         train_policy = copy.deepcopy(policy).requires_grad_(True)
-        opt = torch.optim.AdamW(train_policy.parameters(), lr=args.lr)
+        opt = torch.optim.AdamW(train_policy.parameters(), lr=args.lr, fused=True)  # as TRL's default optim
 
         def plain_step(idx):  # policy and reference forward each step, chosen and rejected apart, full logits
             with autocast(dev):
                 loss = plain_dpo_loss(train_policy, ref, [pairs[i] for i in idx], EOS_ID, args.beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(train_policy.parameters(), 1.0)  # as TRL's max_grad_norm
             opt.step()
 
         # the fast step: cached reference (built once, timed apart), packed pairs, head at response positions only
@@ -193,6 +194,7 @@ def main(argv=None):
                                     args.beta, h, cache.head_weight)  # with the token-level KL, as chapter 8 trains
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(train_policy.parameters(), 1.0)  # as TRL's max_grad_norm
             opt.step()
 
         def rows_step(idx):  # the fast step without prompt reuse: chosen and rejected as separate rows of one batch

@@ -48,7 +48,7 @@ def sft_batches(pairs, idx, eos_id, device):
 
 def train_sft(model, train, val, args, eos_id):
     """Fine-tune `model` in place on (prompt, chosen); returns per-epoch mean train and validation losses."""
-    opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.1, fused=True)
     history = []
     lengths = [len(p.prompt) + len(p.chosen) for p in train]
     for epoch in range(1, args.sft_epochs + 1):
@@ -93,7 +93,7 @@ def dpo_evaluate(policy, pairs, cache, beta, args, eos_id) -> dict:
 def train_dpo(sft_model, train, val, caches, beta, args, eos_id):
     """Report eq. (38) minimised from π_θ = π_SFT with π_ref = π_SFT frozen; returns the policy, step and epoch rows."""
     policy = copy.deepcopy(sft_model).requires_grad_(True)  # every β starts from the same SFT weights
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.dpo_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.dpo_lr, weight_decay=0.0, fused=True)
     lengths = [p.packed_length for p in train]
     steps = []
     epochs = [{"beta": beta, "epoch": 0, "split": "validation", **dpo_evaluate(policy, val, caches["validation"], beta, args, eos_id)}]
