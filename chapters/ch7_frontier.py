@@ -2,10 +2,10 @@
 
 The paper asks which method buys the most reward for a given KL(π‖π_ref). Here the task is small enough to
 enumerate: 8 tokens (2 positive, 2 negative, 4 neutral), prompts of 2 tokens, responses of 5 tokens, so each of
-the 64 prompts has 8^5 = 32,768 responses and every expectation is an exact sum. That lets us draw what the
+16 prompts (of the 64 possible) has 8^5 = 32,768 responses and every expectation is an exact sum. That lets us draw what the
 paper could not: the frontier of π*_β = π_ref·exp(r*/β)/Z (eq. 36), which no policy can cross.
 
-    python3 -m chapters.ch7_frontier            # the full sweep (about 10 minutes on 2 cores)
+    python3 -m chapters.ch7_frontier            # the full sweep (about 5 minutes on 2 busy cores)
     python3 -m chapters.ch7_frontier --quick    # a short form of the same run (under a minute)
 """
 import argparse
@@ -343,7 +343,7 @@ def evaluate(policy: GPT, ref: GPT, prompts, logp_ref, rewards, per_prompt: int,
                       kl_log_ratio_se=ratio_se)
 
 
-def plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta, kl_to_opt):
+def plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta, kl_to_opt, name: str):
     """Fig. 1 left in miniature (exact frontier, each method's points) and DPO's log π against log π*_β."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
     top_kl = max(r["kl"] for r in rows) * 1.1
@@ -374,12 +374,12 @@ def plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta, kl_t
     ax2.set_title(f"DPO's learned policy against the optimum it targets\nKL(π_DPO ‖ π*_β) = {kl_to_opt:.3f} nats")
     fig.colorbar(hb, ax=ax2, label="responses (all prompts), log count")
     ax2.legend(loc="upper left")
-    return save(fig, "ch7_frontier")
+    return save(fig, name)
 
 
-def write_table(rows) -> str:
-    """The results table as plots/ch7_frontier.csv (or under $DPO_PLOTS_DIR); returns its path."""
-    path = plots_dir() / "ch7_frontier.csv"
+def write_table(rows, name: str) -> str:
+    """The results table as plots/<name>.csv (or under $DPO_PLOTS_DIR); returns its path."""
+    path = plots_dir() / f"{name}.csv"
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
@@ -526,8 +526,9 @@ def run(argv=None):
     corr = np.corrcoef(opt_logp.flatten().numpy(), dpo_logp.flatten().numpy())[0, 1]
     print(f"\n7. DPO (β = {dpo_beta}, last checkpoint) against π*_β: KL(π_DPO ‖ π*_β) = {kl_to_opt:.3f} nats, "
           f"corr(log π_DPO, log π*_β) = {corr:.3f}")
-    plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta, kl_to_opt)
-    write_table(rows)
+    name = "ch7_frontier_quick" if args.quick else "ch7_frontier"  # --quick never overwrites the committed results
+    plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta, kl_to_opt, name)
+    write_table(rows, name)
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
     return dict(rows=rows, summary=summary, frontier=(front_r, front_kl), betas=np.append(cfg["frontier"], np.inf), logp_ref=logp_ref,
                 rewards=rewards, prompts=prompts)

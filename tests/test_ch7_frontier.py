@@ -181,8 +181,8 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_the_table_and_the_figure(quick_run):
     result, out = quick_run
-    assert (out / "ch7_frontier.png").stat().st_size > 10_000
-    with open(out / "ch7_frontier.csv") as f:
+    assert (out / "ch7_frontier_quick.png").stat().st_size > 10_000
+    with open(out / "ch7_frontier_quick.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(result["rows"])
     assert {"DPO", "Preferred-FT", "Unlikelihood", "Best-of-N"} <= {r["method"] for r in rows}
