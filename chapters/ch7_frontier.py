@@ -2,8 +2,8 @@
 
 The paper asks which method buys the most reward for a given KL(π‖π_ref). Here the task is small enough to
 enumerate: 8 tokens (2 positive, 2 negative, 4 neutral), prompts of 2 tokens, responses of 5 tokens, so each of
-16 prompts (of the 64 possible) has 8^5 = 32,768 responses and every expectation is an exact sum. That lets us draw what the
-paper could not: the frontier of π*_β = π_ref·exp(r*/β)/Z (eq. 36), which no policy can cross.
+16 prompts (of the 64 possible) has 8^5 = 32,768 responses and every expectation is an exact sum. That lets us
+draw what the paper could not: the frontier of π*_β = π_ref·exp(r*/β)/Z (eq. 36), which no policy can cross.
 
     python3 -m chapters.ch7_frontier            # the full sweep (about 5 minutes on 2 busy cores)
     python3 -m chapters.ch7_frontier --quick    # a short form of the same run (under a minute)
