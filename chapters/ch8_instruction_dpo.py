@@ -197,7 +197,7 @@ def score_runs(runs, test, entries, args, sbert):
 
 # ---------------------------------------------------------------- figures and tables
 
-def figure_training(epochs, betas, save):
+def figure_training(epochs, betas, save, tag):
     """Like the report's Fig. 3: DPO loss (left) and token-level KL(π‖π_ref) over response tokens (right) per epoch."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
@@ -213,12 +213,13 @@ def figure_training(epochs, betas, save):
     axes[1].set(xlabel="epoch", ylabel="mean token-level KL(π‖π_ref) [nats]", title="KL over response tokens")
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("DPO from the SFT model, each β from the same start (epoch 0: validation before training)")
+    fig.suptitle(f"{tag}: DPO from the SFT model, each β from the same start (epoch 0: validation before training)")
     save(fig, "ch8_dpo_training")
 
 
-def figure_win_rates(rows, save):
+def figure_win_rates(rows, save, tag):
     """Like the report's Fig. 4: SBERT win rate vs sampling temperature, SFT and each DPO β, with 95% intervals."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
@@ -231,7 +232,7 @@ def figure_win_rates(rows, save):
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, ls="--" if name == "SFT" else "-", label=name)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="sampling temperature (0 = greedy)", ylabel="win rate vs rejected (SBERT cosine)",
-           title=f"Win rate on the held-out test split (n = {rows[0]['n']}), 95% bootstrap CI")
+           title=f"{tag}: win rate on the held-out test split (n = {rows[0]['n']}), 95% bootstrap CI")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save(fig, "ch8_win_rates")
@@ -326,8 +327,8 @@ def parse_args(argv):
     if args.smoke:  # small enough for a test; the numbers mean nothing
         args.sft_epochs, args.dpo_epochs, args.max_new_tokens, args.n_boot = 1, 2, 6, 200
         args.sft_lr, args.dpo_lr = 1e-3, 1e-3
-    tag = "smoke" if args.smoke else Path(args.checkpoint).name if args.checkpoint else args.model
-    args.out = Path(args.out or REPO / "runs" / f"ch8_{tag}")
+    args.tag = "smoke" if args.smoke else Path(args.checkpoint or args.model).name  # names the run's folder and figures
+    args.out = Path(args.out or REPO / "runs" / f"ch8_{args.tag}")
     return args
 
 
@@ -383,8 +384,9 @@ def main(argv=None):
     # 3. evaluation: every model at every temperature (generated above), SBERT win rate with ties ½
     win_rows, generations = score_runs(runs, pairs["test"], entries, args, sbert)
 
-    figure_training(epochs, args.betas, save)
-    figure_win_rates(win_rows, save)
+    tag = "SMOKE RUN (meaningless)" if args.smoke else args.tag
+    figure_training(epochs, args.betas, save, tag)
+    figure_win_rates(win_rows, save, tag)
     write_outputs(args.out, sft_history, steps, epochs, win_rows, generations, pairs["test"], entries)
     print(f"done in {time.perf_counter() - start:.0f} s")
 
