@@ -347,8 +347,10 @@ def plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta, kl_t
     """Fig. 1 left in miniature (exact frontier, each method's points) and DPO's log π against log π*_β."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
     top_kl = max(r["kl"] for r in rows) * 1.1
-    keep = front_kl <= top_kl
+    order = np.argsort(front_kl)
+    keep = order[:np.searchsorted(front_kl[order], top_kl) + 1]  # up to the first frontier point past top_kl
     ax.plot(front_kl[keep], front_r[keep], "k-", lw=2, label="exact frontier π*_β (eq. 36)")
+    ax.set_xlim(-0.03 * top_kl, top_kl)
     styles = {"DPO": ("C0", "o"), "PPO": ("C1", "s"), "PPO-GT": ("C2", "D"), "Unlikelihood": ("C3", "v"),
               "Preferred-FT": ("C4", "^"), "Best-of-N": ("C5", "*"), "Best-of-N (RM)": ("C7", "P")}
     for method, (color, marker) in styles.items():
