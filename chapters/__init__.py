@@ -1,4 +1,7 @@
 """The report's argument as code, one module per step, run in this order by `python -m chapters`."""
+from contextlib import contextmanager
+
+import torch
 
 CHAPTERS = [
     "ch1_preference_models",
@@ -18,3 +21,18 @@ QUICK_CHAPTERS = {"ch2_reward_model", "ch6_ppo", "ch7_frontier"}
 
 class ChapterSkipped(Exception):
     """Raised by a chapter's `main` when it cannot run here; the message is one line saying what to do."""
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one thread inside the block, then restore the setting.
+
+    The chapters' models are tiny: a second thread only adds synchronisation (measured 10-30x slower on
+    a busy 2-core machine), and one thread also makes float sums repeatable whatever the core count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gpt
-from chapters import plotting
+from chapters import one_thread, plotting
 from chapters.ch1_preference_models import as_tensor, bradley_terry
 
 
@@ -305,12 +305,8 @@ def main(argv=None):
     args.rm_steps = args.rm_steps if args.rm_steps is not None else (100 if args.quick else 400)
     if args.rm_steps < 1:
         raise SystemExit("error: --rm-steps must be at least 1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster than several, and leaves cores to others
-    try:
+    with one_thread():  # tiny matrices: one thread is faster than several, and leaves cores to others
         _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gpt
+from chapters import one_thread
 from chapters.ch3_kl_optimum import optimal_policy
 from chapters.plotting import plt, save
 
@@ -415,16 +416,12 @@ def main(argv=None):
         raise SystemExit(f"error: --beta must be > 0 (got {args.beta})")
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be >= 1 (got {args.repeats})")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # every tensor here is tiny: on a shared CPU extra threads only add overhead
-    try:
+    with one_thread():  # every tensor here is tiny: on a shared CPU extra threads only add overhead
         torch.manual_seed(args.seed)
         _loss_checks(args.beta)
         _gradient_checks(args.beta, args.seed)
         _authors_code_checks(args.beta, args.seed)
         _central_claim(args.beta, args.seed, [int(10 ** (k / 2)) for k in range(4, 15)], args.repeats)
-    finally:
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

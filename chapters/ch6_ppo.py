@@ -16,6 +16,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import gpt
+from chapters import one_thread
 from chapters.ch3_kl_optimum import rlhf_token_rewards
 from gpt.generation import left_pad
 
@@ -477,12 +478,8 @@ def main(argv=None):
         raise SystemExit("error: --iterations must be at least 1")
     if args.beta <= 0:
         raise SystemExit("error: --beta must be > 0 (the exact optimum π* ∝ π_ref·exp(r/β) needs it)")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a GPT this small runs fastest on one thread (and is then repeatable across machines' core counts)
-    try:
+    with one_thread():  # a GPT this small runs fastest on one thread (and is then repeatable across machines' core counts)
         return run_experiment(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_experiment(args):

@@ -17,9 +17,9 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from chapters import one_thread
 from chapters.ch2_reward_model import PreferencePairs, RewardModel, pair_accuracy, train_reward_model
 from chapters.ch3_kl_optimum import optimal_policy
 from chapters.ch4_dpo import dpo_loss, response_logprobs
@@ -393,12 +393,8 @@ def write_table(rows, name: str) -> str:
 
 def main(argv=None):
     """Run the chapter on one thread: these models are so small that a second thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return run(argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(argv=None):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from chapters import one_thread
 from chapters.ch2_reward_model import fit_bt_rewards, reward_model_loss
 from chapters.ch3_kl_optimum import kl_divergence, optimal_policy, rlhf_token_rewards
 from chapters.ch4_dpo import dpo_loss
@@ -502,12 +503,8 @@ def main(argv=None):
         raise SystemExit(f"error: --beta must be > 0, got {args.beta}")
     if args.steps < 4 or args.sweep < 0:
         raise SystemExit("error: --steps must be >= 4 and --sweep >= 0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # (P, Y) tensors are tiny: extra threads only add overhead on a busy machine
-    try:
+    with one_thread():  # (P, Y) tensors are tiny: extra threads only add overhead on a busy machine
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args):

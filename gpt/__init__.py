@@ -4,3 +4,5 @@ from gpt.config import GPTConfig
 from gpt.generation import generate
 from gpt.model import GPT, KVCache
 from gpt.tokenizer import get_tokenizer
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "generate", "get_tokenizer", "load_gpt2"]

@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -6,6 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import chapters  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +14,10 @@ def _seed_and_plots_dir(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setenv("DPO_PLOTS_DIR", str(tmp_path_factory.getbasetemp() / "plots"))
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run on one thread (see chapters.one_thread), for the rest of the test module."""
+    with chapters.one_thread():
+        yield

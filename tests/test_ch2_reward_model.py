@@ -30,15 +30,6 @@ from chapters.ch2_reward_model import (
 F64 = torch.float64
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread (and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hand_bt(a, b):
     return math.exp(a) / (math.exp(a) + math.exp(b))
 

@@ -13,15 +13,6 @@ F64 = dict(dtype=torch.float64)
 TOL = 1e-12  # float64 sums of ~10 terms of order 1
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_episode(batch=3, T=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, T, generator=g, **F64), torch.randn(batch, T, generator=g, **F64)

@@ -11,13 +11,7 @@ from chapters import ch7_frontier as ch7
 from chapters.ch3_kl_optimum import log_partition_function
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny; a second thread only adds waiting (the chapter's main does the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.one_thread
 
 
 def perturbed_pair(seed=0, scale=0.3):

@@ -12,13 +12,7 @@ from chapters.ch9_dpo_vs_ppo import (
     minimise_dpo_lbfgs, train_dpo, train_ppo, unseen_mask, unseen_shift)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """(P, Y) tensors are tiny: one thread is faster than many on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.one_thread
 
 
 @pytest.fixture(scope="module")
