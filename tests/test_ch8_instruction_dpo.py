@@ -73,6 +73,17 @@ def test_bad_data_file_stops_the_chapter_with_error_lines(tmp_path):
     assert str(err.value).splitlines() == ["error: 1 bad entry in the data set:", "entry 0: missing key(s) rejected"]
 
 
+def test_download_is_hash_checked_and_offline_skips_the_chapter_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(pdata, "CACHE", tmp_path / "data.json")
+    monkeypatch.setattr(pdata.urllib.request, "urlretrieve", lambda url, dest: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(ChapterSkipped) as err:
+        ch8.main(["--smoke", "--out", str(tmp_path)])
+    assert len(str(err.value).splitlines()) == 1 and pdata.URL in str(err.value)
+    pdata.CACHE.write_text("[]")  # a file that is not the published one
+    with pytest.raises(ValueError, match="sha256"):
+        pdata.fetch()
+
+
 def test_split_is_seeded_disjoint_and_85_5_10():
     a, b, c = pdata.split(1100, seed=0), pdata.split(1100, seed=0), pdata.split(1100, seed=1)
     assert a == b and a != c
