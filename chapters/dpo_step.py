@@ -21,8 +21,8 @@ from chapters.preference_data import length_grouped_batches, padded_pairs
 class TokenBatch:
     """Token rows plus the plan of which hidden state predicts which response token.
 
-    input_ids, position_ids: (R, L). attention_mask: (R, L), 1 = real, for plain causal rows; or attn: (R, 1, L, L)
-    bool, True = may attend, for packed rows. rows, cols, targets, seq: (N,) — hidden state (rows, cols) predicts
+    input_ids: (R, L). Plain causal rows have attention_mask (R, L), 1 = real; packed rows have position_ids (R, L)
+    and attn (R, 1, L, L) bool, True = may attend (the other fields None). rows, cols, targets, seq: (N,) — hidden state (rows, cols) predicts
     token `targets`, which belongs to response sequence `seq` (0..B-1 chosen, B..2B-1 rejected; or 0..R-1 for SFT).
     Entries are ordered by `seq`, then by position in the response.
     """
@@ -58,8 +58,7 @@ def rows_batch(prompts, responses, pad_id: int) -> TokenBatch:
         ids[r, :len(p) + len(resp)] = torch.tensor(p + resp)
         mask[r, :len(p) + len(resp)] = 1
         entries += [(r, len(p) + j - 1, tok, r) for j, tok in enumerate(resp)]  # token at len(p)+j, predicted from one before
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, L)
-    return TokenBatch(ids, pos, mask, None, *_plan(entries), n_seq=R)
+    return TokenBatch(ids, None, mask, None, *_plan(entries), n_seq=R)
 
 
 def unpacked_pairs_batch(pairs, pad_id: int) -> TokenBatch:
@@ -87,7 +86,7 @@ def packed_pairs_batch(pairs, pad_id: int) -> TokenBatch:
     causal = torch.ones(L, L, dtype=torch.bool).tril()  # (L, L)
     attn = causal & (k != -1) & (q != -1) & ((k == 0) | (k == q))  # (B, L, L)
     attn |= torch.eye(L, dtype=torch.bool)  # padding rows see themselves, so they stay finite
-    return TokenBatch(ids, pos, (segment != -1).long(), attn[:, None], *_plan(entries), n_seq=2 * B)
+    return TokenBatch(ids, pos, None, attn[:, None], *_plan(entries), n_seq=2 * B)
 
 
 def batch_hidden_states(model, batch: TokenBatch) -> torch.Tensor:
