@@ -91,14 +91,10 @@ def packed_pairs_batch(pairs, pad_id: int) -> TokenBatch:
 
 def batch_hidden_states(model, batch: TokenBatch) -> torch.Tensor:
     """The final LayerNorm's output (R, L, C) for a TokenBatch: plain rows via `model.hidden_states`, packed rows
-    through the same modules with the packed attention mask and positions."""
+    via `model.run_blocks` with the packed attention mask and positions."""
     if batch.attn is None:
         return model.hidden_states(batch.input_ids, batch.attention_mask)
-    tr = model.transformer
-    x = tr.drop(tr.wte(batch.input_ids) + tr.wpe(batch.position_ids))  # (R, L, C)
-    for block in tr.h:
-        x = block(x, batch.attn)
-    return tr.ln_f(x)
+    return model.run_blocks(batch.input_ids, batch.position_ids, batch.attn)  # (R, L, C)
 
 
 def head_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:

@@ -136,11 +136,17 @@ class GPT(nn.Module):
             # causal and not padding; every query also sees itself, so rows of padding stay finite
             mask = ((k_idx <= q_idx) & real[:, None, :]) | (k_idx == q_idx)  # (B, T, S)
             mask = mask[:, None]  # (B, 1, T, S)
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # (B, T, C)
+        return self.run_blocks(input_ids, pos, mask, cache)
+
+    def run_blocks(self, input_ids, position_ids, mask=None, cache=None):
+        """Embeddings, the blocks and the final LayerNorm, with positions (T,) or (B, T) and a boolean
+        attention mask (B, 1, T, S) given explicitly (None: plain causal). `hidden_states` derives both from
+        a padding mask; packed sequences (chapters/dpo_step.py) build their own. Returns (B, T, C)."""
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, mask, cache)
         if cache is not None:
-            cache.length += T
+            cache.length += input_ids.shape[1]
         return self.transformer.ln_f(x)
 
     def forward(self, input_ids, attention_mask=None, cache=None):
