@@ -36,12 +36,33 @@ class KVCache:
         self.k, self.v = self.k[:, keep], self.v[:, keep]
 
 
+class Linear(nn.Linear):
+    """nn.Linear, except that a product with a single row runs as one batched product of output slices.
+
+    Decoding one token multiplies one row by every weight matrix; PyTorch's CPU kernel for that
+    (a matrix-vector product) uses one core. Cut into one slice of output rows per thread, the same sums run
+    on all cores as a batched product over views of the same weights (bench/bench_gpt2.py measures it).
+    """
+
+    def forward(self, x):
+        n = torch.get_num_threads()
+        if x.device.type != "cpu" or x.shape[:-1].numel() != 1 or n == 1:
+            return super().forward(x)
+        k = self.out_features // n  # rows per thread; the few left over get a product of their own
+        sliced = self.weight[: n * k].view(n, k, self.in_features)  # (n, k, in): a view, no copy
+        y = torch.bmm(x.reshape(1, 1, -1).expand(n, -1, -1), sliced.transpose(1, 2)).view(n * k)  # (n * k,)
+        y = torch.cat([y, self.weight[n * k:] @ x.reshape(-1)])  # (out,)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.n_head, self.layer, self.dropout = config.n_head, layer, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, mask=None, cache=None):
@@ -62,8 +83,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -94,7 +115,7 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one Parameter, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections

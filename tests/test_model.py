@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, KVCache
+from gpt.model import Linear
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,22 @@ def test_kv_cache_refuses_to_overflow(tiny):
     cache = KVCache(tiny.config, batch_size=1, max_len=4)
     with pytest.raises(ValueError, match="KV cache holds 4 tokens; 5 requested"):
         tiny(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("out_features, bias", [(96, True), (97, False)])  # 97: rows left over after slicing
+def test_one_row_product_equals_nn_linear_in_value_and_gradient(out_features, bias):
+    """gpt.model.Linear computes a single row as a batched product of output slices (decoding's fast path)."""
+    layer = Linear(32, out_features, bias=bias)
+    x = torch.randn(1, 1, 32, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the sliced path needs more than one thread
+    try:
+        y = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    y_ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=0)
+    grads = torch.autograd.grad(y.square().sum(), [x, layer.weight])
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, layer.weight])
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=0)
