@@ -394,7 +394,7 @@ def _run(args):
                  f"({P} prompts × {Y} responses; fitted slope {slope:.2f})")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    plotting.save(fig, "ch2_mle_recovery")
+    plotting.save(fig, "ch2_mle_recovery" + ("_quick" if args.quick else ""))  # --quick never overwrites the committed figure
 
     fig, axes = plotting.plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
@@ -413,7 +413,7 @@ def _run(args):
     ax.set(xlabel="true reward r*(x, y) = count of token 7", ylabel="learned reward r_φ(x, y)",
            title=f"Held-out responses: r_φ orders {truth_acc:.1%} of pairs as r*")
     ax.grid(alpha=0.3)
-    plotting.save(fig, "ch2_reward_model")
+    plotting.save(fig, "ch2_reward_model" + ("_quick" if args.quick else ""))
 
 
 if __name__ == "__main__":
