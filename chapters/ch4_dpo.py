@@ -216,7 +216,7 @@ def fit_tabular_dpo(pi_ref: torch.Tensor, weights: torch.Tensor, beta: float, le
 
 
 # --------------------------------------------------------------------------- the script
-def _tiny_gpt2(seed: int, weight_std: float = 0.3):
+def random_tiny_gpt2(seed: int, weight_std: float = 0.3):
     """A tiny random GPT-2 with larger-than-init weights, so its next-token distributions are far from uniform."""
     torch.manual_seed(seed)
     model = gpt.GPT(gpt.GPTConfig.tiny()).eval()
@@ -289,7 +289,7 @@ def _gradient_checks(beta, seed):
     closed = dpo_gradient(grads[0], grads[1], logp[x, w], logp[x, l], log_ref[x, w], log_ref[x, l], beta)
     print(f"tabular policy (float64): max |autograd − eq. (41)| = {(auto.flatten() - closed).abs().max():.1e}")
 
-    policy, ref = _tiny_gpt2(seed), _tiny_gpt2(seed + 1)
+    policy, ref = random_tiny_gpt2(seed), random_tiny_gpt2(seed + 1)
     params = [p for p in policy.parameters()]
     triples = _random_pairs(policy.config.vocab_size, 3, g)
     prompts = [t[0] for t in triples] * 2
@@ -310,7 +310,7 @@ def _gradient_checks(beta, seed):
 def _authors_code_checks(beta, seed):
     _section("response log-probs on a tiny GPT-2, and the report authors' code")
     g = torch.Generator().manual_seed(seed)
-    policy, ref = _tiny_gpt2(seed), _tiny_gpt2(seed + 1)
+    policy, ref = random_tiny_gpt2(seed), random_tiny_gpt2(seed + 1)
     triples = _random_pairs(policy.config.vocab_size, 4, g)
     B = len(triples)
     prompts = [t[0] for t in triples] * 2

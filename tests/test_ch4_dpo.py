@@ -7,7 +7,6 @@ import pytest
 import torch
 from scipy.optimize import brentq
 
-import gpt
 from chapters.ch4_dpo import (
     concat_prompt_response,
     dpo_gradient,
@@ -19,6 +18,7 @@ from chapters.ch4_dpo import (
     plackett_luce_dpo_loss,
     preference_counts,
     preference_probabilities,
+    random_tiny_gpt2,
     response_logprobs,
     tabular_dpo_loss,
     unshifted_logprobs,
@@ -33,17 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.
 
 def sigmoid(z):
     return 1 / (1 + math.exp(-z))
-
-
-def random_gpt2(seed, std=0.3):
-    """A tiny GPT-2 (vocab 64) with weights far from init, so its next-token distributions are far from uniform."""
-    torch.manual_seed(seed)
-    model = gpt.GPT(gpt.GPTConfig.tiny()).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, std)
-    return model
 
 
 def by_prefixes(model, prompt, response):
@@ -215,7 +204,7 @@ def test_eq41_autograd_equals_closed_form_tabular():
 
 
 def test_eq41_autograd_equals_closed_form_gpt2_parameters():
-    policy, ref = random_gpt2(0), random_gpt2(1)
+    policy, ref = random_tiny_gpt2(0), random_tiny_gpt2(1)
     beta = 0.5
     pairs = [(tokens(5, 9, 2), tokens(7, 1, 3), tokens(8)), (tokens(4, 4), tokens(10, 11), tokens(12, 13, 14, 15))]
     prompts = [p for p, _, _ in pairs] * 2
@@ -243,7 +232,7 @@ def test_eq41_autograd_equals_closed_form_gpt2_parameters():
 
 # ------------------------------------------------------------------------------ response log-probs
 def test_response_logprobs_on_gpt2_equals_token_by_token_sum():
-    model = random_gpt2(0)
+    model = random_tiny_gpt2(0)
     prompts = [tokens(5, 9, 2), tokens(4), tokens(8, 8, 8, 8)]
     responses = [tokens(7, 1, 3), tokens(10, 11, 12, 13, 14), tokens(6)]  # rows right-padded to different lengths
     ids, attn, resp = concat_prompt_response(prompts, responses, pad_id=63)
@@ -256,7 +245,7 @@ def test_response_logprobs_on_gpt2_equals_token_by_token_sum():
 
 
 def test_gpt2_first_step_loss_is_ln2():
-    model = random_gpt2(0)
+    model = random_tiny_gpt2(0)
     ids, attn, resp = concat_prompt_response([tokens(3, 4)] * 2, [tokens(5, 6), tokens(7, 8, 9)])
     with torch.no_grad():
         lp = response_logprobs(model(ids, attn), ids, resp)
@@ -264,7 +253,7 @@ def test_gpt2_first_step_loss_is_ln2():
 
 
 def test_per_token_mean_divides_by_the_number_of_response_tokens():
-    model = random_gpt2(0)
+    model = random_tiny_gpt2(0)
     prompts, responses = [tokens(3, 4), tokens(2)], [tokens(5, 6, 7), tokens(9)]
     ids, attn, resp = concat_prompt_response(prompts, responses)
     with torch.no_grad():
@@ -302,7 +291,7 @@ def test_response_logprobs_rejects_bad_input():
 # ----------------------------------------------------------------------- the report authors' code
 def test_authors_unshifted_logprob_is_not_a_probability_of_the_response():
     """Σ over all V² two-token responses of exp(log π(y|x)) is 1; of the unshifted score it is not."""
-    model = random_gpt2(0)
+    model = random_tiny_gpt2(0)
     V = model.config.vocab_size
     prompt = tokens(5, 9, 2)
     responses = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # (V², 2): every response of length 2
@@ -319,7 +308,7 @@ def test_authors_unshifted_logprob_is_not_a_probability_of_the_response():
 
 def test_authors_hidden_response_cannot_see_its_own_earlier_tokens():
     """attention_mask = 0 on the response: log π(y_3 | ...) no longer depends on y_1; the real one does."""
-    model = random_gpt2(0)
+    model = random_tiny_gpt2(0)
     prompt = tokens(5, 9, 2)
     a, b = tokens(7, 1, 3), tokens(40, 1, 3)  # differ only in the first response token
     ids, attn, resp = concat_prompt_response([prompt, prompt], [a, b])
@@ -337,7 +326,7 @@ def test_authors_hidden_response_cannot_see_its_own_earlier_tokens():
 
 
 def test_authors_padding_inside_logprob_makes_the_loss_depend_on_the_batch():
-    policy, ref = random_gpt2(0), random_gpt2(1)
+    policy, ref = random_tiny_gpt2(0), random_tiny_gpt2(1)
     beta = 0.5
     p, c, r = tokens(5, 9), tokens(7, 1), tokens(3, 4)  # the example under study
     p2, c2, r2 = tokens(6), tokens(11, 12, 13, 14, 15, 16), tokens(17)  # a batch-mate with a long response
