@@ -3,6 +3,8 @@ from contextlib import contextmanager
 
 import torch
 
+from gpt.cli import Unavailable
+
 CHAPTERS = [
     "ch1_preference_models",
     "ch2_reward_model",
@@ -18,9 +20,13 @@ CHAPTERS = [
 # chapters whose `main` takes --quick (a short form of the same run); `python -m chapters --quick` passes it on
 QUICK_CHAPTERS = {"ch2_reward_model", "ch6_ppo", "ch7_frontier"}
 
+# chapters that take hours at full size: `python -m chapters --quick` skips them unless they are in QUICK_CHAPTERS
+LONG_CHAPTERS = {"ch8_instruction_dpo": "no short form on real weights (hours); "
+                                        "python -m chapters.ch8_instruction_dpo --smoke runs its pipeline in miniature"}
 
-class ChapterSkipped(Exception):
-    """Raised by a chapter's `main` when it cannot run here; the message is one line saying what to do."""
+
+class ChapterSkipped(Unavailable):
+    """Raised by a chapter's `main` when this machine lacks what it needs; the message is one line saying what to do."""
 
 
 @contextmanager

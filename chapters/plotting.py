@@ -1,5 +1,9 @@
-"""Where chapter figures go: `plots/` at the top of the repository, or $DPO_PLOTS_DIR (tests set it)."""
+"""Where chapter figures and tables go: `plots/` at the top of the repository, or $DPO_PLOTS_DIR (tests set it).
+
+Every file is written whole or not at all (`atomic_open`): Ctrl-C or a crash never leaves half a PNG or CSV.
+"""
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -8,18 +12,65 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+PLOTS_ENV = "DPO_PLOTS_DIR"
+
+
+def plots_path() -> Path:
+    """The plots folder: $DPO_PLOTS_DIR when set, else plots/ at the top of the repository."""
+    return Path(os.environ.get(PLOTS_ENV) or REPO / "plots")
 
 
 def plots_dir() -> Path:
-    path = Path(os.environ.get("DPO_PLOTS_DIR", REPO / "plots"))
+    """The plots folder, made if missing."""
+    path = plots_path()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def save(fig, name: str) -> Path:
-    """Write `fig` as plots/<name>.png (150 dpi, tight) and close it; return the path."""
-    path = plots_dir() / f"{name}.png"
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+def check_writable(folder=None, what="figures") -> Path:
+    """Make sure files can be written in `folder` (default: the plots folder) before any work starts; return it.
+
+    Raises PermissionError with one line naming the folder (gpt.cli.run prints it as `error: ...`).
+    """
+    hint = f"set ${PLOTS_ENV} to a folder you can write" if folder is None else "pass another folder"
+    path = Path(folder) if folder is not None else plots_path()
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"cannot write {what} to {path} ({err.strerror or err}); make it writable or {hint}") from None
+    return path
+
+
+@contextmanager
+def atomic_open(path, mode="w", **kwargs):
+    """`open(path, mode)` that writes a temporary file beside `path` and renames it over `path` only when whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_figure(fig, path) -> Path:
+    """Write `fig` to `path` as PNG (150 dpi, tight), atomically, and close it; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=150, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     print(f"figure: {path}")
     return path
+
+
+def save(fig, name: str) -> Path:
+    """Write `fig` as plots/<name>.png (or under $DPO_PLOTS_DIR) and close it; return the path."""
+    return save_figure(fig, plots_dir() / f"{name}.png")
