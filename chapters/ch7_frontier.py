@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from chapters import one_thread
-from chapters.ch2_reward_model import PreferencePairs, RewardModel, pair_accuracy, train_reward_model
+from chapters.reward_model import PreferencePairs, RewardModel, pair_accuracy, train_reward_model
 from chapters.ch3_kl_optimum import optimal_policy
 from chapters.ch4_dpo import dpo_loss, response_logprobs
 from chapters.ch6_ppo import PPOConfig, PPOTrainer

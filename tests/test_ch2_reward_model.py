@@ -8,22 +8,24 @@ import torch
 import gpt
 from chapters import plotting
 from chapters.ch2_reward_model import (
-    PreferencePairs,
-    RewardModel,
     bt_probability,
     bt_sigmoid_steps,
-    count_task_pairs,
     fit_bt_rewards,
     main,
     normalize_rewards,
-    pair_accuracy,
-    pair_rewards,
     preference_likelihood,
     preference_nll,
     reward_model_loss,
     reward_model_loss_grad,
     sample_bt_comparisons,
     sigmoid,
+)
+from chapters.reward_model import (
+    PreferencePairs,
+    RewardModel,
+    count_task_pairs,
+    pair_accuracy,
+    pair_rewards,
     train_reward_model,
 )
 
