@@ -6,11 +6,12 @@ tokenized apart from the prompt and end with EOS, so the prompt tokens are the s
 import hashlib
 import json
 import random
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from gpt.download import DownloadError, fetch  # noqa: F401 (DownloadError: what callers catch)
 
 URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
        "instruction-data-with-preference.json")
@@ -24,30 +25,27 @@ PROMPT_HEAD = ("Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request.")
 
 
-class DownloadError(OSError):
-    """The data set is not in data/ and cannot be downloaded; the message says how to get it."""
-
-
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def fetch(path=None) -> Path:
-    """The data file: `path` if given (read as is), else data/'s copy, downloaded once and checked against SHA256."""
+def data_file(path=None) -> Path:
+    """The data file: `path` if given (read as is), else data/'s copy, downloaded once and checked against SHA256.
+
+    The download is checked before it is renamed into data/ (gpt.download.fetch), so a bad one never stays there;
+    its DownloadError names the URL, the reason and what to do.
+    """
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"no data file at {path}; give the path of instruction-data-with-preference.json")
         return path
     if not CACHE.is_file():
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = CACHE.with_suffix(".part")
         try:
-            urllib.request.urlretrieve(URL, tmp)
-        except OSError as e:
-            raise DownloadError(f"cannot download the data set ({e.__class__.__name__}); "
-                             f"fetch {URL} by hand and put it at {CACHE}, or pass --data PATH") from None
-        tmp.replace(CACHE)
+            fetch(URL, CACHE, sha256=SHA256, progress=False)
+        except DownloadError as e:
+            raise DownloadError(f"{e}. Run again, or fetch that URL by hand and put it at {CACHE}, "
+                                "or pass --data PATH") from None
     digest = sha256(CACHE)
     if digest != SHA256:
         raise ValueError(f"{CACHE} has sha256 {digest}, expected {SHA256}; delete it and run again to re-download")
@@ -80,7 +78,7 @@ def validate(entries) -> list:
 
 def load(path=None) -> list:
     """Fetch, parse and validate the data set; a list of dicts with keys KEYS."""
-    path = fetch(path)
+    path = data_file(path)
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -17,6 +17,7 @@ from urllib.request import urlopen
 from tqdm import tqdm
 
 from gpt.config import PRESETS
+from gpt.tokenizer import BPE_FILES
 
 DEFAULT_CACHE = Path("~/.cache/dpo-from-scratch/gpt2")
 CACHE_ENV = "DPO_CACHE"
@@ -45,9 +46,8 @@ PUBLISHED = {
     ("openai", "gpt2", "model.ckpt.meta"): (471_155, None),
 }
 for _name in PRESETS:
-    # the BPE files are the same for every size; these are the hashes tiktoken checks for them
-    PUBLISHED["openai", _name, "encoder.json"] = (1_042_301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
-    PUBLISHED["openai", _name, "vocab.bpe"] = (456_318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
+    for _file, _published in BPE_FILES.items():  # the BPE files are the same for every size (hashes: gpt/tokenizer.py)
+        PUBLISHED["openai", _name, _file] = _published
     # the data shard is the float32 parameters back to back: 4 bytes each (497,759,232 for 124M, as published)
     PUBLISHED["openai", _name, "model.ckpt.data-00000-of-00001"] = (4 * N_PARAMS[_name], None)
 NEEDED = {"openai": ["hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001"], "hf": ["model.safetensors"]}
@@ -77,37 +77,61 @@ def _check_name(name, source):
         raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
 
 
-def fetch(url, dest, size=None, sha256=None, progress=True):
-    """Stream `url` into `dest` through a temporary file in the same folder; rename only when complete and checked."""
+def fetch(url, dest, size=None, sha256=None, progress=True) -> Path:
+    """Stream `url` into `dest` through a temporary file in the same folder; rename only when complete and checked.
+
+    Any failure (no network, a cut connection, a wrong size or sha256, Ctrl-C) leaves neither a partial file nor a
+    folder this call made, and is a one-line DownloadError naming the URL and the reason (Ctrl-C propagates as is).
+    """
     dest = Path(dest)
+    made = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    tmp = None
     try:
-        digest, got = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as out, urlopen(url, timeout=60) as response:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+        with os.fdopen(fd, "wb") as out:
+            got, digest = _stream(url, out, dest.name, progress)
+        if size is not None and got != size:
+            raise DownloadError(f"{url} gave {got} bytes but {size} are published (the file changed or is damaged)")
+        if sha256 is not None and digest != sha256:
+            raise DownloadError(f"{url}: sha256 {digest} differs from the published {sha256}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's permissions
+        os.replace(tmp, dest)
+    except BaseException:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        for folder in made:
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
+        raise
+    return dest
+
+
+def _stream(url, out, label, progress):
+    """Copy `url`'s body into the open file `out`: (bytes, sha256 hex). Network failures become DownloadError."""
+    digest, got = hashlib.sha256(), 0
+    try:
+        with urlopen(url, timeout=60) as response:
             length = response.headers.get("Content-Length")
             length = int(length) if length is not None else None
-            with tqdm(total=length, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+            with tqdm(total=length, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
                       disable=not progress) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     digest.update(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
-        if length is not None and got != length:
-            raise DownloadError(f"download of {url} stopped after {got} of {length} bytes; run the command again")
-        if size is not None and got != size:
-            raise DownloadError(f"{url} gave {got} bytes but {size} are published; the file changed or is damaged")
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise DownloadError(f"{url}: sha256 {digest.hexdigest()} differs from the published {sha256}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's permissions
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
+        # an HTTP status, a DNS failure, a refused or dropped connection, a time-out
+        reason = err if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", None) or err
+        raise DownloadError(f"could not download {url} ({reason})") from None
+    if length is not None and got != length:
+        raise DownloadError(f"download of {url} stopped after {got} of {length} bytes")
+    return got, digest.hexdigest()
 
 
 def download(name, source="openai", cache_dir=None, progress=True) -> Path:
@@ -122,12 +146,11 @@ def download(name, source="openai", cache_dir=None, progress=True) -> Path:
         url = url_for(name, source, file)
         try:
             fetch(url, dest, size, sha256, progress)
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
-            reason = getattr(err, "reason", None) or err  # HTTP status, DNS failure, refused, timed out
-            raise DownloadError(
-                f"could not download {url} ({reason}). If you are offline, place the files by hand: fetch "
-                f"{', '.join(FILES[source])} from {url.rsplit('/', 1)[0]}/ into {folder}/ "
-                "(or pass a checkpoint path to load_gpt2)") from None
+        except DownloadError as err:
+            base = url.rsplit("/", 1)[0]
+            raise DownloadError(f"{err}. Run the command again; offline, put {', '.join(NEEDED[source])} from {base}/ "
+                                f"into {folder}/ by hand (all that loading needs), or load weights you have with "
+                                "--checkpoint PATH") from None
     return folder
 
 

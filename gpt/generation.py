@@ -1,7 +1,14 @@
-"""Text generation: greedy, temperature, top-k and top-p sampling, with a KV cache (CLI: gpt/generate.py)."""
+"""Text generation: greedy, temperature, top-k and top-p sampling, with a KV cache; its command line is `main`:
+
+    python -m gpt.generation --model gpt2 --prompt "The meaning of life is"
+"""
+import argparse
+
 import torch
 
+from gpt.checkpoint import load_gpt2
 from gpt.model import GPT, KVCache
+from gpt.tokenizer import EOS_ID, get_tokenizer
 
 
 def left_pad(sequences, pad_id: int):
@@ -66,3 +73,30 @@ def generate(model: GPT, input_ids, max_new_tokens: int, temperature=1.0, top_k=
         if done.all():
             break
     return ids
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m gpt.generation", description="Continue a prompt with GPT-2.")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default="gpt2", help="gpt2, gpt2-medium, gpt2-large or gpt2-xl (default gpt2)")
+    source.add_argument("--checkpoint", help="a folder of OpenAI's files, a .safetensors file or a folder holding one")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    tokenizer = get_tokenizer()
+    try:
+        model = load_gpt2(args.checkpoint or args.model)
+        prompt = torch.tensor([tokenizer.encode(args.prompt)])
+        out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, EOS_ID,
+                       generator=torch.Generator().manual_seed(args.seed))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    print(tokenizer.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    main()

