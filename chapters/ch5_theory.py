@@ -273,7 +273,7 @@ def _section_52(g, beta, samples):
         measured = total_variance(score_function_samples(theta, rewards, b, samples, g))
         print(f"RL variance, {name:18s}: exact {gradient_variance(theta, rewards, b):.4f}, measured {measured:.4f}")
 
-    energy = pi_ref * torch.exp(rewards / beta)  # the EBM P(y) whose normalisation is π* (eq. 33)
+    energy = pi_ref * torch.exp(rewards / beta)  # the EBM P(y) whose normalisation is π* (eq. (33))
     weights, b_dpg = dpg_weights(theta, energy), dpg_baseline(energy)
     mc = weights[torch.multinomial(torch.softmax(theta, -1), samples, True, generator=g)].mean()
     print(f"DPG: B = E_π[P/π] = Σ_y P(y) = Z(x): enumeration {(torch.softmax(theta, -1) * weights).sum():.6f}, "
@@ -293,20 +293,23 @@ def _section_52(g, beta, samples):
                                 for b in dpg_points])
 
     offsets = [0.0, 1.0, 2.0, 5.0, 10.0, 20.0]
-    rows = {"RL, no baseline": [], "RL, B_RL": [], "DPO (eq. 38), no baseline": []}
+    rows = {"RL, no baseline": [], "RL, B_RL": [], "DPO (eq. (38)), no baseline": []}
+    seed = int(torch.randint(0, 2**31, (1,), generator=g))  # the same draws for every estimator and every c
+    dpo_grads = []
     for c in offsets:
         shifted = rewards + c
-        seed = int(torch.randint(0, 2**31, (1,), generator=g))  # the same draws for every estimator's c
         rows["RL, no baseline"].append(float(total_variance(
             score_function_samples(theta, shifted, 0.0, samples, torch.Generator().manual_seed(seed)))))
         rows["RL, B_RL"].append(float(total_variance(
             score_function_samples(theta, shifted, rl_baseline(theta, shifted), samples,
                                    torch.Generator().manual_seed(seed)))))
-        rows["DPO (eq. 38), no baseline"].append(float(total_variance(
-            dpo_gradient_samples(theta, pi_ref, shifted, beta, samples, torch.Generator().manual_seed(seed)))))
-    print("reward offset c (r + c is in r's class):  " + "  ".join(f"{c:>8g}" for c in offsets))
+        dpo_grads.append(dpo_gradient_samples(theta, pi_ref, shifted, beta, samples, torch.Generator().manual_seed(seed)))
+        rows["DPO (eq. (38)), no baseline"].append(float(total_variance(dpo_grads[-1])))
+    print("reward offset c (r + c is in r's class):   " + "  ".join(f"{c:>8g}" for c in offsets))
     for label, values in rows.items():
-        print(f"  measured variance, {label:26s}" + "  ".join(f"{v:8.4f}" for v in values))
+        print(f"  measured variance, {label:27s}" + "  ".join(f"{v:8.4f}" for v in values))
+    print(f"DPO: the same draws at every c give the same labels and per-example gradients: max |Δ| = "
+          f"{max((d - dpo_grads[0]).abs().max() for d in dpo_grads):.1e}")
     dpo = dpo_gradient_samples(theta, pi_ref, rewards, beta, 4, torch.Generator().manual_seed(1))
     print(f"DPO: each per-example gradient is −β·σ(·)·(e_w − e_l): rows sum to {dpo.sum(-1).abs().max():.1e}, "
           "the −π_θ of both scores cancels — the pair is its own baseline")

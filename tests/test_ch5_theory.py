@@ -25,7 +25,7 @@ def problem(seed=0, prompts=3, responses=4):
 
 
 def np_plackett_luce(r, ranking):
-    """Eq. (11) by explicit products: Π_t exp(r_τ(t)) / Σ_{j≥t} exp(r_τ(j))."""
+    """Report eq. (11) by explicit products: Π_t exp(r_τ(t)) / Σ_{j≥t} exp(r_τ(j))."""
     return math.prod(math.exp(r[ranking[t]]) / sum(math.exp(r[j]) for j in ranking[t:]) for t in range(len(ranking)))
 
 
@@ -74,6 +74,20 @@ def test_lemma2_equivalent_rewards_give_the_same_optimal_policy():
         want = np_pi_star(pi_ref[x].tolist(), r[x].tolist(), BETA)
         assert np.abs(steps["π_r'"][x].numpy() - want).max() < 1e-14
         assert np.abs(steps["π_r"][x].numpy() - want).max() < 1e-14
+
+
+def test_lemma2_setup_compares_a_distinct_member_r_prime_not_r_equals_r_plus_f():
+    """Erratum: Lemma 2's setup "r(x, y) = r(x, y) + f(x)" holds only for f ≡ 0, and the lemma would compare r
+    with itself; it should read r'(x, y) = r(x, y) + f(x), a reward unequal to r everywhere with the same π*."""
+    pi_ref, r, f = problem(responses=6)
+    assert (f.abs() > 0.1).all()
+    r_prime = ch5.equivalent_reward(r, f)
+    assert ((r_prime - r).abs() > 0.1).all()  # the printed r = r + f(x) is false at every (x, y)
+    steps = ch5.lemma2_proof_steps(pi_ref, r, f, BETA)
+    for x in range(len(r)):
+        want = np_pi_star(pi_ref[x].tolist(), r[x].tolist(), BETA)
+        assert np.abs(np_pi_star(pi_ref[x].tolist(), r_prime[x].tolist(), BETA) - want).max() < 1e-14  # by hand
+        assert np.abs(steps["π_r'"][x].numpy() - want).max() < 1e-14
 
 
 def test_lemma2_proof_exponent_is_r_plus_f_over_beta_not_r_over_beta_plus_f():
@@ -224,7 +238,7 @@ def test_dpo_gradient_samples_match_eq41_and_need_no_baseline():
     grads = ch5.dpo_gradient_samples(theta, pi_ref, rewards, BETA, 64, torch.Generator().manual_seed(2))
     assert torch.allclose(grads.sum(-1), torch.zeros(64, dtype=torch.float64), atol=1e-15)  # e_w − e_l: no π left
     logp, log_ref = torch.log_softmax(theta, -1), torch.log(pi_ref)
-    for row in grads:  # each row is −β·σ(r̂_l − r̂_w)·(e_w − e_l) for some pair (eq. 41 for one example)
+    for row in grads:  # each row is −β·σ(r̂_l − r̂_w)·(e_w − e_l) for some pair (eq. (41) for one example)
         w, l = int(row.argmin()), int(row.argmax())
         if w == l:
             continue
@@ -237,6 +251,29 @@ def test_dpo_gradient_samples_match_eq41_and_need_no_baseline():
     assert torch.allclose(base, shifted, atol=1e-15)
     assert torch.allclose(torch.stack(torch.autograd.grad(base, (pc, pr))),
                           torch.stack(torch.autograd.grad(shifted, (pc, pr))), atol=1e-15)
+
+
+def test_dpo_gradient_samples_favour_each_response_as_often_as_bradley_terry_prefers_it():
+    """A descent step on one example's eq. (38) raises the logit of its y_w: that response must win each pair
+    {a, b} with the Bradley–Terry probability σ(r_a − r_b), not 1 − σ (the worse response labelled the winner)."""
+    pi_ref = torch.full((4,), 0.25, dtype=torch.float64)  # every unordered pair drawn ~n/8 times
+    rewards = torch.tensor([0.0, 0.6, 1.5, 3.0], dtype=torch.float64)  # distinct: σ(r_a − r_b) ≠ 1/2
+    theta = torch.log(pi_ref) + torch.tensor([0.3, -0.2, 0.1, -0.4], dtype=torch.float64)
+    n = 20000
+    grads = ch5.dpo_gradient_samples(theta, pi_ref, rewards, BETA, n, torch.Generator().manual_seed(5))
+    wins, draws = np.zeros((4, 4)), np.zeros((4, 4))
+    for row in grads:
+        if row.abs().max() == 0:  # y1 = y2: no preference, zero gradient
+            continue
+        favoured, other = int(row.argmin()), int(row.argmax())  # −row raises θ_favoured, lowers θ_other
+        wins[favoured, other] += 1
+        draws[favoured, other] += 1
+        draws[other, favoured] += 1
+    r = rewards.tolist()
+    for a, b in itertools.combinations(range(4), 2):
+        p = 1 / (1 + math.exp(r[b] - r[a]))  # Bradley–Terry P(a ≻ b), by hand
+        se = math.sqrt(p * (1 - p) / draws[a, b])  # binomial standard error of the frequency, ~0.01 here
+        assert draws[a, b] > 2000 and abs(wins[a, b] / draws[a, b] - p) < 4.5 * se, (a, b, wins[a, b], draws[a, b], p)
 
 
 def test_dpo_gradient_variance_ignores_a_reward_offset_that_inflates_reinforce():
@@ -255,6 +292,7 @@ def test_script_runs_and_writes_both_figures(tmp_path, monkeypatch, capsys):
     ch5.main(["--samples", "500"])
     out = capsys.readouterr().out
     assert "Lemma 2's proof" in out and "Proposition 1" in out and "DPO" in out
+    assert "the same draws at every c give the same labels and per-example gradients: max |Δ| = 0.0e+00" in out
     assert (tmp_path / "ch5_equivalence_classes.png").exists() and (tmp_path / "ch5_baseline_variance.png").exists()
     with pytest.raises(SystemExit, match="error: --samples"):
         ch5.main(["--samples", "5"])
