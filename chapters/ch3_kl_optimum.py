@@ -1,4 +1,4 @@
-"""Chapter 3 (report §3.3, §4.1; eqs (27)–(37)): the KL-constrained objective and its closed-form optimum.
+"""Chapter 3 (report §3.3, §4.1; eqs. (27)–(37)): the KL-constrained objective and its closed-form optimum.
 
 On a discrete response space every expectation over y is a finite sum, so each line of §4.1's derivation
 can be evaluated at any policy π and compared with the line before it. Distributions and rewards are
@@ -148,8 +148,8 @@ def _plot_objective(pi_ref, rewards, betas, random_pis):
     fig, (ax_j, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
     best_random = torch.stack([kl_objective(random_pis, pi_ref, rewards, float(b)).max() for b in betas])
     ax_j.plot(betas, betas * log_z, "k-", lw=3, alpha=0.4,
-              label="β·log Z(x)  (eq. 32)")
-    ax_j.plot(betas, kl_objective(pi_stars, pi_ref, rewards, betas), "C3--", label="J(π*)  (eq. 27 at eq. 36)")
+              label="β·log Z(x)  (eq. (32))")
+    ax_j.plot(betas, kl_objective(pi_stars, pi_ref, rewards, betas), "C3--", label="J(π*)  (eq. (27) at eq. (36))")
     ax_j.plot(betas, best_random, "C0.", ms=4, label=f"best of {len(random_pis)} random π (falls off the axes for large β)")
     ax_j.plot(betas, kl_objective(pi_ref, pi_ref, rewards, betas), "C2:", label="J(π_ref) = E_ref[r]")
     top, bottom = float((betas * log_z).max()), float(kl_objective(pi_ref, pi_ref, rewards, 1.0))

@@ -1,4 +1,4 @@
-"""Chapter 3 (report §3.3, §4.1; eqs (27)–(37)) on discrete response spaces, float64.
+"""Chapter 3 (report §3.3, §4.1; eqs. (27)–(37)) on discrete response spaces, float64.
 
 Closed forms are computed independently in numpy (explicit sums over y), never by calling the function under
 test a second way.
@@ -32,6 +32,38 @@ def np_log_z(pi_ref, r, beta):
 def np_pi_star(pi_ref, r, beta):
     w = np.array([pi_ref[i] * np.exp(r[i] / beta) for i in range(len(r))])
     return w / w.sum()
+
+
+def np_minus_objective_over_beta(p, q, r, beta):
+    """−J(π)/β = KL(π‖π_ref) − E_π[r]/β, by hand: the value every line from eq. (30) on must have."""
+    return np_kl(p, q) - sum(p[i] * r[i] for i in range(len(p))) / beta
+
+
+def by_hand_lines(pi, pi_ref, r, beta):
+    """Each line (30), (31), (34), (35) of §4.1 as printed, one prompt at a time by explicit sums over y."""
+    lines = {k: [] for k in ("(30)", "(31)", "(34)", "(35)")}
+    for x in range(len(r)):
+        p, q, rx = pi[x].numpy(), pi_ref[x].numpy(), r[x].numpy()
+        z = sum(q[i] * np.exp(rx[i] / beta) for i in range(len(p)))  # eq. (32)
+        star = np_pi_star(q, rx, beta)
+        lines["(30)"].append(sum(p[i] * (np.log(p[i] / q[i]) - rx[i] / beta) for i in range(len(p))))
+        lines["(31)"].append(sum(p[i] * (np.log(p[i] / (q[i] * np.exp(rx[i] / beta) / z)) - np.log(z))
+                                 for i in range(len(p))))
+        lines["(34)"].append(sum(p[i] * np.log(p[i] / star[i]) for i in range(len(p))) - np.log(z))
+        lines["(35)"].append(np_kl(p, star) - np_log_z(q, rx, beta))
+    return {k: np.array(v) for k, v in lines.items()}
+
+
+def assert_line_is_its_closed_form(line, seed=0, prompts=3):
+    """The code's line equals the line computed by hand as printed, and both equal −J(π)/β by hand (float64)."""
+    pi_ref, r, pi = problem(seed=seed, prompts=prompts)
+    got = ch3.objective_rewritings(pi, pi_ref, r, BETA)[line].numpy()
+    closed = np.array([np_minus_objective_over_beta(pi[x].numpy(), pi_ref[x].numpy(), r[x].numpy(), BETA)
+                       for x in range(len(r))])
+    as_printed = by_hand_lines(pi, pi_ref, r, BETA)[line]
+    assert np.abs(got - as_printed).max() < 1e-12  # tolerance: float64 round-off on sums of terms up to ~10
+    assert np.abs(got - closed).max() < 1e-12
+    return pi_ref, r, pi
 
 
 def test_eq27_objective_is_expected_reward_minus_beta_kl():
@@ -84,6 +116,7 @@ def test_eq29_objective_is_expectation_of_reward_minus_beta_log_ratio():
 
 
 def test_eq30_dividing_by_minus_beta_turns_the_max_into_a_min():
+    assert_line_is_its_closed_form("(30)")
     pi_ref, r, _ = problem()
     candidates = torch.softmax(torch.randn(50, *r.shape, dtype=torch.float64), -1)  # 50 policies per prompt
     steps = ch3.objective_rewritings(candidates, pi_ref, r, BETA)
@@ -92,7 +125,7 @@ def test_eq30_dividing_by_minus_beta_turns_the_max_into_a_min():
 
 
 def test_eq31_adding_and_subtracting_log_z_changes_nothing():
-    pi_ref, r, pi = problem()
+    pi_ref, r, pi = assert_line_is_its_closed_form("(31)")
     steps = ch3.objective_rewritings(pi, pi_ref, r, BETA)
     assert torch.allclose(steps["(31)"], steps["(30)"], rtol=0, atol=1e-12)
 
@@ -108,6 +141,33 @@ def test_eq32_partition_function_matches_hand_sum_and_stays_finite_for_tiny_beta
     assert torch.allclose(1e-4 * tiny, r.max(-1).values, atol=1e-3)
 
 
+def test_eq32_partition_function_depends_on_the_reward_and_beta_not_on_pi():
+    """Erratum: §4.1 says Z(x) "is a function only of x and π_ref". Z(x) = Σ_y π_ref·exp(r/β) also depends on r
+    and β; what eq. (35) needs is that it does not depend on π."""
+    pi_ref, r, _ = problem()
+    log_z = ch3.log_partition_function(pi_ref, r, BETA)
+    top = (torch.log(pi_ref) + r / BETA).argmax(-1)  # the response that carries the most of Z(x)
+    bumped = r.clone()
+    bumped[torch.arange(len(r)), top] += 1.0  # another reward on the same x and π_ref
+    for x in range(len(r)):
+        q = pi_ref[x].numpy()
+        got = ch3.log_partition_function(pi_ref[x], bumped[x], BETA).item()
+        assert abs(got - np_log_z(q, bumped[x].numpy(), BETA)) < 1e-12
+        assert got - log_z[x].item() > 0.1  # a higher reward raises Z(x)
+        shifted = ch3.log_partition_function(pi_ref[x], r[x] + 2.0, BETA).item()  # r + f(x): Z·exp(f(x)/β)
+        assert abs(shifted - log_z[x].item() - 2.0 / BETA) < 1e-12
+        other_beta = ch3.log_partition_function(pi_ref[x], r[x], 2 * BETA).item()
+        assert abs(other_beta - np_log_z(q, r[x].numpy(), 2 * BETA)) < 1e-12
+        assert abs(other_beta - log_z[x].item()) > 0.01
+    # not on π: KL(π‖π*) − eq. (35) is log Z(x) for every π, by hand
+    pis = torch.softmax(2 * torch.randn(20, *r.shape, dtype=torch.float64), -1)  # 20 policies per prompt
+    steps = ch3.objective_rewritings(pis, pi_ref, r, BETA)  # (20, X)
+    for x in range(len(r)):
+        star, want = np_pi_star(pi_ref[x].numpy(), r[x].numpy(), BETA), np_log_z(pi_ref[x].numpy(), r[x].numpy(), BETA)
+        for k in range(len(pis)):
+            assert abs(np_kl(pis[k, x].numpy(), star) - steps["(35)"][k, x].item() - want) < 1e-12
+
+
 def test_eq33_optimal_policy_is_a_distribution_matching_hand_formula():
     pi_ref, r, _ = problem()
     got = ch3.optimal_policy(pi_ref, r, BETA)
@@ -117,14 +177,14 @@ def test_eq33_optimal_policy_is_a_distribution_matching_hand_formula():
 
 
 def test_eq34_the_gibbs_distribution_is_pi_star_and_log_z_leaves_the_expectation():
-    pi_ref, r, pi = problem()
+    pi_ref, r, pi = assert_line_is_its_closed_form("(34)")
     steps = ch3.objective_rewritings(pi, pi_ref, r, BETA)
     assert torch.allclose(steps["(34)"], steps["(31)"], rtol=0, atol=1e-12)
 
 
 def test_eq35_objective_is_minus_beta_kl_to_pi_star_plus_beta_log_z():
     """The identity behind eqs. (34)–(35): J(π) = −β·KL(π‖π*) + β·log Z(x), for random π."""
-    pi_ref, r, pi = problem(seed=3, prompts=20)
+    pi_ref, r, pi = assert_line_is_its_closed_form("(35)", seed=3, prompts=20)
     steps = ch3.objective_rewritings(pi, pi_ref, r, BETA)
     assert torch.allclose(steps["(35)"], steps["(34)"], rtol=0, atol=1e-12)
     j = ch3.kl_objective(pi, pi_ref, r, BETA)
