@@ -1,4 +1,4 @@
-"""Chapter 1 (report §2.1, §3.1, §3.2; eqs (6)–(16)): Plackett–Luce and Bradley–Terry, Christiano's loss.
+"""Chapter 1 (report §2.1, §3.1, §3.2; eqs. (6)–(16)): Plackett–Luce and Bradley–Terry, Christiano's loss.
 
 Rankings are index tensors, most preferred first: `ranking[..., t]` is τ(t + 1), an index into the last
 axis of `rewards` (or `p`). Every function is batched over leading axes (prompts), which broadcast.

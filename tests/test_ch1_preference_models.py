@@ -1,4 +1,4 @@
-"""Chapter 1: Plackett–Luce (eqs (6)–(11)), Bradley–Terry as its K = 2 case (eqs (12)–(16)), and
+"""Chapter 1: Plackett–Luce (eqs. (6)–(11)), Bradley–Terry as its K = 2 case (eqs. (12)–(16)), and
 Christiano et al.'s preference loss (§2.1). Closed forms are computed by hand, in Python floats (float64)."""
 import itertools
 import math
