@@ -1,4 +1,4 @@
-"""Chapter 2 (report §3.3; eqs (17)–(26)): Bradley–Terry as a sigmoid, the reward-model NLL, a GPT-2 reward model.
+"""Chapter 2 (report §3.3; eqs. (17)–(26)): Bradley–Terry as a sigmoid, the reward-model NLL, a GPT-2 reward model.
 
     python3 -m chapters.ch2_reward_model
 
@@ -16,9 +16,10 @@ from tqdm import tqdm
 import gpt
 from chapters import one_thread, plotting
 from chapters.ch1_preference_models import as_tensor, bradley_terry
+from gpt.cli import positive_int, run
 
 
-# ---------------------------------------------------------------- eqs (17)–(23): BT as a sigmoid of the gap
+# ---------------------------------------------------------------- eqs. (17)–(23): BT as a sigmoid of the gap
 
 def sigmoid(z) -> torch.Tensor:
     """Report eq. (22): σ(z) = 1 / (1 + exp(−z)), written out (torch.sigmoid is its stable twin)."""
@@ -48,7 +49,7 @@ def bt_probability(r1, r2) -> torch.Tensor:
     return torch.sigmoid(as_tensor(r1) - as_tensor(r2))
 
 
-# ---------------------------------------------------------------- eqs (24)–(26): the reward-model NLL
+# ---------------------------------------------------------------- eqs. (24)–(26): the reward-model NLL
 
 def preference_likelihood(p_w_over_l) -> torch.Tensor:
     """Report eq. (24): Π_{(x, y_w, y_l) ∈ D} p_φ(y_w ≻ y_l | x), the quantity maximised over φ.
@@ -151,13 +152,12 @@ def centred_rmse(estimate, truth) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m chapters.ch2_reward_model", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--rm-steps", type=int, default=None,
+    parser.add_argument("--rm-steps", type=positive_int, default=None,
                         help="training steps of the GPT-2 reward model (default 400, 100 with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer data sizes and training steps (a few seconds)")
     args = parser.parse_args(argv)
     args.rm_steps = args.rm_steps if args.rm_steps is not None else (100 if args.quick else 400)
-    if args.rm_steps < 1:
-        raise SystemExit("error: --rm-steps must be at least 1")
+    plotting.check_writable()
     with one_thread():  # tiny matrices: one thread is faster than several, and leaves cores to others
         _run(args)
 
@@ -273,4 +273,4 @@ def _run(args):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

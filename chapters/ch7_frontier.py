@@ -23,7 +23,7 @@ from chapters import one_thread
 from chapters.reward_model import PreferencePairs, RewardModel, pair_accuracy, train_reward_model
 from chapters.ch3_kl_optimum import optimal_policy
 from chapters.ch4_dpo import dpo_loss, response_logprobs
-from chapters.ch6_ppo import PPOConfig, PPOTrainer
+from chapters.ppo_trainer import PPOConfig, PPOTrainer
 from chapters.plotting import plots_dir, plt, save
 from gpt import GPT, GPTConfig, KVCache, generate
 

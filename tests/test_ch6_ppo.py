@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gpt
-from chapters import ch6_ppo
+from chapters import ch6_ppo, markov_task, ppo_trainer
 from chapters.ch4_dpo import response_logprobs
 from chapters.ch6_ppo import clipped_surrogate, entropy, gae, kl_k1, kl_k3, ppo_objective, value_loss, whiten
 
@@ -32,6 +32,41 @@ def test_eq5_gae_recursion_equals_explicit_sum_to_segment_end():
     explicit = torch.stack([sum((gamma * lam) ** l * delta[t + l] for l in range(T - t)) for t in range(T)], -1)
     adv, _ = gae(r, v, gamma, lam)
     assert torch.allclose(adv, explicit, atol=TOL, rtol=0)
+
+
+def test_eq5_gae_cut_off_segment_bootstraps_from_last_value():
+    """A segment cut off before its episode ends: δ_(T−1) = r_(T−1) + γ·V(s_T) − V(s_(T−1)), then eq. (5)'s sum."""
+    r, v = random_episode()
+    v_T = torch.randn(3, generator=torch.Generator().manual_seed(9), **F64)
+    gamma, lam, T = 0.9, 0.7, r.shape[-1]
+    delta = [r[:, t] + gamma * (v[:, t + 1] if t + 1 < T else v_T) - v[:, t] for t in range(T)]
+    explicit = torch.stack([sum((gamma * lam) ** l * delta[t + l] for l in range(T - t)) for t in range(T)], -1)
+    adv, ret = gae(r, v, gamma, lam, last_value=v_T)
+    assert torch.allclose(adv, explicit, atol=TOL, rtol=0)
+    assert torch.allclose(ret, explicit + v, atol=TOL, rtol=0)
+    assert (adv - gae(r, v, gamma, lam)[0]).abs().min() > 1e-6  # V(s_T) reaches every step of the segment
+
+
+def test_eq5_gae_bootstrapped_with_the_rest_of_the_episode_recovers_the_uncut_advantages():
+    """λ = 1: cutting an episode at T and bootstrapping V(s_T) = Σ_k γ^k r_(T+k) gives the whole episode's A_t for t < T."""
+    r, v = random_episode(batch=2, T=9)
+    gamma, T = 0.8, 5
+    rest = sum(gamma ** k * r[:, T + k] for k in range(r.shape[-1] - T))  # the exact return after the cut
+    whole, _ = gae(r, v, gamma, 1.0)
+    cut, _ = gae(r[:, :T], v[:, :T], gamma, 1.0, last_value=rest)
+    assert torch.allclose(cut, whole[:, :T], atol=TOL, rtol=0)
+
+
+def test_eq5_gae_bootstraps_only_rows_still_running_at_the_cut():
+    r, v = random_episode(batch=2, T=5)
+    mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2], **F64)
+    v_T = torch.tensor([2.0, 5.0], **F64)
+    boot, _ = gae(r, v, 0.9, 0.8, mask, last_value=v_T)
+    ended, _ = gae(r, v, 0.9, 0.8, mask)
+    assert torch.equal(boot[1], ended[1])  # row 1 ended at its mask's last 1: V(s_T) plays no part
+    # row 0 runs to the cut: A_t moves by (γλ)^(T−1−t)·γ·V(s_T), by hand
+    shift = torch.tensor([(0.9 * 0.8) ** (4 - t) * 0.9 * 2.0 for t in range(5)], **F64)
+    assert torch.allclose(boot[0] - ended[0], shift, atol=TOL, rtol=0)
 
 
 def test_eq5_gae_lambda0_is_td_error():
@@ -176,7 +211,7 @@ def test_kl_estimators_k1_k3_unbiased_by_enumeration_and_k3_nonnegative():
 def test_eq36_chain_optimum_matches_enumeration_over_all_responses():
     """The soft-Bellman optimum on the chain equals π* ∝ π_ref·exp(r/β) enumerated over all 3^4 responses."""
     import itertools
-    start, transition = ch6_ppo.markov_chain(3, 0.5, torch.Generator().manual_seed(4))
+    start, transition = markov_task.markov_chain(3, 0.5, torch.Generator().manual_seed(4))
     token_class, length, beta = (0,), 4, 0.3
     for s0 in range(3):
         weights, rewards, log_ref = [], [], []
@@ -191,7 +226,7 @@ def test_eq36_chain_optimum_matches_enumeration_over_all_responses():
         pi = [w / z for w in weights]
         reward = sum(p * r for p, r in zip(pi, rewards))
         kl = sum(p * (math.log(p) - lr) for p, lr in zip(pi, log_ref))
-        got = ch6_ppo.chain_kl_optimum(torch.tensor([s0]), transition, token_class, length, beta)
+        got = markov_task.chain_kl_optimum(torch.tensor([s0]), transition, token_class, length, beta)
         assert abs(got["reward"].item() - reward) < 1e-12
         assert abs(got["kl"].item() - kl) < 1e-12
         assert abs(got["objective"].item() - beta * math.log(z)) < 1e-12
@@ -200,15 +235,15 @@ def test_eq36_chain_optimum_matches_enumeration_over_all_responses():
 def test_adaptive_kl_controller_moves_beta_toward_target_with_capped_steps():
     # β·(1 + K·e), K = 100/1000, e = clip(KL/6 − 1, −0.2, 0.2)
     for kl, error in [(100.0, 0.2), (6.6, 0.1), (3.0, -0.2)]:
-        ctl = ch6_ppo.AdaptiveKLController(beta=0.1, target=6.0, horizon=1000)
+        ctl = ppo_trainer.AdaptiveKLController(beta=0.1, target=6.0, horizon=1000)
         assert abs(ctl.update(kl=kl, n_samples=100) - 0.1 * (1 + 0.1 * error)) < TOL
 
 
 def test_policy_forward_logprobs_sum_to_ch4_response_logprobs_and_value_head_starts_at_zero():
     model = gpt.GPT(gpt.GPTConfig.tiny(vocab_size=11, n_positions=16))
     ids = torch.randint(11, (2, 9))
-    head = ch6_ppo.ValueHead(model.config.n_embd)
-    logits, per_token, values = ch6_ppo.policy_forward(model, ids, None, start=4, value_head=head)  # (2, 5) each
+    head = ppo_trainer.ValueHead(model.config.n_embd)
+    logits, per_token, values = ppo_trainer.policy_forward(model, ids, None, start=4, value_head=head)  # (2, 5) each
     mask = torch.zeros_like(ids)
     mask[:, 4:] = 1
     assert torch.allclose(per_token.sum(-1), response_logprobs(model(ids), ids, mask), atol=1e-5, rtol=0)
@@ -218,7 +253,7 @@ def test_policy_forward_logprobs_sum_to_ch4_response_logprobs_and_value_head_sta
 def test_response_mask_keeps_tokens_up_to_first_eos():
     resp = torch.tensor([[5, 3, 9, 1], [9, 9, 2, 2], [1, 2, 3, 4]])
     expected = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
-    assert torch.equal(ch6_ppo.response_mask(resp, eos_id=9), expected)
+    assert torch.equal(ppo_trainer.response_mask(resp, eos_id=9), expected)
 
 
 def tiny_trainer(seed=0, iterations=2, eos_id=None):
@@ -227,10 +262,28 @@ def tiny_trainer(seed=0, iterations=2, eos_id=None):
     ref = gpt.GPT(model.config)
     ref.load_state_dict(model.state_dict())
     prompts = [[1, 2, 3], [4, 5], [6]]
-    cfg = ch6_ppo.PPOConfig(batch_size=8, minibatch_size=4, epochs=2, response_length=5, eos_id=eos_id,
+    cfg = ppo_trainer.PPOConfig(batch_size=8, minibatch_size=4, epochs=2, response_length=5, eos_id=eos_id,
                                seed=seed)
-    trainer = ch6_ppo.PPOTrainer(model, ref, ch6_ppo.class_fraction_reward({0, 1}), prompts, cfg)
+    trainer = ppo_trainer.PPOTrainer(model, ref, markov_task.class_fraction_reward({0, 1}), prompts, cfg)
     return trainer, trainer.train(iterations, progress=False)
+
+
+def test_rollout_whitens_advantages_over_each_rows_response_tokens_only(one_thread):
+    """EOS-ended rows of different lengths: advantages are whitened over the response mask alone (mean 0, variance 1
+    there, 0 after each row's EOS), i.e. the raw eq. (5) advantages standardised by hand over the real tokens."""
+    trainer, _ = tiny_trainer(iterations=1, eos_id=7)
+    batch = trainer.rollout(*trainer.sample_prompts(16))
+    real = batch["mask"].bool()
+    assert len(set(real.sum(-1).tolist())) >= 3  # rows end at different places
+    cfg = trainer.config
+    raw, _ = gae(batch["rewards"].double(), (batch["values"] * batch["mask"]).double(), cfg.gamma, cfg.lam,
+                 batch["mask"].double())
+    expected = torch.zeros_like(raw)
+    expected[real] = (raw[real] - raw[real].mean()) / (raw[real].var(unbiased=False) + 1e-8).sqrt()
+    adv = batch["advantages"].double()
+    assert (adv[~real] == 0).all()
+    assert abs(adv[real].mean().item()) < 1e-5 and abs(adv[real].pow(2).mean().item() - 1) < 1e-4
+    torch.testing.assert_close(adv, expected, atol=1e-4, rtol=0)  # float32 rollout
 
 
 def test_trainer_starts_on_policy_and_is_repeatable(one_thread):
@@ -240,15 +293,15 @@ def test_trainer_starts_on_policy_and_is_repeatable(one_thread):
     assert history[0]["kl"] == 0  # policy = reference before the first update
     batch = trainer.rollout(*trainer.sample_prompts(4))
     with torch.no_grad():
-        _, logp, _ = ch6_ppo.policy_forward(trainer.policy, batch["input_ids"], batch["attention_mask"], batch["start"])
+        _, logp, _ = ppo_trainer.policy_forward(trainer.policy, batch["input_ids"], batch["attention_mask"], batch["start"])
     assert torch.allclose(logp, batch["logp"], atol=1e-6, rtol=0)  # r_t(θ) = 1 at the start of each update
 
 
 def test_config_rejects_bad_values_in_one_line():
     with pytest.raises(ValueError, match="minibatch_size"):
-        ch6_ppo.PPOConfig(minibatch_size=0)
+        ppo_trainer.PPOConfig(minibatch_size=0)
     with pytest.raises(ValueError, match="gamma"):
-        ch6_ppo.PPOConfig(gamma=1.5)
+        ppo_trainer.PPOConfig(gamma=1.5)
 
 
 def test_quick_run_raises_reward_with_bounded_kl(one_thread):
