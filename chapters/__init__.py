@@ -15,10 +15,11 @@ CHAPTERS = [
     "ch7_frontier",
     "ch8_instruction_dpo",
     "ch9_dpo_vs_ppo",
+    "ch10_dpo_family",
 ]
 
 # chapters whose `main` takes --quick (a short form of the same run); `python -m chapters --quick` passes it on
-QUICK_CHAPTERS = {"ch2_reward_model", "ch6_ppo", "ch7_frontier"}
+QUICK_CHAPTERS = {"ch2_reward_model", "ch6_ppo", "ch7_frontier", "ch10_dpo_family"}
 
 # chapters that take hours at full size: `python -m chapters --quick` skips them unless they are in QUICK_CHAPTERS
 LONG_CHAPTERS = {"ch8_instruction_dpo": "no short form on real weights (hours); "

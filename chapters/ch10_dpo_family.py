@@ -1,0 +1,391 @@
+"""Chapter 10 (report §4, §7): the DPO family from one optimum — IPO, cDPO, rDPO, hinge, SimPO, ORPO, KTO.
+
+Every variant is a loss on the same log-probs as eq. (38). On chapter 4's tabular problem (a few prompts, a
+small response set, preferences from Bradley–Terry on a known r*) each one's population minimiser is solved
+exactly and set beside π* = π_ref·exp(r*/β)/Z of eq. (36): which variants recover it, which recover it for a
+changed reward, which do not, and by how much.
+
+    python3 -m chapters.ch10_dpo_family          # every claim beside the number that checks it
+    python3 -m chapters.ch10_dpo_family --quick  # a short form of the same run
+"""
+import argparse
+import math
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
+
+from chapters import one_thread, plotting
+from chapters.ch3_kl_optimum import kl_divergence, optimal_policy
+from chapters.ch4_dpo import dpo_loss, preference_probabilities
+from chapters.family_optima import (Frontier, hinge_minimiser, kto_minimiser, kto_table_loss, mass_moved_rises,
+                                    minimise_pairs, newton_minimise, one_row_per_pair, pair_table_loss, policy_summary,
+                                    unpaired)
+from chapters.family_plots import deterministic_figure, tabular_figure
+from gpt.cli import run
+
+KINDS = ("dpo", "cdpo", "rdpo", "ipo", "hinge", "simpo")
+
+
+# --------------------------------------------------------------------------- the losses
+def _check(beta, label_smoothing=0.0):
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing (a flip rate ε) must be in [0, 0.5), got {label_smoothing}")
+
+
+def preference_loss(kind: str, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
+    """Report eq. (38) and its family, per example, from the log-probs of eq. (38) (summed over tokens).
+
+    With h = log π(y_w|x)/π_ref(y_w|x) − log π(y_l|x)/π_ref(y_l|x) and z = β·h:
+    - "dpo": eq. (38), −log σ(z) (`chapters.ch4_dpo.dpo_loss`).
+    - "cdpo": Mitchell (2023), "A note on DPO with noisy preferences & relationship to IPO", conservative DPO:
+      −(1 − ε)·log σ(z) − ε·log σ(−z), eq. (38) with each label flipped with probability ε (ε = label_smoothing).
+    - "rdpo": Chowdhury, Kini & Natarajan (2024), arXiv:2403.00409, the robust DPO loss (its equation number is
+      not checked here): [−(1 − ε)·log σ(z) + ε·log σ(−z)] / (1 − 2ε), unbiased for eq. (38) under flips at rate ε.
+    - "ipo": Azar et al. (2023), eq. (17), with τ = β: (h − 1/(2β))².
+    - "hinge": Zhao et al. (2023), SLiC-HF's rank calibration loss max(0, δ − log π(y_w|x) + log π(y_l|x)), here on
+      log-ratios with δ = 1/β and scaled by β (as Liu et al. 2024, RSO, and TRL write it): max(0, 1 − z).
+    - "simpo": Meng, Xia & Chen (2024), eq. (6): −log σ(β·log π(y_w|x)/|y_w| − β·log π(y_l|x)/|y_l| − γ).
+      Here the two policy arguments ARE the length-normalised (per-token mean) log-probs; the reference
+      arguments are ignored (pass anything broadcastable, e.g. zeros).
+    Returns the per-example losses; every argument broadcasts.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    _check(beta, label_smoothing)
+    if label_smoothing and kind not in ("cdpo", "rdpo"):
+        raise ValueError(f"label_smoothing is used only by 'cdpo' and 'rdpo', got {label_smoothing} for {kind!r}")
+    if gamma and kind != "simpo":
+        raise ValueError(f"gamma is used only by 'simpo', got {gamma} for {kind!r}")
+    if kind == "dpo":
+        return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    if kind == "simpo":
+        return -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps) - gamma)
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    z, eps = beta * h, label_smoothing
+    if kind == "cdpo":
+        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    if kind == "rdpo":
+        return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+    if kind == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    return torch.relu(1 - z)  # hinge
+
+
+def log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(a)) for a < 0, stable at both ends (Mächler's switch at a = −log 2)."""
+    return torch.where(a > -math.log(2), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, lam: float, chosen_nll=None) -> torch.Tensor:
+    """Hong, Lee & Thorne (2024), ORPO eqs. (6)–(7): L_SFT + λ·L_OR, L_OR = −log σ(log odds(y_w|x)/odds(y_l|x)).
+
+    odds(y|x) = P(y|x)/(1 − P(y|x)) (eq. (4)) with P(y|x) the length-normalised likelihood of eq. (3):
+    the two log-prob arguments are per-token MEAN log-probs, each < 0. L_SFT (eq. (2)) is the chosen
+    response's NLL; by default −policy_chosen_logps, its per-token mean (pass `chosen_nll` for another one,
+    e.g. TRL's, which also counts the prompt tokens). No reference model. Returns per-example losses.
+    """
+    if lam < 0:
+        raise ValueError(f"lam (ORPO's λ) must be >= 0, got {lam}")
+    if (torch.as_tensor(policy_chosen_logps) >= 0).any() or (torch.as_tensor(policy_rejected_logps) >= 0).any():
+        raise ValueError("ORPO's odds need per-token mean log-probs < 0 (a probability of 1 has infinite odds)")
+    log_odds = (policy_chosen_logps - log1mexp(policy_chosen_logps)) - (
+        policy_rejected_logps - log1mexp(policy_rejected_logps))
+    nll = -policy_chosen_logps if chosen_nll is None else chosen_nll
+    return nll - lam * F.logsigmoid(log_odds)
+
+
+def kto_reference_point(mismatched_policy_logps, mismatched_ref_logps) -> torch.Tensor:
+    """Ethayarajh et al. (2024), KTO: z₀ = max(0, mean log π(y'|x)/π_ref(y'|x)) over mismatched (x, y') pairs.
+
+    A batch estimate of KL(π‖π_ref), detached: the paper (and TRL) do not back-propagate through z₀.
+    """
+    return (mismatched_policy_logps - mismatched_ref_logps).mean().detach().clamp(min=0.0)
+
+
+def kto_loss(policy_logps, ref_logps, desirable, beta: float, z0, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Ethayarajh et al. (2024), the KTO loss L_KTO = E[λ_y − v(x, y)] (arXiv:2402.01306), per example.
+
+    Unpaired examples: `desirable` (bool, per example) says whether y is a desirable answer to x. With
+    r = log π(y|x)/π_ref(y|x) and the reference point z₀ (`kto_reference_point`, a number or a 0-d tensor),
+    v = λ_D·σ(β(r − z₀)) for desirable y, λ_U·σ(β(z₀ − r)) for undesirable y, and λ_y is λ_D or λ_U.
+    (The equation number differs between the paper's versions: (7) in the one TRL cites, (8) in another.)
+    """
+    _check(beta)
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError(f"KTO's weights must be >= 0, got {desirable_weight}, {undesirable_weight}")
+    r = policy_logps - ref_logps
+    desirable = torch.as_tensor(desirable, dtype=torch.bool)
+    value = torch.where(desirable, desirable_weight * torch.sigmoid(beta * (r - z0)),
+                        undesirable_weight * torch.sigmoid(beta * (z0 - r)))
+    return torch.where(desirable, desirable_weight, undesirable_weight) - value
+
+
+# --------------------------------------------------------------------------- what each one converges to
+def flip_labels(weights: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows (x, y_w, y_l) with each label flipped at rate ε: W_ε = (1 − ε)·W + ε·Wᵀ (W (X, Y, Y) over (x, y_w, y_l))."""
+    return (1 - eps) * weights + eps * weights.transpose(1, 2)
+
+
+def deterministic_labels(weights: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """The same pairs with p*(y_w ≻ y_l) = 1 whenever r*(y_w) > r*(y_l): each pair's mass goes to the better one."""
+    better = rewards[:, :, None] > rewards[:, None, :]  # (X, Y, Y)
+    return (weights + weights.transpose(1, 2)) * better
+
+
+def ipo_optimal_policy(pi_ref: torch.Tensor, win_prob: torch.Tensor, beta: float) -> torch.Tensor:
+    """Azar et al. (2023): IPO's population minimiser, ΨPO with Ψ = identity: π ∝ π_ref·exp(p*(y ≻ μ)/τ).
+
+    μ = π_ref draws the pairs, p*(y ≻ μ) = Σ_y' π_ref(y')·p*(y ≻ y'), τ = β: eq. (36) with the bounded reward
+    p*(y ≻ π_ref) ∈ [0, 1] in place of r*. win_prob (X, Y, Y) is p*(y ≻ y'), ½ on the diagonal.
+    """
+    return optimal_policy(pi_ref, (pi_ref[:, None, :] * win_prob).sum(-1), beta)
+
+
+def simpo_optimal_policy(rewards: torch.Tensor, lengths: torch.Tensor, beta: float) -> torch.Tensor:
+    """Meng et al. (2024), eq. (6) at γ = 0, its population minimiser on BT(r*) pairs: π(y|x) = exp(|y|·(r*(x, y) + c(x))/β).
+
+    Each pair is at its own optimum when β·log π(y)/|y| = r*(y) + c(x) (BT is fitted exactly); c(x) makes
+    Σ_y π(y|x) = 1, found by bisection. No π_ref anywhere: the optimum is reference-free and length-scaled.
+    """
+    scaled = lengths.to(rewards.dtype) / beta  # (Y,)
+    lo = torch.full(rewards.shape[:-1], -1e3, dtype=rewards.dtype)  # (X,)
+    hi = torch.full_like(lo, 1e3)
+    for _ in range(100):  # log Σ_y exp(|y|(r* + c)/β) rises with c: bisect to float64 precision
+        mid = (lo + hi) / 2
+        above = torch.logsumexp(scaled * (rewards + mid[..., None]), -1) > 0
+        lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
+    return torch.exp(scaled * (rewards + lo[..., None]))
+
+
+# --------------------------------------------------------------------------- the script
+def _section(title):
+    print(f"\n--- {title}")
+
+
+def _loss_checks(beta, eps, gamma, lam):
+    _section(f"the losses on one pair, beside the formula by hand (β = {beta}, ε = {eps}, γ = {gamma}, λ = {lam})")
+    pc, pr, rc, rr = -4.0, -6.5, -5.0, -5.5  # log π(y_w), log π(y_l), log π_ref(y_w), log π_ref(y_l)
+    h = (pc - rc) - (pr - rr)
+    z = beta * h
+    lsig = lambda v: -math.log1p(math.exp(-v))  # noqa: E731  log σ(v)
+    hand = {"dpo": -lsig(z), "cdpo": -(1 - eps) * lsig(z) - eps * lsig(-z),
+            "rdpo": (-(1 - eps) * lsig(z) + eps * lsig(-z)) / (1 - 2 * eps), "ipo": (h - 1 / (2 * beta)) ** 2,
+            "hinge": max(0.0, 1 - z), "simpo": -lsig(beta * (pc / 5 - pr / 7) - gamma)}
+    print(f"log-probs y_w {pc}, y_l {pr}; reference {rc}, {rr}: h = {h}, β·h = {z}; SimPO on per-token means "
+          f"(|y_w| = 5, |y_l| = 7 tokens)")
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    for kind, want in hand.items():
+        kw = dict(label_smoothing=eps) if kind in ("cdpo", "rdpo") else dict(gamma=gamma) if kind == "simpo" else {}
+        args = (t(pc / 5), t(pr / 7), t(0.0), t(0.0)) if kind == "simpo" else (t(pc), t(pr), t(rc), t(rr))
+        got = preference_loss(kind, *args, beta, **kw).item()
+        print(f"  {kind:6s} {got:.12f}   by hand {want:.12f}   |Δ| = {abs(got - want):.1e}")
+    mc, mr = pc / 5, pr / 7
+    want = -mc - lam * lsig((mc - math.log(-math.expm1(mc))) - (mr - math.log(-math.expm1(mr))))
+    got = orpo_loss(t(mc), t(mr), lam).item()
+    print(f"  orpo   {got:.12f}   by hand {want:.12f}   |Δ| = {abs(got - want):.1e}  (per-token means, SFT + λ·OR)")
+    z0 = 0.3
+    for desirable, want in ((True, 1 - 1 / (1 + math.exp(-beta * (pc - rc - z0)))),
+                            (False, 1 - 1 / (1 + math.exp(-beta * (z0 - (pc - rc)))))):
+        got = kto_loss(t(pc), t(rc), desirable, beta, z0).item()
+        print(f"  kto    {got:.12f}   by hand {want:.12f}   |Δ| = {abs(got - want):.1e}  "
+              f"({'desirable' if desirable else 'undesirable'} y_w, z₀ = {z0})")
+
+
+def tabular_problem(seed: int, prompts: int = 4, responses: int = 6):
+    """Chapter 4's tabular problem (the same draws): π_ref (X, Y), r* (X, Y) ~ N(0, 1), float64."""
+    g = torch.Generator().manual_seed(seed)
+    pi_ref = torch.softmax(0.5 * torch.randn(prompts, responses, generator=g, dtype=torch.float64), -1)
+    return pi_ref, torch.randn(prompts, responses, generator=g, dtype=torch.float64)
+
+
+def population_minimisers(pi_ref, rewards, weights, beta, eps, gamma, lam, lengths) -> dict:
+    """Each variant's population minimiser on the rows W, with its closed form where one exists.
+
+    Returns {label: (π (X, Y), closed form (X, Y) or None, how it was solved)}.
+    """
+    win = torch.sigmoid(rewards[:, :, None] - rewards[:, None, :])  # (X, Y, Y): BT p*(y ≻ y')
+    uniform = torch.full_like(pi_ref, 1 / pi_ref.shape[-1])  # the reference-free losses start here
+
+    def pairs(kind, **kw):
+        return partial(preference_loss, kind, beta=beta, **kw)
+
+    desirable, undesirable = unpaired(weights)
+    return {
+        "dpo": (minimise_pairs(pairs("dpo"), pi_ref, weights), optimal_policy(pi_ref, rewards, beta), "Newton"),
+        f"cdpo ε={eps}": (minimise_pairs(pairs("cdpo", label_smoothing=eps), pi_ref, weights), None, "Newton"),
+        f"rdpo ε={eps}": (minimise_pairs(pairs("rdpo", label_smoothing=eps), pi_ref, weights), None, "Newton"),
+        "ipo": (minimise_pairs(pairs("ipo"), pi_ref, weights), ipo_optimal_policy(pi_ref, win, beta), "Newton"),
+        "hinge": (hinge_minimiser(pi_ref, weights, beta), None, "linear program"),
+        "simpo γ=0": (minimise_pairs(pairs("simpo"), pi_ref, weights, lengths, start=uniform),
+                      simpo_optimal_policy(rewards, lengths, beta), "Newton"),
+        f"simpo γ={gamma}": (minimise_pairs(pairs("simpo", gamma=gamma), pi_ref, weights, lengths, start=uniform),
+                             None, "Newton"),
+        f"orpo λ={lam}": (minimise_pairs(lambda pc, pr, rc, rr: orpo_loss(pc, pr, lam), pi_ref, weights, lengths,
+                                         start=uniform), None, "Newton"),
+        "kto": (kto_minimiser(partial(kto_loss, beta=beta), pi_ref, desirable, undesirable)[0], None,
+                "Newton, fixed point in z₀"),
+    }
+
+
+def _population_section(seed, beta, eps, gamma, lam):
+    pi_ref, rewards = tabular_problem(seed)
+    X, Y = pi_ref.shape
+    lengths = torch.arange(1, Y + 1)  # |y| in tokens, for the per-token-mean losses (SimPO, ORPO)
+    weights = preference_probabilities(pi_ref, rewards)
+    pi_star = optimal_policy(pi_ref, rewards, beta)
+    _section(f"each variant's population minimiser on chapter 4's problem ({X} prompts × {Y} responses, β = {beta}, "
+             "y1 ≠ y2 ~ π_ref, labels from BT(r*)), beside π* of eq. (36)")
+    front = Frontier(torch.log(pi_ref), rewards)
+    found = population_minimisers(pi_ref, rewards, weights, beta, eps, gamma, lam, lengths)
+    rows = {"π* (eq. (36))": policy_summary(pi_star, pi_ref, pi_star, rewards)}
+    print(f"{'variant':14s} {'solved by':26s} {'|π − closed form|':>17s} {'max|π − π*|':>12s} {'KL(π‖π*)':>9s} "
+          f"{'E[r*]':>7s} {'KL(π‖π_ref)':>11s} {'efficiency':>10s}")
+    for label, (pi, closed, how) in [("π* (eq. (36))", (pi_star, None, "closed form")), *found.items()]:
+        s = rows[label] = policy_summary(pi, pi_ref, pi_star, rewards)
+        s["efficiency"] = front.efficiency(s["reward"], s["kl_ref"])
+        gap = "—" if closed is None else f"{(pi - closed).abs().max():.1e}"
+        print(f"{label:14s} {how:26s} {gap:>17s} {s['max_diff']:12.1e} {s['kl_star']:9.4f} {s['reward']:7.4f} "
+              f"{s['kl_ref']:11.4f} {s['efficiency']:10.4f}")
+    print("(efficiency: E[r*] gain over π_ref / the exact frontier's gain at the same KL; 1 = on the frontier)")
+
+    cdpo = found[f"cdpo ε={eps}"][0]
+    fit = minimize_scalar(lambda lb: kl_divergence(cdpo, optimal_policy(pi_ref, rewards, math.exp(lb))).mean().item(),
+                          bounds=(math.log(beta) - 3, math.log(beta) + 3), method="bounded", options=dict(xatol=1e-10))
+    print(f"cDPO ε = {eps}: closest π*_β' at β' = {math.exp(fit.x):.4f} (β/(1 − 2ε) = {beta / (1 - 2 * eps):.4f}), "
+          f"KL(π_cDPO ‖ π*_β') = {fit.fun:.1e}: π* for a larger β, i.e. shrunk rewards")
+    print(f"rDPO ε = {eps} on clean labels: KL(π‖π_ref) = {rows[f'rdpo ε={eps}']['kl_ref']:.4f} > π*'s "
+          f"{rows['π* (eq. (36))']['kl_ref']:.4f}: it un-flips flips that did not happen (sharper than π*)")
+    win = torch.sigmoid(rewards[:, :, None] - rewards[:, None, :])
+    print(f"IPO = eq. (36) for the bounded reward p*(y ≻ π_ref) ∈ [0, 1]: max |π_IPO − closed form| = "
+          f"{(found['ipo'][0] - ipo_optimal_policy(pi_ref, win, beta)).abs().max():.1e}")
+    u = beta * (torch.log(found["hinge"][0]) - torch.log(pi_ref))
+    u = u - u.min(-1, keepdim=True).values
+    print(f"hinge: β·log π/π_ref takes integer steps (levels {sorted(set(u.round().int().flatten().tolist()))}); "
+          f"max distance to an integer = {(u - u.round()).abs().max():.1e}: only r*'s order and the pair masses count")
+    other_ref = torch.softmax(torch.randn(X, Y, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64), -1)
+    again = minimise_pairs(partial(preference_loss, "simpo", beta=beta), other_ref, preference_probabilities(other_ref, rewards),
+                           lengths, start=torch.full_like(pi_ref, 1 / Y))
+    ones = simpo_optimal_policy(rewards, torch.ones(Y), beta)
+    print(f"SimPO γ = 0: pairs drawn from another π_ref give the same minimiser (max |Δ| = "
+          f"{(again - found['simpo γ=0'][0]).abs().max():.1e}); with |y| = 1 it is π* for a uniform π_ref "
+          f"(max |Δ| = {(ones - optimal_policy(torch.full_like(pi_ref, 1 / Y), rewards, beta)).abs().max():.1e})")
+    desirable, undesirable = unpaired(weights)
+    sft = desirable / lengths
+    sft = sft / sft.sum(-1, keepdim=True)
+    print(f"ORPO λ = {lam}: close to its SFT term's optimum π ∝ P(y chosen)/|y|: KL = "
+          f"{kl_divergence(found[f'orpo λ={lam}'][0], sft).mean():.4f} (π*: {kl_divergence(pi_star, sft).mean():.4f})")
+    losers = undesirable > desirable
+    kto, z0 = found["kto"][0], kl_divergence(found["kto"][0], pi_ref).mean().item()
+    rises = mass_moved_rises(lambda t: kto_table_loss(partial(kto_loss, beta=beta), t, pi_ref, desirable, undesirable, z0),
+                             kto, losers)
+    print(f"KTO: the {int(losers.sum())} of {X * Y} responses chosen less often than rejected get π = 0 (π* gives them "
+          f"{pi_star[losers].sum() / X:.3f} per prompt): each one's loss term rises with its log π, and moving 1e-4 of "
+          f"mass onto any of them raises the loss (by ≥ {rises.min():.1e}); z₀ = KL(π‖π_ref) = {z0:.4f}")
+    return front, rows
+
+
+def _deterministic_section(seed, betas, steps):
+    pi_ref, rewards = tabular_problem(seed)
+    weights = deterministic_labels(preference_probabilities(pi_ref, rewards), rewards)
+    win = (rewards[:, :, None] > rewards[:, None, :]).double() + 0.5 * torch.eye(rewards.shape[-1], dtype=torch.float64)
+    limit = -torch.log(pi_ref.gather(-1, rewards.argmax(-1, keepdim=True))).mean().item()
+    _section("deterministic preferences (Azar et al. 2023's argument): p*(y_w ≻ y_l) = 1 for every pair, same pairs")
+    print(f"E_x −log π_ref(best y|x) = {limit:.4f}: the largest KL(π‖π_ref) a policy on the best responses can have")
+    print(f"{'β':>6s} {'DPO loss after ' + str(steps) + ' Newton steps':>30s} {'KL(π‖π_ref)':>12s} {'min_y π(y|x)':>13s}"
+          f" {'max |log π/π_ref|':>18s} {'IPO KL (exact)':>15s} {'IPO |Newton − closed form|':>27s}")
+    paths = {}
+    for beta in betas:
+        kls, losses = [], []
+        loss_fn = partial(pair_table_loss, partial(preference_loss, "dpo", beta=beta), pi_ref=pi_ref, weights=weights)
+
+        def record(k, theta):
+            kls.append(kl_divergence(torch.softmax(theta, -1), pi_ref).mean().item())
+            losses.append(loss_fn(theta).item())
+
+        theta = newton_minimise(loss_fn, torch.log(pi_ref), max_iter=steps, on_step=record)
+        pi = torch.softmax(theta, -1)
+        ipo = ipo_optimal_policy(pi_ref, win, beta)
+        solved = minimise_pairs(partial(preference_loss, "ipo", beta=beta), pi_ref, weights)
+        ipo_kl = kl_divergence(ipo, pi_ref).mean().item()
+        paths[beta] = (kls, ipo_kl)
+        print(f"{beta:6g} {losses[-1]:30.2e} {kls[-1]:12.4f} {pi.min():13.1e} "
+              f"{(torch.log(pi) - torch.log(pi_ref)).abs().max():18.1f} {ipo_kl:15.4f} {(solved - ipo).abs().max():27.1e}")
+    print("(inf: π(y_l) underflowed to 0 in float64)")
+    print(f"DPO: the loss falls towards 0 and π(y_l) → 0 whatever β is (no minimiser: its infimum 0 needs log π/π_ref "
+          f"= −∞ on every loser), KL → {limit:.4f} for every β; IPO: one finite minimiser, its KL set by β")
+
+    sharp = torch.logspace(-1, 2, 31, dtype=torch.float64)
+    sweep = {beta: ([kl_divergence(optimal_policy(pi_ref, s * rewards, beta), pi_ref).mean().item() for s in sharp],
+                    [kl_divergence(ipo_optimal_policy(pi_ref, torch.sigmoid(s * (rewards[:, :, None] - rewards[:, None, :])),
+                                                      beta), pi_ref).mean().item() for s in sharp]) for beta in betas}
+    print("near-deterministic, p* = σ(s·(r*(y_w) − r*(y_l))) as s grows: DPO's minimiser is π* for s·r* (eq. (36)), "
+          "IPO's the closed form above")
+    for beta in betas:
+        d, i = sweep[beta]
+        print(f"  β = {beta:g}: KL(π‖π_ref) at s = 1, 10, 100: DPO {d[10]:.3f}, {d[20]:.3f}, {d[30]:.3f};  "
+              f"IPO {i[10]:.3f}, {i[20]:.3f}, {i[30]:.3f}")
+
+    once = one_row_per_pair(torch.sigmoid(rewards[:, :, None] - rewards[:, None, :]), torch.Generator().manual_seed(seed + 2))
+    unbeaten = ((once.sum(1) == 0) & (once.sum(2) > 0)).any(-1)  # (X,): a prompt where a response never lost
+    dpo_loss_fn = partial(preference_loss, "dpo", beta=betas[1])
+    dpo_once = minimise_pairs(dpo_loss_fn, pi_ref, once, max_iter=steps)
+    ipo_once = minimise_pairs(partial(preference_loss, "ipo", beta=betas[1]), pi_ref, once)
+    spread = lambda pi: (torch.log(pi) - torch.log(pi_ref)).abs().max().item()  # noqa: E731
+    print(f"each pair seen once (one BT draw per pair; in {int(unbeaten.sum())} of {len(unbeaten)} prompts a response "
+          f"never lost), β = {betas[1]}: DPO's Newton stops at max |log π/π_ref| = {spread(dpo_once):.1f} only because "
+          f"float64 can lower its loss ({pair_table_loss(dpo_loss_fn, torch.log(dpo_once), pi_ref, once):.1e}) no "
+          f"further; IPO's minimiser: {spread(ipo_once):.2f}")
+    deterministic_figure(paths, sharp.numpy(), sweep, limit)
+
+
+def _label_noise_section(seed, beta, flip):
+    pi_ref, rewards = tabular_problem(seed)
+    clean = preference_probabilities(pi_ref, rewards)
+    noisy = flip_labels(clean, flip)
+    pi_star = optimal_policy(pi_ref, rewards, beta)
+    _section(f"label noise: every label flipped with probability {flip} (Chowdhury et al. 2024's setting)")
+    centred = lambda v: v - v.mean(-1, keepdim=True)  # noqa: E731  (rewards are free up to f(x))
+    target = centred(rewards)
+    print(f"{'loss':14s} {'data':7s} {'max|π − π*|':>12s} {'KL(π‖π*)':>10s} {'implied r̂ / r* (slope)':>23s}")
+    implied = {}
+    for label, kind, eps, data in (("dpo", "dpo", 0.0, clean), ("dpo", "dpo", 0.0, noisy),
+                                   (f"cdpo ε={flip}", "cdpo", flip, noisy), (f"rdpo ε={flip}", "rdpo", flip, noisy)):
+        kw = dict(label_smoothing=eps) if eps else {}
+        pi = minimise_pairs(partial(preference_loss, kind, beta=beta, **kw), pi_ref, data)
+        r_hat = centred(beta * (torch.log(pi) - torch.log(pi_ref)))  # eq. (37) up to β·log Z
+        slope = ((r_hat * target).sum() / (target * target).sum()).item()
+        name = "clean" if data is clean else "noisy"
+        implied[f"{label}, {name}" + (" (= r*, under rdpo)" if data is clean else "")] = r_hat
+        print(f"{label:14s} {name:7s} {(pi - pi_star).abs().max():12.1e} {kl_divergence(pi, pi_star).mean().clamp(min=0):10.1e} "
+              f"{slope:23.4f}")
+    print(f"plain DPO on flipped labels is π* for shrunk rewards (slope < 1; 1 − 2ε = {1 - 2 * flip}); cDPO shrinks "
+          f"them again; rDPO at the true flip rate is unbiased: its population loss is eq. (38)'s on clean labels")
+    return target, implied
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python3 -m chapters.ch10_dpo_family", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short form of the same run")
+    parser.add_argument("--seed", type=int, default=0, help="seed for every random draw (default 0)")
+    args = parser.parse_args(argv)
+    plotting.check_writable()
+    started = time.perf_counter()
+    with one_thread():  # tiny tensors: extra threads only add overhead on a shared CPU
+        beta, eps, gamma, lam = 0.5, 0.1, 0.5, 0.1
+        _loss_checks(beta, eps, gamma, lam)
+        front, rows = _population_section(args.seed, beta, eps, gamma, lam)
+        _deterministic_section(args.seed, (0.1, 0.5, 2.0), 30 if args.quick else 60)
+        target, implied = _label_noise_section(args.seed, beta, 0.2)
+        tabular_figure(front, rows, target, implied)
+    print(f"\ndone in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    run(main)
