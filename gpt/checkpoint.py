@@ -7,6 +7,7 @@ tensor is mapped by the one table NAME_TABLE below and its shape checked; anythi
 """
 import json
 import re
+from os import PathLike
 from pathlib import Path
 
 import numpy as np
@@ -225,8 +226,13 @@ def load_checkpoint(path) -> GPT:
 def load_gpt2(name_or_path, cache_dir=None, source=None) -> GPT:
     """GPT-2 in eval mode from a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; the download cache,
     downloading when missing) or a checkpoint path (see `load_checkpoint`)."""
-    from gpt.download import ensure_downloaded  # here, not at the top: `python -m gpt.download` imports gpt first
+    # imported here, not at the top: gpt/__init__.py must leave gpt.download unloaded for `python -m gpt.download`
+    from gpt.download import SOURCES, ensure_downloaded
 
+    if not isinstance(name_or_path, (str, PathLike)) or not str(name_or_path):
+        raise ValueError(f"load_gpt2 takes a model name ({', '.join(PRESETS)}) or a checkpoint path, got {name_or_path!r}")
+    if source not in (None, *SOURCES):
+        raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)} (None: whichever is cached)")
     text = str(name_or_path)
     if text in PRESETS:  # a name wins over a folder of that name; write ./gpt2 for the folder
         return load_checkpoint(ensure_downloaded(text, source=source, cache_dir=cache_dir))

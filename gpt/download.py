@@ -77,6 +77,19 @@ def _check_name(name, source):
         raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
 
 
+def _check_writable(folder: Path):
+    """Refuse, before any download and creating nothing, a cache folder that cannot be made or written."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"cannot write the cache folder {folder} ({probe} is a file, not a folder); "
+                                 f"pass --cache-dir DIR or set ${CACHE_ENV}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the cache folder {folder} ({probe} is not writable); "
+                              f"pass --cache-dir DIR or set ${CACHE_ENV}")
+
+
 def fetch(url, dest, size=None, sha256=None, progress=True) -> Path:
     """Stream `url` into `dest` through a temporary file in the same folder; rename only when complete and checked.
 
@@ -138,6 +151,7 @@ def download(name, source="openai", cache_dir=None, progress=True) -> Path:
     """Every file of model `name` from `source` ("openai" or "hf") into <cache>/<name>/<source>/; returns that folder."""
     _check_name(name, source)
     folder = model_dir(name, source, cache_dir)
+    _check_writable(folder)
     for file in FILES[source]:
         dest = folder / file
         size, sha256 = PUBLISHED.get((source, name, file), (None, None))
@@ -147,10 +161,9 @@ def download(name, source="openai", cache_dir=None, progress=True) -> Path:
         try:
             fetch(url, dest, size, sha256, progress)
         except DownloadError as err:
-            base = url.rsplit("/", 1)[0]
-            raise DownloadError(f"{err}. Run the command again; offline, put {', '.join(NEEDED[source])} from {base}/ "
-                                f"into {folder}/ by hand (all that loading needs), or load weights you have with "
-                                "--checkpoint PATH") from None
+            raise DownloadError(f"{err}. Run the command again; offline, put {', '.join(NEEDED[source])} (from that "
+                                f"URL's folder) into {folder}/ by hand, or use weights you have with --checkpoint PATH"
+                                ) from None
     return folder
 
 
@@ -170,18 +183,24 @@ def ensure_downloaded(name, source=None, cache_dir=None) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gpt.download", description="Download GPT-2 weights into the cache that gpt.load_gpt2 reads.")
-    p.add_argument("name", help=f"one of {', '.join(PRESETS)}")
-    p.add_argument("--source", default="openai", help="openai: OpenAI's TensorFlow files; hf: Hugging Face safetensors")
-    p.add_argument("--cache-dir", help=f"cache folder (default ${CACHE_ENV} or {DEFAULT_CACHE})")
+    p = argparse.ArgumentParser(prog="python -m gpt.download",
+                                description="Download GPT-2 weights into the cache that gpt.load_gpt2 reads.")
+    p.add_argument("name", metavar="NAME", choices=PRESETS, help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--source", default="openai", choices=SOURCES,
+                   help="openai: OpenAI's TensorFlow files (default); hf: Hugging Face safetensors")
+    p.add_argument("--cache-dir", metavar="DIR", help=f"cache folder (default ${CACHE_ENV} or {DEFAULT_CACHE})")
     args = p.parse_args(argv)
     try:
         folder = download(args.name, args.source, args.cache_dir, progress=True)
-    except (ValueError, DownloadError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"download stopped by Ctrl-C; no partial file is left in "
+                                f"{model_dir(args.name, args.source, args.cache_dir)}/; run the command again "
+                                "to fetch the missing files") from None
     print(f"{args.name} ({args.source}) is in {folder}")
     return folder
 
 
 if __name__ == "__main__":
-    main()
+    from gpt.cli import run
+
+    run(main)

@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt import download
 from gpt.checkpoint import load_gpt2
+from gpt.cli import run
 from gpt.download import DownloadError
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tf_gpt2_tiny"
@@ -135,26 +136,82 @@ def test_dropped_connection_leaves_no_partial_file(hub, monkeypatch):
     assert files_in(download.cache_root()) == []
 
 
-def test_offline_message_is_one_line_with_url_folder_and_what_to_do(monkeypatch, tmp_path):
-    def no_network(url, timeout):
-        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+def no_network(url, timeout):
+    raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
+
+def tree_in(folder):
+    """Every file and folder below `folder`, relative."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+@pytest.mark.parametrize("source, needed", [("hf", "model.safetensors"),
+                                            ("openai", "hparams.json, model.ckpt.index, model.ckpt.data-00000-of-00001")])
+def test_offline_message_is_one_line_with_url_the_files_that_load_folder_and_what_to_do(monkeypatch, tmp_path, capsys,
+                                                                                        source, needed):
     monkeypatch.setattr(download, "urlopen", no_network)
     with pytest.raises(SystemExit) as info:
-        download.main(["gpt2-medium", "--source", "hf", "--cache-dir", str(tmp_path)])
-    message = str(info.value)
-    assert "\n" not in message and message.startswith("error: could not download ")
-    assert "https://huggingface.co/openai-community/gpt2-medium/resolve/main/config.json" in message
-    assert "Temporary failure in name resolution" in message
-    assert f"into {tmp_path / 'gpt2-medium' / 'hf'}/" in message and "by hand" in message
-    assert files_in(tmp_path) == []
+        run(download.main, ["gpt2-medium", "--source", source, "--cache-dir", str(tmp_path)])
+    assert info.value.code == 1
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and message.startswith("error: could not download ")
+    first = download.url_for("gpt2-medium", source, download.FILES[source][0])
+    assert f"{first} ([Errno -3] Temporary failure in name resolution)" in message
+    assert f"put {needed} (from that URL's folder) into {tmp_path / 'gpt2-medium' / source}/ by hand" in message
+    advice = message.split(". Run the command again", 1)[1]
+    assert "model.ckpt.meta" not in advice and "config.json" not in advice  # only what loading needs
+    assert "--checkpoint PATH" in message and "load_gpt2" not in message  # what a command-line user types
+    assert tree_in(tmp_path) == []  # no file, and no empty cache folder either
 
 
-def test_unknown_name_or_source_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match=r"^error: unknown model name 'gpt3'; valid names: gpt2, gpt2-medium, gpt2-large, gpt2-xl$"):
-        download.main(["gpt3", "--cache-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"^error: unknown source 'tf'; valid sources: openai, hf$"):
-        download.main(["gpt2", "--source", "tf", "--cache-dir", str(tmp_path)])
+def test_failed_download_removes_only_the_folders_it_made(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "urlopen", no_network)
+    (tmp_path / "cache" / "gpt2").mkdir(parents=True)  # already there: stays
+    with pytest.raises(DownloadError):
+        download.download("gpt2", "hf", progress=False)
+    assert tree_in(tmp_path / "cache") == ["gpt2"]
+
+
+def test_unwritable_cache_folder_is_one_line_before_any_download(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(download, "urlopen", lambda url, timeout: pytest.fail("downloaded into an unwritable cache"))
+    (tmp_path / "a_file").write_text("not a folder\n")
+    with pytest.raises(SystemExit) as info:
+        run(download.main, ["gpt2", "--cache-dir", str(tmp_path / "a_file" / "cache")])
+    assert info.value.code == 1
+    assert capsys.readouterr().err == (f"error: cannot write the cache folder {tmp_path}/a_file/cache/gpt2/openai "
+                                       f"({tmp_path}/a_file is a file, not a folder); pass --cache-dir DIR or set "
+                                       "$DPO_CACHE\n")
+
+
+def test_ctrl_c_mid_download_is_one_line_exit_130_and_leaves_nothing(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(download, "urlopen", lambda url, timeout: CutResponse(b"x" * 1000, 5000, KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as info:
+        run(download.main, ["gpt2", "--source", "hf"])
+    assert info.value.code == 130
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert last == (f"interrupted: download stopped by Ctrl-C; no partial file is left in "
+                    f"{tmp_path / 'cache' / 'gpt2' / 'hf'}/; run the command again to fetch the missing files")
+    assert tree_in(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["gpt3"], "argument NAME: invalid choice: 'gpt3' (choose from 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')"),
+    (["gpt2", "--source", "tf"], "argument --source: invalid choice: 'tf' (choose from 'openai', 'hf')"),
+    ([], "the following arguments are required: NAME"),
+])
+def test_unknown_name_or_source_is_refused_by_argparse_before_anything(tmp_path, capsys, argv, line):
+    with pytest.raises(SystemExit) as info:
+        download.main([*argv, "--cache-dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m gpt.download: error: {line}"
+    assert tree_in(tmp_path) == []
+
+
+def test_library_refuses_unknown_name_or_source_with_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"^unknown model name 'gpt3'; valid names: gpt2, gpt2-medium, gpt2-large, gpt2-xl$"):
+        download.download("gpt3", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"^unknown source 'tf'; valid sources: openai, hf$"):
+        download.download("gpt2", "tf", cache_dir=tmp_path)
 
 
 def test_data_shard_size_is_four_bytes_per_parameter():
