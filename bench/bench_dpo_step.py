@@ -24,8 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chapters import preference_data as pdata  # noqa: E402
-from chapters.dpo_step import (ReferenceCache, autocast, fast_dpo_loss, packed_pairs_batch, plain_dpo_loss,  # noqa: E402
-                               unpacked_pairs_batch)
+from chapters.dpo_step import ReferenceCache, autocast, fast_dpo_loss, plain_dpo_loss  # noqa: E402
+from chapters.rows import packed_pairs_batch, unpacked_pairs_batch  # noqa: E402
+from gpt.cli import nonnegative_int, positive_float, positive_int, run  # noqa: E402
 from gpt import get_tokenizer, load_gpt2  # noqa: E402
 from gpt.config import PRESETS  # noqa: E402
 from gpt.tokenizer import EOS_ID, bpe_files_dir  # noqa: E402
@@ -108,19 +109,22 @@ class StepTimer:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="gpt2", choices=list(PRESETS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per method")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--check-batches", type=int, default=3, help="batches whose TRL and fast losses are compared")
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=5e-6)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-length", type=positive_int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=4, help="timed steps per method")
+    parser.add_argument("--warmup", type=nonnegative_int, default=1)
+    parser.add_argument("--check-batches", type=nonnegative_int, default=3,
+                        help="batches whose TRL and fast losses are compared")
+    parser.add_argument("--beta", type=positive_float, default=0.1)
+    parser.add_argument("--lr", type=positive_float, default=5e-6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="TRL's default; off unless given, since no other method here recomputes activations")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False); use cpu")
     dev = args.device
 
     entries = pdata.load()
@@ -233,4 +237,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

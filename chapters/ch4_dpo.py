@@ -1,10 +1,10 @@
-"""Chapter 4 (report §4.2–§4.4; eqs (38)–(41)): the DPO loss, its gradient, and the implicit reward.
+"""Chapter 4 (report §4.2–§4.4; eqs. (38)–(41)): the DPO loss, its gradient, and the implicit reward.
 
     python3 -m chapters.ch4_dpo          # every claim of §4.2–§4.4 beside the number that checks it
 
-Run order: the loss (38) and its stable form, Plackett–Luce DPO (39)–(40), the gradient (41) in a
-table and in a tiny GPT-2, response log-probs done right next to the report authors' three mistakes,
-and the central claim: DPO on preferences drawn from BT(r*) recovers π* = π_ref·exp(r*/β)/Z (eq 36).
+Run order: the loss, eq. (38), and its stable form, Plackett–Luce DPO, eqs. (39)–(40), the gradient, eq. (41),
+in a table and in a tiny GPT-2, response log-probs done right next to the report authors' three mistakes, and
+the central claim: DPO on preferences drawn from BT(r*) recovers π* = π_ref·exp(r*/β)/Z (eq. (36)).
 """
 import argparse
 import itertools
@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gpt
+from gpt.cli import positive_float, positive_int, run
 from chapters import one_thread
 from chapters.ch3_kl_optimum import optimal_policy
-from chapters.plotting import plt, save
+from chapters.newton import newton_minimise
+from chapters.plotting import check_writable, plt, save
+from chapters.rows import prompt_response_rows
 
 
 # --------------------------------------------------------------------------- log-probs of a response
@@ -35,9 +38,11 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_ma
     eq. (38) it acts as a per-response β/|y|, the optimum becomes π_ref·exp(|y|·(r/β + c(x))) instead
     of π*, and long responses move further from π_ref than short ones (`fit_tabular_dpo(lengths=...)`).
     """
-    if input_ids.shape != response_mask.shape or logits.shape[:2] != input_ids.shape:
+    if logits.dim() != 3 or input_ids.shape != response_mask.shape or logits.shape[:2] != input_ids.shape:
         raise ValueError(f"shapes disagree: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
                          f"response_mask {tuple(response_mask.shape)}; want (B, T, V), (B, T), (B, T)")
+    if input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be token ids of dtype torch.long, got {input_ids.dtype}")
     if response_mask[:, 0].any():
         raise ValueError("response_mask marks position 0, which no logits predict; put the prompt (or a BOS) first")
     dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 for GPT-2, float64 stays float64
@@ -63,26 +68,6 @@ def unshifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torc
     return torch.where(mask.bool(), token_logp, 0.0).sum(-1)  # (B,)
 
 
-def concat_prompt_response(prompts, responses, pad_id: int = 0):
-    """Lay out (prompt, response) pairs as rows [prompt, response, right padding]: the layout `response_logprobs` reads.
-
-    prompts, responses: lists of 1-D LongTensors. Returns input_ids, attention_mask, response_mask, each (B, T).
-    """
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; give one response per prompt")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("an empty prompt leaves the first response token unpredicted; start with at least one token")
-    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    response_mask = torch.zeros(len(prompts), T, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, :len(p) + len(r)] = torch.cat([p, r])
-        attention_mask[i, :len(p) + len(r)] = 1
-        response_mask[i, len(p):len(p) + len(r)] = True
-    return input_ids, attention_mask, response_mask
-
-
 def logprob_by_prefixes(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
     """Report eq. (38)'s log π(y | x) by definition, Σ_t log π(y_t | x, y_<t): one forward pass per prefix (slow)."""
     total = 0.0
@@ -92,9 +77,11 @@ def logprob_by_prefixes(model, prompt: torch.Tensor, response: torch.Tensor) -> 
     return total
 
 
-# --------------------------------------------------------------------------- the loss, eqs (38)–(40)
+# --------------------------------------------------------------------------- the loss, eqs. (38)–(40)
 def implicit_reward(policy_logps, ref_logps, beta: float):
     """Report §4.4: r̂_θ(x, y) = β·log π_θ(y|x)/π_ref(y|x), the reward the policy implicitly defines."""
+    if not (isinstance(beta, (int, float)) and 0 < beta < math.inf):
+        raise ValueError(f"beta must be a finite number > 0 (the KL weight of eq. (27)), got {beta!r}")
     return beta * (policy_logps - ref_logps)
 
 
@@ -103,9 +90,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
     F.logsigmoid is −softplus(−z): finite for any margin z (±1e4 included), unlike log(sigmoid(z)).
     """
-    chosen = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta)  # r̂(x, y_w)
-    rejected = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta)  # r̂(x, y_l)
-    return -F.logsigmoid(chosen - rejected)
+    try:
+        chosen = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta)  # r̂(x, y_w)
+        rejected = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta)  # r̂(x, y_l)
+        return -F.logsigmoid(chosen - rejected)
+    except RuntimeError as e:  # shapes that do not broadcast
+        raise ValueError(f"the four log-probs do not broadcast ({e}); give each as (B,), one per pair") from None
 
 
 def plackett_luce_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -136,7 +126,7 @@ def dpo_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
     }
 
 
-# --------------------------------------------------------------------------- the gradient, eq (41)
+# --------------------------------------------------------------------------- the gradient, eq. (41)
 def dpo_gradient(grad_chosen_logps, grad_rejected_logps, policy_chosen_logps, policy_rejected_logps,
                  ref_chosen_logps, ref_rejected_logps, beta: float) -> torch.Tensor:
     """Report eq. (41): ∇_θ L = −β·mean[σ(r̂(y_l) − r̂(y_w))·(∇_θ log π(y_w|x) − ∇_θ log π(y_l|x))].
@@ -190,28 +180,14 @@ def fit_tabular_dpo(pi_ref: torch.Tensor, weights: torch.Tensor, beta: float, le
                     max_iter: int = 50) -> torch.Tensor:
     """Report eq. (38) minimised over a tabular policy (`tabular_dpo_loss`), from π_θ = π_ref; returns π_θ (X, Y).
 
-    Full batch, float64, Newton's method with a backtracking line search (Hessian eigenvalues taken as
-    |λ| so every step goes downhill: with `lengths` the loss is not convex in θ). If the data put the
-    minimiser at infinity (a response that never lost), it stops after max_iter steps.
+    Full batch, float64, by Newton's method (`chapters.newton.newton_minimise`, which steps downhill even where the
+    loss is not convex, as with `lengths`). If the data put the minimiser at infinity (a response that never
+    lost), it stops after max_iter steps.
     """
     def loss_fn(flat):
         return tabular_dpo_loss(flat.reshape(pi_ref.shape), pi_ref, weights, beta, lengths)
 
-    theta = torch.log(pi_ref).flatten()  # (X*Y,)
-    for _ in range(max_iter):
-        flat = theta.clone().requires_grad_(True)
-        loss = loss_fn(flat)
-        (grad,) = torch.autograd.grad(loss, flat)
-        if grad.abs().max() < 1e-14:
-            break
-        hessian = torch.autograd.functional.hessian(loss_fn, theta, vectorize=True)  # (X*Y, X*Y)
-        eigval, eigvec = torch.linalg.eigh(hessian)
-        keep = eigval.abs() > 1e-12 * eigval.abs().max()  # drop θ[x] + c, which no loss sees
-        step = eigvec[:, keep] @ ((eigvec[:, keep].T @ grad) / eigval[keep].abs())  # |λ|: always downhill
-        t = 1.0
-        while loss_fn(theta - t * step) > loss - 1e-4 * t * (grad @ step) and t > 1e-8:
-            t /= 2
-        theta = theta - t * step
+    theta = newton_minimise(loss_fn, torch.log(pi_ref).flatten(), max_iter)  # (X*Y,)
     return torch.softmax(theta.reshape(pi_ref.shape), dim=-1)
 
 
@@ -235,12 +211,8 @@ def _random_pairs(vocab: int, n: int, generator):
     return [(tokens(2, 4), tokens(1, 5), tokens(1, 5)) for _ in range(n)]
 
 
-def _section(title):
-    print(f"\n--- {title}")
-
-
 def _loss_checks(beta):
-    _section("eq. (38): the DPO loss")
+    print("\n--- eq. (38): the DPO loss")
     lp = torch.tensor([-3.0, -7.5, -1.2], dtype=torch.float64)
     same = dpo_loss(lp, lp - 1, lp, lp - 1, beta)
     print(f"policy = reference: loss = {same.min():.12f}…{same.max():.12f} (ln 2 = {math.log(2):.12f})")
@@ -251,7 +223,7 @@ def _loss_checks(beta):
     print(f"margins +1e4, −1e4: stable loss = {loss[0] + 0:.3g}, {loss[1]:.3g}; d loss/d margin = {z.grad[0] + 0:.3g}, "
           f"{z.grad[1]:.3g}; naive −log σ(z) = {naive[0] + 0:.3g}, {naive[1]:.3g}")
 
-    _section("eqs. (39)–(40): Plackett–Luce DPO")
+    print("\n--- eqs. (39)–(40): Plackett–Luce DPO")
     g = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (torch.randn(4, generator=g, dtype=torch.float64) for _ in range(4))
     pl = plackett_luce_dpo_loss(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), beta)
@@ -268,13 +240,13 @@ def _loss_checks(beta):
     print(f"erratum, eq. (39) as printed (r/Σr, no exp): P(y2 ranked first) = {printed:.3f} for r* = {r.tolist()}, "
           "a negative 'probability'; with exp(r*) it is the PL model above")
 
-    _section("§4.4: implicit reward and what a trainer logs")
+    print("\n--- §4.4: implicit reward and what a trainer logs")
     m = dpo_metrics(pc, pr, rc, rr, beta)
     print("  " + ", ".join(f"{k} = {v:.4f}" for k, v in m.items()))
 
 
 def _gradient_checks(beta, seed):
-    _section("eq. (41): autograd of eq. (38) vs the closed form")
+    print("\n--- eq. (41): autograd of eq. (38) vs the closed form")
     g = torch.Generator().manual_seed(seed)
     X, Y = 3, 5
     theta = torch.randn(X, Y, generator=g, dtype=torch.float64, requires_grad=True)
@@ -293,7 +265,7 @@ def _gradient_checks(beta, seed):
     params = [p for p in policy.parameters()]
     triples = _random_pairs(policy.config.vocab_size, 3, g)
     prompts = [t[0] for t in triples] * 2
-    ids, attn, resp = concat_prompt_response(prompts, [t[1] for t in triples] + [t[2] for t in triples])
+    ids, attn, resp = prompt_response_rows(prompts, [t[1] for t in triples] + [t[2] for t in triples])
     with torch.no_grad():
         ref_lp = response_logprobs(ref(ids, attn), ids, resp)  # (2B,)
     lp = response_logprobs(policy(ids, attn), ids, resp)  # (2B,)
@@ -308,14 +280,14 @@ def _gradient_checks(beta, seed):
 
 
 def _authors_code_checks(beta, seed):
-    _section("response log-probs on a tiny GPT-2, and the report authors' code")
+    print("\n--- response log-probs on a tiny GPT-2, and the report authors' code")
     g = torch.Generator().manual_seed(seed)
     policy, ref = random_tiny_gpt2(seed), random_tiny_gpt2(seed + 1)
     triples = _random_pairs(policy.config.vocab_size, 4, g)
     B = len(triples)
     prompts = [t[0] for t in triples] * 2
     responses = [t[1] for t in triples] + [t[2] for t in triples]
-    ids, attn, resp = concat_prompt_response(prompts, responses)
+    ids, attn, resp = prompt_response_rows(prompts, responses)
     prompt_only = attn * ~resp  # the authors' attention mask: zero on the response
     everything = torch.ones_like(resp)
     everything[:, 0] = False  # every token that has a predictor: prompt, response and padding
@@ -345,7 +317,7 @@ def _authors_code_checks(beta, seed):
 
 
 def _central_claim(beta, seed, sizes, repeats):
-    _section("§4.2 + eq. (36): DPO on BT(r*) preferences recovers π* = π_ref·exp(r*/β)/Z")
+    print("\n--- §4.2 + eq. (36): DPO on BT(r*) preferences recovers π* = π_ref·exp(r*/β)/Z")
     g = torch.Generator().manual_seed(seed)
     X, Y = 4, 6
     pi_ref = torch.softmax(0.5 * torch.randn(X, Y, generator=g, dtype=torch.float64), -1)
@@ -409,13 +381,10 @@ def _central_claim(beta, seed, sizes, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m chapters.ch4_dpo", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="seed for every random draw (default 0)")
-    parser.add_argument("--beta", type=float, default=0.5, help="DPO's β (default 0.5)")
-    parser.add_argument("--repeats", type=int, default=20, help="data sets drawn per size N (default 20)")
+    parser.add_argument("--beta", type=positive_float, default=0.5, help="DPO's β, > 0 (default 0.5)")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="data sets drawn per size N (default 20)")
     args = parser.parse_args(argv)
-    if args.beta <= 0:
-        raise SystemExit(f"error: --beta must be > 0 (got {args.beta})")
-    if args.repeats < 1:
-        raise SystemExit(f"error: --repeats must be >= 1 (got {args.repeats})")
+    check_writable()  # an unwritable plots folder: one line now, not after the run
     with one_thread():  # every tensor here is tiny: on a shared CPU extra threads only add overhead
         torch.manual_seed(args.seed)
         _loss_checks(args.beta)
@@ -425,4 +394,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,89 +4,17 @@ The plain step runs policy and reference forward on every batch, chosen and reje
 and takes log-softmax over the full (B, T, vocab) logits. The fast step:
 - takes the reference log-probs from a cache built once (the reference is frozen), together with the
   reference's final hidden states at the response positions, so the token-level KL needs no reference forward;
-- packs each pair into one row, prompt + chosen + rejected, where the rejected tokens skip the chosen ones
-  in attention and restart their positions after the prompt: the shared prompt runs once, not twice;
+- packs each pair into one row, prompt + chosen + rejected (`chapters.rows.packed_pairs_batch`), where the
+  rejected tokens skip the chosen ones in attention and restart their positions after the prompt: the shared
+  prompt runs once, not twice;
 - applies the tied output head only at the positions that predict a response token;
 - takes batches grouped by length (`preference_data.length_grouped_batches`), and bf16 autocast on a GPU.
 """
-from dataclasses import dataclass
-
 import torch
 
-from chapters.ch4_dpo import dpo_loss, response_logprobs
-from chapters.preference_data import length_grouped_batches, padded_pairs
-
-
-@dataclass
-class TokenBatch:
-    """Token rows plus the plan of which hidden state predicts which response token.
-
-    input_ids: (R, L). Plain causal rows have attention_mask (R, L), 1 = real; packed rows have position_ids (R, L)
-    and attn (R, 1, L, L) bool, True = may attend (the other fields None). rows, cols, targets, seq: (N,) — hidden state (rows, cols) predicts
-    token `targets`, which belongs to response sequence `seq` (0..B-1 chosen, B..2B-1 rejected; or 0..R-1 for SFT).
-    Entries are ordered by `seq`, then by position in the response.
-    """
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    attn: torch.Tensor
-    rows: torch.Tensor
-    cols: torch.Tensor
-    targets: torch.Tensor
-    seq: torch.Tensor
-    n_seq: int
-
-    def to(self, device):
-        return TokenBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
-
-
-def _plan(entries):
-    """(row, col, target, seq) tuples sorted by seq (stable) -> four (N,) tensors."""
-    entries.sort(key=lambda e: e[3])
-    rows, cols, targets, seq = (torch.tensor(c, dtype=torch.long) for c in zip(*entries))
-    return rows, cols, targets, seq
-
-
-def rows_batch(prompts, responses, pad_id: int) -> TokenBatch:
-    """One right-padded row per (prompt, response); sequence r is row r's response."""
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    R, L = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((R, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((R, L), dtype=torch.long)
-    entries = []
-    for r, (p, resp) in enumerate(zip(prompts, responses)):
-        ids[r, :len(p) + len(resp)] = torch.tensor(p + resp)
-        mask[r, :len(p) + len(resp)] = 1
-        entries += [(r, len(p) + j - 1, tok, r) for j, tok in enumerate(resp)]  # token at len(p)+j, predicted from one before
-    return TokenBatch(ids, None, mask, None, *_plan(entries), n_seq=R)
-
-
-def unpacked_pairs_batch(pairs, pad_id: int) -> TokenBatch:
-    """Chosen and rejected as separate rows of one batch: rows [chosen_0..chosen_{B-1}, rejected_0..]."""
-    return rows_batch([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-
-
-def packed_pairs_batch(pairs, pad_id: int) -> TokenBatch:
-    """One row per pair: prompt + chosen + rejected, right-padded; the rejected tokens attend to the prompt and
-    to themselves, not to the chosen ones, and take positions len(prompt), len(prompt)+1, ... like the chosen."""
-    B, L = len(pairs), max(p.packed_length for p in pairs)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    segment = torch.full((B, L), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
-    entries = []
-    for b, p in enumerate(pairs):
-        P, C, R = len(p.prompt), len(p.chosen), len(p.rejected)
-        ids[b, :P + C + R] = torch.tensor(p.prompt + p.chosen + p.rejected)
-        pos[b, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
-        segment[b, :P], segment[b, P:P + C], segment[b, P + C:P + C + R] = 0, 1, 2
-        entries += [(b, P + j - 1, tok, b) for j, tok in enumerate(p.chosen)]
-        # the first rejected token is predicted from the last prompt token, the others from the one before
-        entries += [(b, P - 1 if j == 0 else P + C + j - 1, tok, B + b) for j, tok in enumerate(p.rejected)]
-    q, k = segment[:, :, None], segment[:, None, :]  # (B, L, 1), (B, 1, L)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()  # (L, L)
-    attn = causal & (k != -1) & (q != -1) & ((k == 0) | (k == q))  # (B, L, L)
-    attn |= torch.eye(L, dtype=torch.bool)  # padding rows see themselves, so they stay finite
-    return TokenBatch(ids, pos, None, attn[:, None], *_plan(entries), n_seq=2 * B)
+from chapters.ch4_dpo import dpo_loss, dpo_metrics, response_logprobs
+from chapters.preference_data import length_grouped_batches
+from chapters.rows import TokenBatch, packed_pairs_batch, pair_rows
 
 
 def batch_hidden_states(model, batch: TokenBatch) -> torch.Tensor:
@@ -163,13 +91,6 @@ def autocast(device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def dpo_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
-    """Batch means of the DPO loss, reward accuracy (r̂_w > r̂_l), margin r̂_w − r̂_l and the two implicit rewards."""
-    return {"loss": losses.mean().item(), "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "margin": (chosen_rewards - rejected_rewards).mean().item(),
-            "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item()}
-
-
 def fast_dpo_loss(policy, batch: TokenBatch, ref_chosen, ref_rejected, beta: float, ref_hidden=None, ref_head=None):
     """Report eq. (38) on one forward pass of packed pairs with cached reference log-probs: (mean loss, metrics).
 
@@ -182,7 +103,7 @@ def fast_dpo_loss(policy, batch: TokenBatch, ref_chosen, ref_rejected, beta: flo
     ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
     losses = dpo_loss(logps[:B], logps[B:], ref_chosen, ref_rejected, beta)  # (B,)
     with torch.no_grad():
-        metrics = dpo_metrics(losses, beta * (logps[:B] - ref_chosen), beta * (logps[B:] - ref_rejected))
+        metrics = dpo_metrics(logps[:B], logps[B:], ref_chosen, ref_rejected, beta)
         if ref_hidden is not None:
             with autocast(device):
                 ref_logp = head_logprobs(ref_hidden.to(device), ref_head)
@@ -192,7 +113,7 @@ def fast_dpo_loss(policy, batch: TokenBatch, ref_chosen, ref_rejected, beta: flo
 
 def plain_dpo_loss(policy, reference, pairs, pad_id: int, beta: float):
     """Report eq. (38) the plain way: policy and reference forward, chosen and rejected apart, full logits. Mean loss."""
-    ids, att, resp = padded_pairs(pairs, pad_id)  # (2B, T) each
+    ids, att, resp = pair_rows(pairs, pad_id)  # (2B, T) each
     B = len(pairs)
     c, r = slice(0, B), slice(B, 2 * B)
     policy_chosen = response_logprobs(policy(ids[c], att[c]), ids[c], resp[c])

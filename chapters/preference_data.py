@@ -9,8 +9,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from gpt.download import DownloadError, fetch  # noqa: F401 (DownloadError: what callers catch)
 
 URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
@@ -157,31 +155,3 @@ def length_grouped_batches(lengths, batch_size: int, seed: int, shuffle: bool = 
     rng.shuffle(batches)
     return batches
 
-
-def _pad(rows, value: int, length: int) -> torch.Tensor:
-    """Right-pad lists of ints to `length`: (len(rows), length)."""
-    out = torch.full((len(rows), length), value, dtype=torch.long)
-    for r, row in enumerate(rows):
-        out[r, :len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
-
-
-def padded_pairs(pairs, pad_id: int):
-    """The plain layout: rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], each prompt + response, right-padded.
-
-    Returns input_ids, attention_mask (1 = real token) and response_mask (1 = response token, EOS included), each
-    (2B, T), aligned with input_ids.
-    """
-    seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-    resp = ([[0] * len(p.prompt) + [1] * len(p.chosen) for p in pairs]
-            + [[0] * len(p.prompt) + [1] * len(p.rejected) for p in pairs])
-    T = max(len(s) for s in seqs)
-    return _pad(seqs, pad_id, T), _pad([[1] * len(s) for s in seqs], 0, T), _pad(resp, 0, T)
-
-
-def padded_sft(pairs, pad_id: int):
-    """SFT rows prompt + chosen (EOS included), right-padded: input_ids, attention_mask, response_mask, each (B, T)."""
-    seqs = [p.prompt + p.chosen for p in pairs]
-    T = max(len(s) for s in seqs)
-    resp = [[0] * len(p.prompt) + [1] * len(p.chosen) for p in pairs]
-    return _pad(seqs, pad_id, T), _pad([[1] * len(s) for s in seqs], 0, T), _pad(resp, 0, T)

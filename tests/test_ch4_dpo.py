@@ -1,4 +1,4 @@
-"""Chapter 4 (report §4.2–§4.4, eqs (38)–(41)): each check computes its closed form independently, by hand or by
+"""Chapter 4 (report §4.2–§4.4, eqs. (38)–(41)): each check computes its closed form independently, by hand or by
 enumeration, in float64 (tabular) or float32 (the tiny GPT-2)."""
 import itertools
 import math
@@ -8,7 +8,6 @@ import torch
 from scipy.optimize import brentq
 
 from chapters.ch4_dpo import (
-    concat_prompt_response,
     dpo_gradient,
     dpo_loss,
     dpo_metrics,
@@ -23,6 +22,7 @@ from chapters.ch4_dpo import (
     tabular_dpo_loss,
     unshifted_logprobs,
 )
+from chapters.rows import prompt_response_rows
 
 LN2 = math.log(2)
 F64 = dict(dtype=torch.float64)
@@ -48,7 +48,7 @@ def tokens(*ids):
     return torch.tensor(ids, dtype=torch.long)
 
 
-# ----------------------------------------------------------------------------------------- eq (38)
+# ----------------------------------------------------------------------------------------- eq. (38)
 def test_eq38_loss_is_ln2_when_policy_equals_reference():
     lp = torch.randn(2, 16, **F64) * 10
     loss = dpo_loss(lp[0], lp[1], lp[0], lp[1], beta=0.1)
@@ -113,7 +113,7 @@ def test_implicit_reward_and_trainer_metrics_by_hand():
     assert tie["rewards/accuracies"] == 0.0 and tie["loss"] == pytest.approx(LN2, abs=1e-15)
 
 
-# ------------------------------------------------------------------------------------- eqs (39)–(40)
+# ------------------------------------------------------------------------------------- eqs. (39)–(40)
 def pl_probability_by_hand(scores, ranking):
     """Plackett–Luce: Π_k exp(s_τ(k)) / Σ_{j≥k} exp(s_τ(j)), float64 by enumeration of the sums."""
     p = 1.0
@@ -148,8 +148,8 @@ def test_eq39_partition_function_cancels():
     pi_ref = torch.softmax(torch.randn(K, generator=g, **F64), -1)
     r = torch.randn(K, generator=g, **F64)
     Z = (pi_ref * torch.exp(r / beta)).sum()
-    pi_star = pi_ref * torch.exp(r / beta) / Z  # eq (36), by hand
-    assert torch.allclose(beta * torch.log(pi_star / pi_ref) + beta * torch.log(Z), r, atol=1e-14)  # eq (37)
+    pi_star = pi_ref * torch.exp(r / beta) / Z  # eq. (36), by hand
+    assert torch.allclose(beta * torch.log(pi_star / pi_ref) + beta * torch.log(Z), r, atol=1e-14)  # eq. (37)
     for tau in itertools.permutations(range(K)):
         # first line of (39) with exp(r*), against its second line (β·log π*/π_ref, no Z)
         order = list(tau)
@@ -158,7 +158,7 @@ def test_eq39_partition_function_cancels():
 
 
 def test_eq39_as_printed_without_exp_is_not_a_ranking_distribution():
-    """Erratum: eq (39) prints r*(y_τ(k)) / Σ_j r*(y_τ(j)); Plackett–Luce needs exp(r*) in both."""
+    """Erratum: eq. (39) prints r*(y_τ(k)) / Σ_j r*(y_τ(j)); Plackett–Luce needs exp(r*) in both."""
     r = [1.0, -0.5, 0.3]
 
     def printed(tau):
@@ -173,7 +173,7 @@ def test_eq39_as_printed_without_exp_is_not_a_ranking_distribution():
     assert pl_probability_by_hand(r, (0, 1, 2)) == pytest.approx(pl_probability_by_hand(shifted, (0, 1, 2)), abs=1e-15)
 
 
-# ----------------------------------------------------------------------------------------- eq (41)
+# ----------------------------------------------------------------------------------------- eq. (41)
 def test_eq41_autograd_equals_closed_form_tabular():
     g = torch.Generator().manual_seed(6)
     X, Y, beta = 3, 5, 0.4
@@ -191,7 +191,7 @@ def test_eq41_autograd_equals_closed_form_tabular():
         closed[x[i], w[i]] -= beta * sigmoid(r_l - r_w) / len(x)
         closed[x[i], l[i]] += beta * sigmoid(r_l - r_w) / len(x)
     assert torch.allclose(theta.grad, closed, atol=1e-15, rtol=0)
-    # the chapter's eq (41) function, fed the per-example gradients by hand, gives the same
+    # the chapter's eq. (41) function, fed the per-example gradients by hand, gives the same
     def grad_logp(xs, ys):  # (B, X*Y): ∇_θ log π(y|x) = e_{x,y} − π(·|x) in row x
         grads = torch.zeros(len(xs), X, Y, **F64)
         for i, (xi, yi) in enumerate(zip(xs, ys)):
@@ -204,30 +204,41 @@ def test_eq41_autograd_equals_closed_form_tabular():
 
 
 def test_eq41_autograd_equals_closed_form_gpt2_parameters():
+    """dpo_gradient fed the per-example gradients of the prefix-by-prefix log π(y|x) equals autograd of eq. (38)."""
     policy, ref = random_tiny_gpt2(0), random_tiny_gpt2(1)
     beta = 0.5
     pairs = [(tokens(5, 9, 2), tokens(7, 1, 3), tokens(8)), (tokens(4, 4), tokens(10, 11), tokens(12, 13, 14, 15))]
+    B = len(pairs)
     prompts = [p for p, _, _ in pairs] * 2
-    ids, attn, resp = concat_prompt_response(prompts, [c for _, c, _ in pairs] + [r for _, _, r in pairs])
+    ids, attn, resp = prompt_response_rows(prompts, [c for _, c, _ in pairs] + [r for _, _, r in pairs])
     with torch.no_grad():
         ref_lp = response_logprobs(ref(ids, attn), ids, resp)
     lp = response_logprobs(policy(ids, attn), ids, resp)
     params = list(policy.parameters())
-    auto = torch.autograd.grad(dpo_loss(lp[:2], lp[2:], ref_lp[:2], ref_lp[2:], beta).mean(), params)
-    # closed form −β/B Σ_i σ(r̂_l − r̂_w)(∇log π(y_w) − ∇log π(y_l)), gradients of the prefix-by-prefix definition
-    closed = [torch.zeros_like(p) for p in params]
-    for p, c, r in pairs:
-        lp_w, lp_l = by_prefixes(policy, p, c), by_prefixes(policy, p, r)
-        with torch.no_grad():
-            r_w = beta * (lp_w.item() - by_prefixes(ref, p, c).item())
-            r_l = beta * (lp_l.item() - by_prefixes(ref, p, r).item())
-        grads = torch.autograd.grad(lp_w - lp_l, params)
-        for acc, gr in zip(closed, grads):
-            acc -= beta * sigmoid(r_l - r_w) * gr / len(pairs)
-    scale = max(a.abs().max().item() for a in auto)
+    auto = torch.autograd.grad(dpo_loss(lp[:B], lp[B:], ref_lp[:B], ref_lp[B:], beta).mean(), params)
+    auto = torch.cat([a.flatten() for a in auto])  # (P,)
+
+    def flat_grad(value):  # (P,): ∇_θ of one scalar
+        return torch.cat([g.flatten() for g in torch.autograd.grad(value, params)])
+
+    # eq. (41)'s ingredients from the definition (one unpadded forward pass per prefix), not from response_logprobs
+    lp_w, lp_l = ([by_prefixes(policy, x, y) for x, y in zip(prompts[:B], ys)] for ys in ([c for _, c, _ in pairs],
+                                                                                         [r for _, _, r in pairs]))
+    grad_w, grad_l = torch.stack([flat_grad(v) for v in lp_w]), torch.stack([flat_grad(v) for v in lp_l])  # (B, P)
+    with torch.no_grad():
+        ref_w = torch.stack([by_prefixes(ref, x, c) for x, c, _ in pairs])
+        ref_l = torch.stack([by_prefixes(ref, x, r) for x, _, r in pairs])
+    lp_w, lp_l = torch.stack(lp_w).detach(), torch.stack(lp_l).detach()
+    got = dpo_gradient(grad_w, grad_l, lp_w, lp_l, ref_w, ref_l, beta)
+    # and eq. (41) by hand: −β/B Σ_i σ(r̂_l − r̂_w)(∇log π(y_w) − ∇log π(y_l))
+    by_hand = sum(-beta * sigmoid(beta * ((lp_l[i] - ref_l[i]) - (lp_w[i] - ref_w[i])).item()) * (grad_w[i] - grad_l[i])
+                  for i in range(B)) / B
+    scale = auto.abs().max().item()
     assert scale > 1e-3  # a non-trivial gradient
-    for a, c in zip(auto, closed):
-        assert torch.allclose(a, c, atol=1e-5 * scale, rtol=1e-4)
+    assert torch.allclose(got, auto, atol=1e-5 * scale, rtol=1e-4)
+    assert torch.allclose(by_hand, auto, atol=1e-5 * scale, rtol=1e-4)
+    wrong_sign = dpo_gradient(grad_l, grad_w, lp_l, lp_w, ref_l, ref_w, beta)  # winner and loser swapped
+    assert not torch.allclose(wrong_sign, auto, atol=1e-2 * scale)
 
 
 # ------------------------------------------------------------------------------ response log-probs
@@ -235,7 +246,7 @@ def test_response_logprobs_on_gpt2_equals_token_by_token_sum():
     model = random_tiny_gpt2(0)
     prompts = [tokens(5, 9, 2), tokens(4), tokens(8, 8, 8, 8)]
     responses = [tokens(7, 1, 3), tokens(10, 11, 12, 13, 14), tokens(6)]  # rows right-padded to different lengths
-    ids, attn, resp = concat_prompt_response(prompts, responses, pad_id=63)
+    ids, attn, resp = prompt_response_rows(prompts, responses, pad_id=63)
     with torch.no_grad():
         got = response_logprobs(model(ids, attn), ids, resp)
         want = torch.stack([by_prefixes(model, p, r) for p, r in zip(prompts, responses)])
@@ -246,7 +257,7 @@ def test_response_logprobs_on_gpt2_equals_token_by_token_sum():
 
 def test_gpt2_first_step_loss_is_ln2():
     model = random_tiny_gpt2(0)
-    ids, attn, resp = concat_prompt_response([tokens(3, 4)] * 2, [tokens(5, 6), tokens(7, 8, 9)])
+    ids, attn, resp = prompt_response_rows([tokens(3, 4)] * 2, [tokens(5, 6), tokens(7, 8, 9)])
     with torch.no_grad():
         lp = response_logprobs(model(ids, attn), ids, resp)
     assert dpo_loss(lp[:1], lp[1:], lp[:1], lp[1:], 0.1).item() == pytest.approx(LN2, abs=1e-7)
@@ -255,7 +266,7 @@ def test_gpt2_first_step_loss_is_ln2():
 def test_per_token_mean_divides_by_the_number_of_response_tokens():
     model = random_tiny_gpt2(0)
     prompts, responses = [tokens(3, 4), tokens(2)], [tokens(5, 6, 7), tokens(9)]
-    ids, attn, resp = concat_prompt_response(prompts, responses)
+    ids, attn, resp = prompt_response_rows(prompts, responses)
     with torch.no_grad():
         logits = model(ids, attn)
         mean = response_logprobs(logits, ids, resp, per_token_mean=True)
@@ -264,7 +275,7 @@ def test_per_token_mean_divides_by_the_number_of_response_tokens():
 
 
 def test_per_token_mean_moves_the_optimum_to_length_scaled_rewards():
-    """With log π/π_ref divided by |y|, DPO's optimum is π_ref·exp(|y|(r*/β + c)), not π* (eq 36): a length bias."""
+    """With log π/π_ref divided by |y|, DPO's optimum is π_ref·exp(|y|(r*/β + c)), not π* (eq. (36)): a length bias."""
     g = torch.Generator().manual_seed(7)
     Y, beta = 4, 0.5
     pi_ref = torch.softmax(torch.randn(1, Y, generator=g, **F64), -1)
@@ -311,7 +322,7 @@ def test_authors_hidden_response_cannot_see_its_own_earlier_tokens():
     model = random_tiny_gpt2(0)
     prompt = tokens(5, 9, 2)
     a, b = tokens(7, 1, 3), tokens(40, 1, 3)  # differ only in the first response token
-    ids, attn, resp = concat_prompt_response([prompt, prompt], [a, b])
+    ids, attn, resp = prompt_response_rows([prompt, prompt], [a, b])
     hide = attn * ~resp
     only_last = torch.zeros_like(resp)
     only_last[:, -1] = True  # score y_3 alone
@@ -334,7 +345,7 @@ def test_authors_padding_inside_logprob_makes_the_loss_depend_on_the_batch():
     def losses(triples, mask_of):
         B = len(triples)
         prompts = [t[0] for t in triples] * 2
-        ids, attn, resp = concat_prompt_response(prompts, [t[1] for t in triples] + [t[2] for t in triples])
+        ids, attn, resp = prompt_response_rows(prompts, [t[1] for t in triples] + [t[2] for t in triples])
         mask = mask_of(ids, attn, resp)
         with torch.no_grad():
             lp, rl = (response_logprobs(m(ids, attn), ids, mask) for m in (policy, ref))
@@ -365,7 +376,7 @@ def tabular_problem(seed, X=2, Y=4, beta=0.5):
     pi_ref = torch.softmax(0.5 * torch.randn(X, Y, generator=g, **F64), -1)
     r = torch.randn(X, Y, generator=g, **F64)
     pi_star = pi_ref * torch.exp(r / beta)
-    return pi_ref, r, pi_star / pi_star.sum(-1, keepdim=True), beta  # eq (36) by hand
+    return pi_ref, r, pi_star / pi_star.sum(-1, keepdim=True), beta  # eq. (36) by hand
 
 
 def test_preference_probabilities_are_bradley_terry_on_pairs_from_the_reference():
@@ -415,6 +426,35 @@ def test_dpo_on_finite_bt_data_approaches_the_optimal_policy_as_data_grows():
     assert max(error(10_000_000, s) for s in range(3)) <= 0.01
 
 
-def test_main_rejects_nonpositive_beta():
-    with pytest.raises(SystemExit, match="beta must be > 0"):
-        main(["--beta", "0"])
+def test_main_rejects_nonpositive_beta_and_repeats_with_one_argparse_line(capsys):
+    for argv, message in ((["--beta", "0"], "--beta: must be > 0"), (["--beta", "nan"], "not a finite number"),
+                          (["--repeats", "0"], "--repeats: must be at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and message in err[-1], (argv, err)
+
+
+def test_dpo_loss_and_response_logprobs_refuse_bad_beta_and_shapes_with_one_line():
+    lp = torch.zeros(3, **F64)
+    for beta in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="beta must be a finite number > 0") as err:
+            dpo_loss(lp, lp, lp, lp, beta)
+        assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(ValueError, match="do not broadcast") as err:
+        dpo_loss(lp, torch.zeros(4, **F64), lp, lp, 0.1)
+    assert len(str(err.value).splitlines()) == 1
+    logits, ids, mask = torch.zeros(1, 4, 8), torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        response_logprobs(logits[0], ids, mask)  # (T, V) logits, no batch axis
+    with pytest.raises(ValueError, match="torch.long"):
+        response_logprobs(logits, ids.float(), mask)
+
+
+def test_prompt_response_rows_mark_prompt_response_and_padding_by_hand():
+    ids, attn, resp = prompt_response_rows([tokens(5, 6), [7]], [[8], tokens(9, 10, 11)], pad_id=63)
+    assert ids.tolist() == [[5, 6, 8, 63], [7, 9, 10, 11]]
+    assert attn.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert resp.tolist() == [[False, False, True, False], [False, True, True, True]]
+    with pytest.raises(ValueError, match="empty prompt"):
+        prompt_response_rows([[]], [[1]])

@@ -1,21 +1,27 @@
-"""Chapter 8 (report §6.2): data, masks, SFT loss, the fast DPO step against the plain one, win rates, --smoke."""
+"""Chapter 8 (report §6.2): data, masks, SFT loss, the fast DPO step against the plain one, win rates, --smoke,
+and the command line's refusals (one line each, before any training)."""
 import copy
 import csv
 import json
 import math
+import urllib.error
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from chapters import ChapterSkipped
+import gpt
+import gpt.download
+from chapters import ChapterSkipped, plotting
 from chapters import ch8_instruction_dpo as ch8
 from chapters import preference_data as pdata
+from chapters import win_rates
 from chapters.ch3_kl_optimum import optimal_policy
 from chapters.ch4_dpo import response_logprobs
-from chapters.dpo_step import (ReferenceCache, fast_dpo_loss, packed_pairs_batch, plain_dpo_loss, sequence_logprobs,
-                               token_kl, unpacked_pairs_batch)
+from chapters.dpo_step import ReferenceCache, fast_dpo_loss, plain_dpo_loss, sequence_logprobs, token_kl
+from chapters.dpo_training import sft_batch, sft_loss, train_dpo
+from chapters.rows import packed_pairs_batch, pair_rows, prompt_response_rows, unpacked_pairs_batch
 from gpt import GPT, GPTConfig, get_tokenizer
 from gpt.tokenizer import EOS_ID
 
@@ -75,13 +81,13 @@ def test_bad_data_file_stops_the_chapter_with_error_lines(tmp_path):
 
 def test_download_is_hash_checked_and_offline_skips_the_chapter_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(pdata, "CACHE", tmp_path / "data.json")
-    monkeypatch.setattr(pdata.urllib.request, "urlretrieve", lambda url, dest: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(gpt.download, "urlopen", lambda url, timeout: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     with pytest.raises(ChapterSkipped) as err:
         ch8.main(["--smoke", "--out", str(tmp_path)])
     assert len(str(err.value).splitlines()) == 1 and pdata.URL in str(err.value)
     pdata.CACHE.write_text("[]")  # a file that is not the published one
     with pytest.raises(ValueError, match="sha256"):
-        pdata.fetch()
+        pdata.data_file()
 
 
 def test_split_is_seeded_disjoint_and_85_5_10():
@@ -107,7 +113,7 @@ def test_length_grouped_batches_cover_every_index_once_with_less_padding():
 @needs_data
 def test_masks_on_real_examples_cover_exactly_the_response_and_eos(entries, pairs):
     tok = get_tokenizer()
-    ids, att, resp = pdata.padded_pairs(pairs, EOS_ID)  # (2B, T)
+    ids, att, resp = pair_rows(pairs, EOS_ID)  # (2B, T)
     B = len(pairs)
     for r in range(2 * B):
         p = pairs[r % B]
@@ -129,7 +135,7 @@ def test_masks_on_real_examples_cover_exactly_the_response_and_eos(entries, pair
 @needs_data
 def test_one_prompt_format_for_sft_dpo_and_evaluation(entries, pairs):
     tok = get_tokenizer()
-    sft_ids, _, sft_resp = pdata.padded_sft(pairs, EOS_ID)
+    sft_ids, _, sft_resp = prompt_response_rows([p.prompt for p in pairs], [p.chosen for p in pairs], EOS_ID)
     for r, p in enumerate(pairs):
         text = pdata.format_prompt(entries[p.index])
         assert text.startswith(pdata.PROMPT_HEAD) and text.endswith("### Response:\n")
@@ -142,8 +148,8 @@ def test_one_prompt_format_for_sft_dpo_and_evaluation(entries, pairs):
 @needs_data
 def test_sft_loss_ignores_prompt_and_padding(pairs):
     model = tiny(0)
-    ids, att, resp = pdata.padded_sft(pairs, EOS_ID)
-    loss = ch8.sft_loss(model, ch8.sft_batches(pairs, range(len(pairs)), EOS_ID, "cpu"))
+    ids, att, resp = prompt_response_rows([p.prompt for p in pairs], [p.chosen for p in pairs], EOS_ID)
+    loss = sft_loss(model, sft_batch(pairs, range(len(pairs)), EOS_ID, "cpu"))
     labels = ids.masked_fill(resp == 0, -100)[:, 1:]  # targets: response tokens only
     expected = F.cross_entropy(model(ids, att)[:, :-1].reshape(-1, 50257), labels.reshape(-1), ignore_index=-100)
     assert abs(loss.item() - expected.item()) < 1e-10
@@ -151,8 +157,8 @@ def test_sft_loss_ignores_prompt_and_padding(pairs):
     assert abs(all_tokens.item() - expected.item()) > 1e-3  # prompt tokens would change it
     # a much longer row in the batch adds padding to the others; their response log-probs stay the same
     longer = pairs + [pdata.Pair(-1, pairs[0].prompt * 2, pairs[0].chosen * 2, pairs[0].rejected)]
-    sums, _ = sequence_logprobs(model, ch8.sft_batches(longer, range(len(longer)), EOS_ID, "cpu"))
-    sums_alone, _ = sequence_logprobs(model, ch8.sft_batches(pairs, range(len(pairs)), EOS_ID, "cpu"))
+    sums, _ = sequence_logprobs(model, sft_batch(longer, range(len(longer)), EOS_ID, "cpu"))
+    sums_alone, _ = sequence_logprobs(model, sft_batch(pairs, range(len(pairs)), EOS_ID, "cpu"))
     assert torch.allclose(sums[:len(pairs)], sums_alone, atol=1e-10)
 
 
@@ -162,7 +168,7 @@ def test_sft_loss_ignores_prompt_and_padding(pairs):
 def test_sequence_logprob_is_a_sum_over_response_tokens_unchanged_by_padding(pairs):
     """The report's code averaged over all positions, prompt and padding included; eq. (38) needs the sum."""
     model = tiny(1)
-    ids, att, resp = pdata.padded_pairs(pairs[:1], EOS_ID)
+    ids, att, resp = pair_rows(pairs[:1], EOS_ID)
     logp = torch.log_softmax(model(ids, att), -1)[0]  # (T, V)
     by_hand = sum(logp[t - 1, ids[0, t]].item() for t in range(ids.shape[1]) if resp[0, t])
     alone, _ = sequence_logprobs(model, packed_pairs_batch(pairs[:1], EOS_ID))
@@ -175,7 +181,7 @@ def test_sequence_logprob_is_a_sum_over_response_tokens_unchanged_by_padding(pai
 def test_cached_and_live_reference_logprobs_agree(pairs):
     reference = tiny(2)
     cache = ReferenceCache(reference, pairs, EOS_ID, batch_size=3)
-    ids, att, resp = pdata.padded_pairs(pairs, EOS_ID)
+    ids, att, resp = pair_rows(pairs, EOS_ID)
     B = len(pairs)
     with torch.no_grad():
         live = response_logprobs(reference(ids, att), ids, resp)  # (2B,), full logits, ch4's function
@@ -222,7 +228,7 @@ def test_first_dpo_step_loss_is_ln2_and_accuracy_zero_only_when_policy_starts_at
     ref_c, ref_r, ref_h = cache.get(list(range(len(pairs))))
     batch = packed_pairs_batch(pairs, EOS_ID)
     loss, m = fast_dpo_loss(copy.deepcopy(sft), batch, ref_c, ref_r, 0.1, ref_h, cache.head_weight)
-    assert abs(loss.item() - math.log(2)) < 1e-12 and m["accuracy"] == 0.0 and abs(m["kl"]) < 1e-12
+    assert abs(loss.item() - math.log(2)) < 1e-12 and m["rewards/accuracies"] == 0.0 and abs(m["kl"]) < 1e-12
     base = tiny(5)  # "base GPT-2": another model than the reference
     loss_base, m_base = fast_dpo_loss(base, batch, ref_c, ref_r, 0.1, ref_h, cache.head_weight)
     assert abs(loss_base.item() - math.log(2)) > 1e-3 and m_base["kl"] > 1e-3
@@ -240,12 +246,11 @@ def test_token_kl_matches_enumeration():
 def test_dpo_training_keeps_the_reference_frozen_and_each_beta_starts_from_sft(pairs):
     sft = tiny(6, torch.float32).requires_grad_(False)
     before = {k: v.clone() for k, v in sft.state_dict().items()}
-    args = ch8.parse_args(["--smoke"])
-    args.dpo_epochs = 1
     caches = {"train": ReferenceCache(sft, pairs, EOS_ID), "validation": ReferenceCache(sft, pairs[:2], EOS_ID)}
     firsts = []
     for beta in (0.1, 1.0):
-        policy, steps, epochs = ch8.train_dpo(sft, pairs, pairs[:2], caches, beta, args, EOS_ID)
+        policy, steps, epochs = train_dpo(sft, pairs, pairs[:2], caches, beta, epochs=1, lr=1e-3, batch_size=8, seed=0,
+                                          device="cpu", pad_id=EOS_ID)
         firsts.append(steps[0]["loss"])
         assert any((a != b).any() for a, b in zip(policy.state_dict().values(), before.values()))  # the policy moved
     assert all(torch.equal(v, before[k]) for k, v in sft.state_dict().items())  # the reference did not
@@ -258,12 +263,12 @@ def test_dpo_training_keeps_the_reference_frozen_and_each_beta_starts_from_sft(p
 def test_win_rate_counts_ties_as_half():
     sim_c = np.array([0.9, 0.2, 0.5, 0.5])
     sim_r = np.array([0.1, 0.8, 0.5, 0.4])
-    assert ch8.win_scores(sim_c, sim_r).tolist() == [1.0, 0.0, 0.5, 1.0]  # the report's code scored the tie 0
+    assert win_rates.win_scores(sim_c, sim_r).tolist() == [1.0, 0.0, 0.5, 1.0]  # the report's code scored the tie 0
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     scores = np.array([1.0, 0.0, 0.5] * 20 + [1.0] * 40)
-    a, b = ch8.bootstrap_interval(scores, 2000, 0), ch8.bootstrap_interval(scores, 2000, 0)
+    a, b = win_rates.bootstrap_interval(scores, 2000, 0), win_rates.bootstrap_interval(scores, 2000, 0)
     assert a == b and a[0] < scores.mean() < a[1]
     se = scores.std() / math.sqrt(len(scores))  # normal approximation, by hand
     assert abs((a[1] - a[0]) - 2 * 1.96 * se) < 0.3 * 2 * 1.96 * se
@@ -282,10 +287,18 @@ def test_sec62_higher_beta_means_lower_kl_at_the_optimum():
 
 # ---------------------------------------------------------------- the chapter
 
-def test_missing_weights_skip_the_chapter_with_one_line(tmp_path):
-    with pytest.raises(ChapterSkipped) as err:
+def test_weights_this_machine_cannot_download_skip_the_chapter_and_a_wrong_path_is_an_error(tmp_path, monkeypatch):
+    with pytest.raises(ValueError) as err:  # the user's mistake: an error, not `skipped`
         ch8.main(["--checkpoint", str(tmp_path / "no-such-gpt2")])
     assert len(str(err.value).splitlines()) == 1 and "no-such-gpt2" in str(err.value)
+
+    def offline(name):
+        raise gpt.download.DownloadError(f"could not download {name} (offline)")
+
+    monkeypatch.setattr(gpt, "load_gpt2", offline)  # what this machine lacks: skipped
+    with pytest.raises(ChapterSkipped) as err:
+        ch8.main(["--model", "gpt2"])
+    assert str(err.value) == "could not download gpt2 (offline)"
 
 
 @needs_data
@@ -293,13 +306,104 @@ def test_smoke_runs_end_to_end_and_writes_every_figure_and_table(tmp_path, capsy
     ch8.main(["--smoke", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "numbers mean nothing" in out
-    for name in ("ch8_dpo_training.png", "ch8_win_rates.png", "sft_epochs.csv", "dpo_steps.csv", "dpo_epochs.csv",
-                 "win_rates.csv", "win_rates.md", "generations.jsonl", "examples.md"):
+    for name in ("sft_epochs.csv", "dpo_steps.csv", "dpo_epochs.csv", "win_rates.csv", "win_rates.md", "generations.jsonl",
+                 "examples.md"):
         assert (tmp_path / name).stat().st_size > 0, name
+    for name in ("ch8_dpo_training_smoke.png", "ch8_win_rates_smoke.png"):  # the plots folder, never over real figures
+        assert (plotting.plots_path() / name).stat().st_size > 0, name
+    assert out.index("tables: ") < out.index("figure: ")  # tables first: a figure that fails loses no table
     wins = list(csv.DictReader(open(tmp_path / "win_rates.csv")))
     models = ["SFT"] + [f"DPO β={b}" for b in ch8.BETAS]
     assert [(r["model"], float(r["temperature"])) for r in wins] == [(m, t) for m in models for t in ch8.TEMPERATURES]
     steps = list(csv.DictReader(open(tmp_path / "dpo_steps.csv")))
     for beta in ch8.BETAS:  # every β starts from the SFT model: its first step is at ln 2 with accuracy 0
         first = next(s for s in steps if float(s["beta"]) == beta)
-        assert abs(float(first["loss"]) - math.log(2)) < 1e-6 and float(first["accuracy"]) == 0.0
+        assert abs(float(first["loss"]) - math.log(2)) < 1e-6 and float(first["rewards/accuracies"]) == 0.0
+
+
+# ---------------------------------------------------------------- the command line refuses bad input up front
+
+@pytest.mark.parametrize("argv, message", [
+    (["--smoke", "--betas", "0.1", "0"], "--betas: must be > 0"),
+    (["--smoke", "--betas", "-1"], "--betas: must be > 0"),
+    (["--smoke", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--smoke", "--temperatures", "0", "-0.5"], "--temperatures: must be >= 0"),
+    (["--smoke", "--temperatures", "nan"], "not a finite number"),
+    (["--smoke", "--dpo-lr", "0"], "--dpo-lr: must be > 0"),
+    (["--smoke", "--max-length", "0"], "--max-length: must be at least 1"),
+    (["--model", "gpt3"], "invalid choice: 'gpt3'"),
+    (["--smoke", "--device", "toaster"], "is not a torch device"),
+] + ([(["--smoke", "--device", "cuda"], "this machine has no CUDA GPU")] if not torch.cuda.is_available() else []))
+def test_bad_arguments_are_one_argparse_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ch8.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()  # argparse's usage, then one error line
+    assert exit_.value.code == 2 and err[-1].startswith(f"{ch8.PROG}: error: ") and message in err[-1], err
+
+
+def test_smoke_sets_only_the_settings_left_unset():
+    args = ch8.parse_args(["--smoke", "--sft-epochs", "3", "--dpo-lr", "0.25", "--n-boot", "7", "--max-new-tokens", "9"])
+    assert (args.sft_epochs, args.dpo_lr, args.n_boot, args.max_new_tokens) == (3, 0.25, 7, 9)  # given: kept
+    assert (args.dpo_epochs, args.sft_lr) == (2, 1e-3)  # not given: the smoke defaults
+    full = ch8.parse_args(["--model", "gpt2"])
+    assert (full.sft_epochs, full.dpo_epochs, full.sft_lr, full.dpo_lr, full.max_new_tokens, full.n_boot) == (
+        2, 3, 5e-5, 5e-6, 64, 1000)
+
+
+def _no_training(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("training started")
+    monkeypatch.setattr(ch8, "train_sft", fail)
+
+
+def test_max_length_beyond_the_context_is_refused_before_the_data(tmp_path, monkeypatch):
+    _no_training(monkeypatch)
+    with pytest.raises(ValueError, match="--max-length 257 exceeds the model's context of 256 tokens") as err:
+        ch8.main(["--smoke", "--max-length", "257", "--out", str(tmp_path)])
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind, entries, why", [  # --smoke keeps 16/2/2 of the 26/2/2 split of 30 entries
+    ("empty", [], "of 0 entries (--smoke keeps at most 16/4/4) 0 have chosen == rejected and 0 are longer"),
+    ("identical", [{"instruction": f"say {i}", "input": "", "output": "", "chosen": "same", "rejected": "same"}
+                   for i in range(30)], "of 20 entries (--smoke keeps at most 16/4/4) 20 have chosen == rejected and 0"),
+    ("too long", [{"instruction": "word " * 300, "input": "", "output": "", "chosen": "a", "rejected": "b"}
+                  for _ in range(30)], "16/4/4) 0 have chosen == rejected and 20 are longer than --max-length 256"),
+    ("too few", [{"instruction": f"say {i}", "input": "", "output": "", "chosen": "yes", "rejected": "no"}
+                 for i in range(5)], "leaving 4/0/1 (train/validation/test)"),
+])
+def test_degenerate_data_sets_are_refused_in_one_line_before_training(kind, entries, why, tmp_path, monkeypatch):
+    _no_training(monkeypatch)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(ValueError) as err:
+        ch8.main(["--smoke", "--data", str(path), "--out", str(tmp_path / "out")])
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and why in message, message
+    assert f"at least {ch8.smallest_runnable_data_set()} entries with chosen ≠ rejected" in message
+    assert ch8.smallest_runnable_data_set() == 11 and all(pdata.split(11).values())  # 9/1/1
+    assert not all(pdata.split(10).values())
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@needs_data
+def test_unknown_sbert_offline_fails_in_one_line_without_retries(tmp_path, monkeypatch):
+    _no_training(monkeypatch)
+    monkeypatch.setattr(win_rates, "_hub_reachable", lambda timeout=3.0: False)  # offline, whatever this machine is
+    with pytest.raises(ValueError, match="'no-such-sbert' is not in the local Hugging Face cache") as err:
+        ch8.main(["--smoke", "--sbert", "no-such-sbert", "--out", str(tmp_path)])
+    assert len(str(err.value).splitlines()) == 1
+
+
+@needs_data
+def test_unwritable_plots_or_out_folder_is_refused_before_training(tmp_path, monkeypatch):
+    _no_training(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DPO_PLOTS_DIR", str(blocker / "plots"))  # a folder inside a file: never writable
+    with pytest.raises(PermissionError, match="a-file") as err:
+        ch8.main(["--smoke", "--out", str(tmp_path / "out")])
+    assert len(str(err.value).splitlines()) == 1
+    monkeypatch.setenv("DPO_PLOTS_DIR", str(tmp_path / "plots"))
+    with pytest.raises(PermissionError, match="tables") as err:
+        ch8.main(["--smoke", "--out", str(blocker / "out")])
