@@ -1,0 +1,136 @@
+"""Chapter 8's reference cache on disk: built once, reused across β and across runs, refused when stale.
+
+    cache = cached_reference(out / "reference_train.safetensors", reference, pairs, EOS_ID, batch_size=8,
+                             fingerprint=reference_fingerprint(reference, pairs, max_length=256), dist=d)
+
+The file holds `chapters.dpo_step.ReferenceCache`'s tensors (log π_ref of each chosen and rejected response and
+the reference's final hidden states at the response positions) and, in its metadata, a fingerprint: the reference
+weights' sha256, the tokenizer, the data split (every pair's tokens), --max-length, the row layout and how it was
+computed (device type, autocast dtype, batch size). A file whose fingerprint differs is refused with one line,
+and rebuilt when asked (`rebuild=True`, --rebuild-reference-cache). Under torchrun each rank builds the cache of
+its share of the pairs; rank 0 joins the parts into the one file, which every rank then reads.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from chapters.distributed import Dist
+from chapters.dpo_step import ReferenceCache
+from chapters.plotting import atomic_open
+from chapters.train_state import fingerprint_difference, tensors_sha256
+
+LAYOUT = "packed prompt+chosen+rejected rows (chapters.rows.packed_pairs_batch), v1"
+
+
+def pairs_sha256(pairs) -> str:
+    """sha256 of the pairs' entry indices and tokens, in order: the split, the data file and --max-length's cut."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.index, p.prompt, p.chosen, p.rejected]).encode())
+    return h.hexdigest()
+
+
+def reference_fingerprint(reference, pairs, *, max_length: int, batch_size: int) -> dict:
+    """What a saved cache must have been computed from to be reused."""
+    from gpt.tokenizer import BPE_FILES
+    device = reference.lm_head.weight.device
+    return {"reference_sha256": tensors_sha256(reference.state_dict()),
+            "tokenizer": "gpt2 BPE " + " ".join(sha for _, sha in BPE_FILES.values()),
+            "pairs_sha256": pairs_sha256(pairs), "n_pairs": len(pairs), "max_length": max_length, "layout": LAYOUT,
+            "device_type": device.type, "autocast": "bfloat16" if device.type == "cuda" else "none",
+            "batch_size": batch_size}
+
+
+def _tensors(cache: ReferenceCache) -> dict:
+    lengths = lambda hs: torch.tensor([h.shape[0] for h in hs], dtype=torch.int64)
+    return {"chosen": cache.chosen, "rejected": cache.rejected,
+            "hidden_chosen": torch.cat(cache.hidden_chosen).cpu(), "hidden_rejected": torch.cat(cache.hidden_rejected).cpu(),
+            "lengths_chosen": lengths(cache.hidden_chosen), "lengths_rejected": lengths(cache.hidden_rejected)}
+
+
+def _write(path: Path, tensors: dict, fingerprint: dict):
+    from safetensors.torch import save
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        f.write(save({k: v.contiguous() for k, v in tensors.items()},
+                     metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)}))
+
+
+def _read(path: Path):
+    """(fingerprint, tensors) of a cache file; ValueError in one line when it is not one."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return json.loads(meta["fingerprint"]), tensors
+    except Exception as err:  # safetensors' own errors, a missing key, bad JSON
+        raise ValueError(f"reference cache {path} is incomplete or not a reference cache ({type(err).__name__}); "
+                         "delete it, or pass --rebuild-reference-cache") from None
+
+
+def from_tensors(tensors: dict, head_weight) -> ReferenceCache:
+    """A ReferenceCache holding `tensors` (as `_tensors` lays them out), on the reference's head weight."""
+    cache = ReferenceCache.__new__(ReferenceCache)
+    cache.head_weight, cache.keep_hidden = head_weight.detach(), True
+    cache.chosen, cache.rejected = tensors["chosen"], tensors["rejected"]
+    device = head_weight.device
+    for side in ("chosen", "rejected"):
+        parts = torch.split(tensors[f"hidden_{side}"].to(device), tensors[f"lengths_{side}"].tolist())
+        setattr(cache, f"hidden_{side}", list(parts))
+    return cache
+
+
+def _join(parts: list, order: list) -> dict:
+    """Per-rank tensors (each over its share of the pairs) -> one set over all pairs; order[r] = rank r's indices."""
+    n = sum(len(o) for o in order)
+    out = {}
+    for side in ("chosen", "rejected"):
+        values = torch.zeros(n, dtype=parts[0][side].dtype)
+        hidden, lengths = [None] * n, torch.zeros(n, dtype=torch.int64)
+        for part, idx in zip(parts, order):
+            values[idx] = part[side]
+            for i, h, L in zip(idx, torch.split(part[f"hidden_{side}"], part[f"lengths_{side}"].tolist()),
+                               part[f"lengths_{side}"]):
+                hidden[i], lengths[i] = h, L
+        out[side], out[f"hidden_{side}"], out[f"lengths_{side}"] = values, torch.cat(hidden), lengths
+    return out
+
+
+def cached_reference(path, reference, pairs, pad_id: int, *, batch_size: int, fingerprint: dict, dist: Dist = None,
+                     rebuild: bool = False, verbose: bool = True) -> ReferenceCache:
+    """The ReferenceCache of `pairs`: read from `path` when its fingerprint matches, else built and saved there.
+
+    A file with another fingerprint is refused (ValueError, one line) unless `rebuild`.
+    """
+    path, dist = Path(path), dist or Dist()
+    if path.is_file() and not rebuild:
+        saved, tensors = _read(path)
+        differ = fingerprint_difference(saved, json.loads(json.dumps(fingerprint, sort_keys=True)))
+        if differ:
+            raise ValueError(f"reference cache {path} is stale ({differ}); pass --rebuild-reference-cache to "
+                             "rebuild it, or delete it")
+        if verbose and dist.main:
+            print(f"reference cache: {path} (fingerprint matches; reused)")
+        return from_tensors(tensors, reference.lm_head.weight)
+    mine = list(range(dist.rank, len(pairs), dist.world))
+    cache = ReferenceCache(reference, [pairs[i] for i in mine], pad_id, batch_size)
+    if not dist.active:
+        if dist.main:
+            _write(path, _tensors(cache), fingerprint)
+    else:
+        part = path.with_name(f".{path.name}.rank{dist.rank}.part")
+        _write(part, _tensors(cache), fingerprint)
+        dist.barrier()
+        if dist.main:
+            parts = [_read(path.with_name(f".{path.name}.rank{r}.part"))[1] for r in range(dist.world)]
+            _write(path, _join(parts, [list(range(r, len(pairs), dist.world)) for r in range(dist.world)]), fingerprint)
+            for r in range(dist.world):
+                path.with_name(f".{path.name}.rank{r}.part").unlink()
+        dist.barrier()
+        cache = from_tensors(_read(path)[1], reference.lm_head.weight)
+    if verbose and dist.main:
+        print(f"reference cache: built for {len(pairs)} pairs, saved to {path}")
+    return cache
