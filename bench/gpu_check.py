@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_dpo_step as cpu_bench  # noqa: E402 (its helpers import transformers and trl only when called)
 from chapters import distributed  # noqa: E402
 from chapters import preference_data as pdata  # noqa: E402
 from chapters.dpo_step import ReferenceCache, autocast, fast_dpo_loss, plain_dpo_loss  # noqa: E402
@@ -90,11 +91,10 @@ def models(shape, seed, device):
     """(TRL's policy, TRL's reference, our policy, our reference) with identical weights; ours alone without
     transformers."""
     try:
-        from bench_dpo_step import as_ours, perturbed, random_hf_gpt2
-        hf_ref = random_hf_gpt2(shape, seed)
-        hf_policy = perturbed(hf_ref, seed + 1)
-        ours = as_ours(hf_policy), as_ours(hf_ref)
-    except ImportError:
+        hf_ref = cpu_bench.random_hf_gpt2(shape, seed)
+        hf_policy = cpu_bench.perturbed(hf_ref, seed + 1)
+        ours = cpu_bench.as_ours(hf_policy), cpu_bench.as_ours(hf_ref)
+    except ImportError:  # no transformers: our models only (TRL needs it anyway)
         hf_ref = hf_policy = None
         torch.manual_seed(seed)
         reference = GPT(GPTConfig.from_name(shape)).eval()
@@ -171,8 +171,8 @@ def timing(hf_policy, hf_ref, policy, reference, pairs, rows, args, peak):
     timed = [pairs[i] for b in batches[args.warmup:] for i in b]
     try:
         import trl  # noqa: F401
-
-        from bench_dpo_step import StepTimer, trl_trainer
+        if hf_policy is None:
+            raise ImportError("transformers is not importable")
     except ImportError as err:
         print(f"TRL: not importable here ({err}); its row is skipped (pip install trl==1.16.0 datasets accelerate)")
         times = []
@@ -187,8 +187,8 @@ def timing(hf_policy, hf_ref, policy, reference, pairs, rows, args, peak):
         settings = SimpleNamespace(batch_size=args.batch_size, max_length=args.max_length, beta=args.beta, lr=args.lr,
                                    seed=args.seed, device=args.device, trl_gradient_checkpointing=False)
         with tempfile.TemporaryDirectory() as out:
-            trainer = trl_trainer(hf_policy.to(args.device), hf_ref.to(args.device), rows, settings, n_steps, out)
-            timer = StepTimer([("fast step", fast_step, batches)], args.device)
+            trainer = cpu_bench.trl_trainer(hf_policy.to(args.device), hf_ref.to(args.device), rows, settings, n_steps, out)
+            timer = cpu_bench.StepTimer([("fast step", fast_step, batches)], args.device)
             trainer.add_callback(timer)
             trainer.train()
         results = {name: ts[args.warmup:] for name, ts in timer.times.items()}
