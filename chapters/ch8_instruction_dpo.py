@@ -226,8 +226,9 @@ def main(argv=None):
         entries = pdata.load(args.data)
     except pdata.DownloadError as e:
         raise ChapterSkipped(str(e)) from None
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:  # malformed: one line, the first three bad entries named
+        head, *bad = str(e).splitlines()
+        raise ValueError(" ".join([head, "; ".join(bad[:3])] + [f"; and {len(bad) - 3} more"] * (len(bad) > 3))) from None
     from gpt import get_tokenizer
     from gpt.tokenizer import EOS_ID
     tokenizer = get_tokenizer()

@@ -71,12 +71,17 @@ def test_bad_entries_give_one_clear_line_each():
                          "entry 4: is a str, not an object with keys instruction, input, output, chosen, rejected"]
 
 
-def test_bad_data_file_stops_the_chapter_with_error_lines(tmp_path):
+def test_malformed_data_file_stops_the_chapter_with_one_error_line(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"instruction": "x", "input": "", "output": "", "chosen": "a"}]))
-    with pytest.raises(SystemExit) as err:
+    good = {"instruction": "x", "input": "", "output": "", "chosen": "a", "rejected": "b"}
+    path.write_text(json.dumps([{k: v for k, v in good.items() if k != "rejected"}, good, {**good, "chosen": " "}]))
+    with pytest.raises(ValueError) as err:
         ch8.main(["--smoke", "--data", str(path), "--out", str(tmp_path)])
-    assert str(err.value).splitlines() == ["error: 1 bad entry in the data set:", "entry 0: missing key(s) rejected"]
+    assert str(err.value) == "2 bad entries in the data set: entry 0: missing key(s) rejected; entry 2: empty 'chosen'"
+    path.write_text(json.dumps([{}] * 5))
+    with pytest.raises(ValueError, match=r"entries in the data set: entry 0: .*; entry 2: .*; and 2 more$") as err:
+        ch8.main(["--smoke", "--data", str(path), "--out", str(tmp_path)])
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_download_is_hash_checked_and_offline_skips_the_chapter_with_one_line(tmp_path, monkeypatch):
