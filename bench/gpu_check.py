@@ -222,13 +222,13 @@ def _ddp_worker(rank, world, port, args, pairs, out):
     lines = []
     for name, fsdp in (("DDP", False), ("FSDP2", True)):
         policy = copy.deepcopy(reference).requires_grad_(True)
-        engine = distributed.wrap(policy, loss_fn, d, fsdp=fsdp)
+        engine = distributed.wrap(policy, d, fsdp=fsdp)
         opt = torch.optim.AdamW(distributed.unwrapped(engine).parameters(), lr=args.lr)
         times, losses = [], []
         for idx in batches:
             torch.cuda.synchronize()
             t = time.perf_counter()
-            sums = _step(engine, idx, len, d, grad_accum=1)
+            sums = _step(engine, loss_fn, idx, len, d, grad_accum=1)
             torch.nn.utils.clip_grad_norm_(distributed.unwrapped(engine).parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -132,27 +132,38 @@ def loss_scale(part_weight: float, global_weight: float, world: int) -> float:
 # ---------------------------------------------------------------- the model behind DDP or FSDP
 
 class Objective(torch.nn.Module):
-    """`loss_fn(model, *args)` as the module's forward, so DDP and FSDP see every use of the model's parameters.
+    """`objective(fn, *args)` = `fn(model, *args)` as a module's forward, so DDP and FSDP see every use of the model.
 
-    The DPO step calls `model.run_blocks` and reads `model.lm_head.weight` directly, not `model.forward`; wrapped
-    in this module, DDP's gradient hooks and FSDP's gathering of the root parameters cover all of it.
+    The DPO step calls `model.run_blocks` and reads `model.lm_head.weight` directly, not `model.forward`; called
+    through this module, DDP's gradient hooks and FSDP's gathering of the root parameters cover all of it.
     """
 
-    def __init__(self, model, loss_fn):
+    def __init__(self, model):
         super().__init__()
-        self.model, self.loss_fn = model, loss_fn
+        self.model = model
 
-    def forward(self, *args):
-        return self.loss_fn(self.model, *args)
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
 
 
-def wrap(model, loss_fn, d: Dist, fsdp: bool = False):
-    """The module a training step calls: `Objective(model, loss_fn)`, under DDP (N > 1) or FSDP2 (`fsdp`).
+def call(model, fn, *args, **kwargs):
+    """`fn(model, *args)` for a plain model, through the module's forward for an `Objective` (FSDP2 needs it)."""
+    return model(fn, *args, **kwargs) if isinstance(model, Objective) else fn(model, *args, **kwargs)
+
+
+def in_batch_order(per_rank: list) -> list:
+    """Results gathered from the ranks (rank r did items r, r + N, ...) back in the items' order."""
+    n = sum(map(len, per_rank))
+    return [per_rank[i % len(per_rank)][i // len(per_rank)] for i in range(n)]
+
+
+def wrap(model, d: Dist, fsdp: bool = False):
+    """The module a training step calls, engine(fn, *args): `Objective(model)`, under DDP (N > 1) or FSDP2 (`fsdp`).
 
     FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each transformer block and then the rest (embeddings, tied
     head, final LayerNorm) over the ranks: each rank keeps 1/N of the weights, gradients and AdamW state.
     """
-    objective = Objective(model, loss_fn)
+    objective = Objective(model)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in model.transformer.h:

@@ -31,7 +31,7 @@ class Run:
     hint: str = "run the same command again with --resume"
 
 
-def _step(engine, idx, weight, d: Dist, grad_accum: int) -> dict:
+def _step(engine, loss_fn, idx, weight, d: Dist, grad_accum: int) -> dict:
     """Forward and backward of global batch `idx`: this rank's share in micro-batches. Returns the weighted sums of
     the micro-batches' metrics and their total weight, summed over ranks: {"weight": W, key: Σ w·m}."""
     total = weight(idx)
@@ -42,9 +42,9 @@ def _step(engine, idx, weight, d: Dist, grad_accum: int) -> dict:
         # every rank in every exchange, and 0 · gradient adds nothing
         use, w = (part, weight(part)) if part else (list(idx[:1]), 0.0)
         with gradient_sync(engine, last=k == len(parts) - 1):
-            loss, metrics = engine(use)
+            loss, metrics = engine(loss_fn, use)
             (loss * loss_scale(w, total, d.world)).backward()
-        keys = keys or sorted(metrics)
+        keys = keys or list(metrics)  # the step's own order (the same on every rank)
         sums["weight"] += w
         for key in keys:
             sums[key] = sums.get(key, 0.0) + w * metrics[key]
@@ -52,10 +52,11 @@ def _step(engine, idx, weight, d: Dist, grad_accum: int) -> dict:
     return dict(zip(names, d.sum([sums[n] for n in names])))
 
 
-def train_epochs(engine, optimizer, schedule, *, batches, weight, epochs: int, dist: Dist, run: Run = None,
+def train_epochs(engine, optimizer, schedule, *, loss_fn, batches, weight, epochs: int, dist: Dist, run: Run = None,
                  history=None, on_begin=None, on_step=None, on_epoch=None, grad_accum: int = 1, stop=None,
                  clip: float = 1.0, desc: str = "train"):
-    """Train `engine` (`chapters.distributed.wrap`'s module: engine(idx) -> (mean loss, metrics)) for `epochs`.
+    """Train the model in `engine` (`chapters.distributed.wrap`'s module) on loss_fn(model, idx) -> (mean loss of
+    pairs idx, metrics), for `epochs`.
 
     batches(epoch) -> the global batches (lists of indices) of that epoch, 1-based; weight(idx) -> what the mean
     loss of idx averages over (pairs, tokens). Callbacks fill `history` (rows, JSON-like): on_begin(history) before
@@ -94,7 +95,7 @@ def train_epochs(engine, optimizer, schedule, *, batches, weight, epochs: int, d
         epoch_batches = batches(epoch)
         for b in tqdm(range(start, len(epoch_batches)), desc=f"{desc} epoch {epoch}/{epochs}", leave=False,
                       disable=not dist.main, initial=start, total=len(epoch_batches)):
-            sums = _step(engine, epoch_batches[b], weight, dist, grad_accum)
+            sums = _step(engine, loss_fn, epoch_batches[b], weight, dist, grad_accum)
             torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
             if schedule is not None:

@@ -97,7 +97,8 @@ def full_state(objective, optimizer=None):
 def load_full_state(objective, optimizer, model_state: dict, optim_state: dict):
     """Put `full_state`'s tensors back (each rank takes its shard under FSDP2)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    prefix = "model." if hasattr(objective, "loss_fn") else ""
+    from chapters.distributed import Objective
+    prefix = "model." if isinstance(objective, Objective) else ""
     model_state = {prefix + k: v for k, v in model_state.items()}
     set_state_dict(objective, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=StateDictOptions(full_state_dict=True))

@@ -61,7 +61,7 @@ def dpo_objective(pairs, reference):
 def train(pairs, policy, reference, d, *, fsdp=False, grad_accum=1, run=None, stop=None, on_step=None,
           epochs=EPOCHS, schedule=("constant", 0)):
     """Chapter 8's DPO loop on the tiny model: per-step losses, and the trained engine."""
-    engine = distributed.wrap(policy, dpo_objective(pairs, reference), d, fsdp=fsdp)
+    engine = distributed.wrap(policy, d, fsdp=fsdp)
     opt = torch.optim.AdamW(distributed.unwrapped(engine).parameters(), lr=LR, weight_decay=0.0)
     n_batches = math.ceil(len(pairs) / BATCH)
     sched = train_state.lr_schedule(opt, schedule[1], epochs * n_batches, schedule[0])
@@ -70,7 +70,7 @@ def train(pairs, policy, reference, d, *, fsdp=False, grad_accum=1, run=None, st
         history["loss"].append(m["loss"])
         if on_step is not None:
             on_step(history)
-    history = train_epochs(engine, opt, sched, dist=d, epochs=epochs, grad_accum=grad_accum, run=run, stop=stop,
+    history = train_epochs(engine, opt, sched, loss_fn=dpo_objective(pairs, reference), dist=d, epochs=epochs, grad_accum=grad_accum, run=run, stop=stop,
                            batches=lambda e: length_grouped_batches([p.packed_length for p in pairs], BATCH, e),
                            weight=len, history={"loss": []}, on_step=log, desc="DPO")
     return history["loss"], engine
@@ -90,8 +90,8 @@ def _worker(rank, world, port, out, pairs):
         state, _ = train_state.full_state(distributed.unwrapped(engine))  # collective under FSDP
         results[name] = (losses, state)
     policy, reference = tiny_models()  # one global batch of 5 pairs: 3 and 2 a rank, 2 micro-batches each
-    engine = distributed.wrap(policy, dpo_objective(pairs, reference), d)
-    _step(engine, list(range(5)), len, d, grad_accum=2)
+    engine = distributed.wrap(policy, d)
+    _step(engine, dpo_objective(pairs, reference), list(range(5)), len, d, grad_accum=2)
     results["grad"] = [p.grad.clone() for p in policy.parameters()]
     cache = reference_store.cached_reference(os.path.join(out, "ref.safetensors"), reference, pairs, 0, batch_size=3,
                                              fingerprint={"test": 1}, dist=d, verbose=False)
@@ -165,8 +165,8 @@ def test_k_accumulated_micro_batches_give_the_gradient_of_one_k_times_larger_bat
     loss_fn = dpo_objective(pairs, reference)
     loss, _ = loss_fn(policy, list(range(7)))
     direct = torch.autograd.grad(loss, list(policy.parameters()))
-    engine = distributed.wrap(policy, loss_fn, distributed.Dist())
-    sums = _step(engine, list(range(7)), len, distributed.Dist(), grad_accum=3)
+    engine = distributed.wrap(policy, distributed.Dist())
+    sums = _step(engine, loss_fn, list(range(7)), len, distributed.Dist(), grad_accum=3)
     assert abs(sums["loss"] / sums["weight"] - loss.item()) < 1e-12
     worst = max((g - p.grad).abs().max().item() for g, p in zip(direct, policy.parameters()))
     assert worst < 1e-12 and max(g.abs().max().item() for g in direct) > 1e-4
