@@ -1,4 +1,5 @@
-"""Chapter 7: exact evaluation by enumeration, the exact reward–KL frontier, Best-of-N, and the --quick run."""
+"""Chapter 7: exact evaluation by enumeration, the exact reward–KL frontier and a point's distance to it (efficiency),
+Best-of-N, and the --quick run."""
 import csv
 import itertools
 import math
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from chapters import ch7_frontier as ch7
+from chapters import frontier_task as task
 from chapters.ch3_kl_optimum import log_partition_function
 
 
@@ -16,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.
 
 def perturbed_pair(seed=0, scale=0.3):
     """A random reference and a policy whose weights are the reference's plus noise: two different distributions."""
-    ref = ch7.new_model(seed).eval()
-    policy = ch7.new_model(seed).eval()
+    ref = task.new_model(seed).eval()
+    policy = task.new_model(seed).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in policy.parameters():
@@ -34,17 +36,17 @@ def random_problem(prompts=3, responses=40, seed=0, spread=2.0):
 
 def test_true_reward_counts_sentiment_and_doubles_echoes_of_the_prompt():
     # prompt (0, 5); response (0, 1, 2, 4, 0): +2 (echo of 0), +1, −1, 0, +2 (echo of 0) = 4
-    assert ch7.true_reward(torch.tensor([0, 5]), torch.tensor([0, 1, 2, 4, 0])).item() == 4.0
+    assert task.true_reward(torch.tensor([0, 5]), torch.tensor([0, 1, 2, 4, 0])).item() == 4.0
     # prompt (2, 3): the negative tokens it contains count −2 each; positive ones +1
-    assert ch7.true_reward(torch.tensor([2, 3]), torch.tensor([2, 3, 0, 6, 7])).item() == -3.0
+    assert task.true_reward(torch.tensor([2, 3]), torch.tensor([2, 3, 0, 6, 7])).item() == -3.0
 
 
 def test_process_logprobs_are_the_markov_chain_by_hand_and_sum_to_one():
-    prompts = ch7.task_prompts(3)
-    responses = ch7.all_responses()
-    logp = ch7.process_logprobs(prompts, responses)  # (3, 32768)
+    prompts = task.task_prompts(3)
+    responses = task.all_responses()
+    logp = task.process_logprobs(prompts, responses)  # (3, 32768)
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-12, rtol=0)
-    T = ch7.transition_matrix()
+    T = task.transition_matrix()
     x, y = prompts[1].tolist(), responses[12345].tolist()
     by_hand = math.log(T[x[-1], y[0]]) + sum(math.log(T[a, b]) for a, b in zip(y, y[1:]))
     assert abs(logp[1, 12345].item() - by_hand) < 1e-12
@@ -53,24 +55,24 @@ def test_process_logprobs_are_the_markov_chain_by_hand_and_sum_to_one():
 def test_prefix_tree_enumeration_equals_full_forward_passes():
     """The KV-cache tree walk gives the same log π(y|x) as feeding whole sequences (float32: |Δ| < 1e-4)."""
     policy, _ = perturbed_pair()
-    prompts = ch7.task_prompts(3)
-    logp = ch7.enumerate_logprobs(policy, prompts, chunk=2)  # (3, 32768)
+    prompts = task.task_prompts(3)
+    logp = task.enumerate_logprobs(policy, prompts, chunk=2)  # (3, 32768)
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-6, rtol=0)
     idx = torch.randint(logp.shape[1], (200,))
-    responses = ch7.all_responses()[idx]  # (200, 5)
+    responses = task.all_responses()[idx]  # (200, 5)
     for p in range(3):
         with torch.no_grad():
-            direct = ch7.logprob(policy, prompts[p].expand(200, -1), responses).double()
+            direct = task.logprob(policy, prompts[p].expand(200, -1), responses).double()
         assert (direct - logp[p, idx]).abs().max().item() < 1e-4
 
 
 def test_enumerated_kl_equals_monte_carlo_estimates_within_their_standard_error():
     """Exact KL(π‖π_ref) by enumeration lies within 4 standard errors of both sampled estimators."""
     policy, ref = perturbed_pair()
-    prompts = ch7.task_prompts(4)
-    logp, logp_ref = ch7.enumerate_logprobs(policy, prompts), ch7.enumerate_logprobs(ref, prompts)
-    _, kl = ch7.exact_reward_and_kl(logp, logp_ref, torch.zeros_like(logp))
-    tok, tok_se, ratio, ratio_se = ch7.sampled_kl(policy, ref, prompts, 500, torch.Generator().manual_seed(0))
+    prompts = task.task_prompts(4)
+    logp, logp_ref = task.enumerate_logprobs(policy, prompts), task.enumerate_logprobs(ref, prompts)
+    _, kl = task.exact_reward_and_kl(logp, logp_ref, torch.zeros_like(logp))
+    tok, tok_se, ratio, ratio_se = task.sampled_kl(policy, ref, prompts, 500, torch.Generator().manual_seed(0))
     assert kl > 0.5  # the two policies really differ
     assert abs(ratio - kl) < 4 * ratio_se, (kl, ratio, ratio_se)
     assert abs(tok - kl) < 4 * tok_se, (kl, tok, tok_se)
@@ -81,7 +83,7 @@ def test_enumerated_kl_equals_monte_carlo_estimates_within_their_standard_error(
 def test_eq36_frontier_reward_and_kl_match_the_closed_forms_of_ch3(beta):
     """E_π*[r] − β·KL(π*‖π_ref) = β·log Z (eq. 35 at π = π*), and E_π*[r] = d log Z / d(1/β) (finite difference)."""
     logp_ref, rewards = random_problem()
-    (reward,), (kl,) = ch7.exact_frontier(logp_ref, rewards, [beta])
+    (reward,), (kl,) = task.exact_frontier(logp_ref, rewards, [beta])
     log_z = lambda b: log_partition_function(logp_ref.exp(), rewards, b).mean().item()  # noqa: E731
     assert abs((reward - beta * kl) - beta * log_z(beta)) < 1e-12
     h = 1e-5  # central difference in t = 1/β: error O(h²)
@@ -93,10 +95,40 @@ def test_frontier_is_monotone_and_its_slope_is_beta():
     """Along the frontier reward and KL both grow as β shrinks, and dE[r]/dKL = β (so the curve is concave)."""
     logp_ref, rewards = random_problem()
     betas = np.geomspace(0.05, 20, 80)
-    reward, kl = ch7.exact_frontier(logp_ref, rewards, betas)
+    reward, kl = task.exact_frontier(logp_ref, rewards, betas)
     assert np.all(np.diff(reward) < 0) and np.all(np.diff(kl) < 0)
     slopes = np.diff(reward) / np.diff(kl)  # between consecutive β, so between them
     assert np.all(slopes >= betas[:-1] * (1 - 1e-6)) and np.all(slopes <= betas[1:] * (1 + 1e-6))
+
+
+# a frontier by hand, its points out of order: (KL, E[r*]) = (0, 0) π_ref, (1, 1), (2, 1.5), (4, 2)
+HAND_KLS, HAND_REWARDS = [2.0, 0.0, 4.0, 1.0], [1.5, 0.0, 2.0, 1.0]
+
+
+@pytest.mark.parametrize("kl, expected", [(0.0, 0.0), (0.5, 0.5), (1.5, 1.25), (3.0, 1.75), (4.0, 2.0), (10.0, 2.0)])
+def test_frontier_reward_interpolates_unsorted_points_linearly_and_stays_flat_past_the_last(kl, expected):
+    assert task.frontier_reward(kl, HAND_REWARDS, HAND_KLS) == pytest.approx(expected, abs=1e-15)
+    assert task.frontier_reward(kl, np.array(HAND_REWARDS), np.array(HAND_KLS)) == pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize("reward, kl, expected", [
+    (0.25, 0.5, 0.5),  # half the frontier's gain 0.5 at KL 0.5
+    (1.75, 3.0, 1.0),  # on the frontier
+    (1.0, 10.0, 0.5),  # past the frontier's last KL its gain stays 2
+    (1.0, 0.5, 2.0),  # above the frontier (no policy can be): reported as it is, not clipped to 1
+    (-0.5, 1.0, -0.5),  # worse than π_ref
+])
+def test_efficiency_is_the_share_of_the_frontiers_gain_by_hand(reward, kl, expected):
+    assert task.efficiency(reward, kl, HAND_REWARDS, HAND_KLS, ref_reward=0.0) == pytest.approx(expected, abs=1e-15)
+
+
+def test_efficiency_measures_gains_from_the_reference_reward_and_is_nan_at_zero_kl():
+    shifted = [r - 1.0 for r in HAND_REWARDS]  # π_ref at −1: the same gains
+    assert task.efficiency(-0.75, 0.5, shifted, HAND_KLS, ref_reward=-1.0) == pytest.approx(0.5, abs=1e-15)
+    assert math.isnan(task.efficiency(0.0, 0.0, HAND_REWARDS, HAND_KLS, ref_reward=0.0))
+    assert math.isnan(task.efficiency(0.0, 1e-4, HAND_REWARDS, HAND_KLS, ref_reward=0.0))
+    with pytest.raises(ValueError, match="as many rewards as KLs"):
+        task.frontier_reward(1.0, [0.0, 1.0], [0.0])
 
 
 def best_of_n_by_brute_force(p_ref, scores, n):
@@ -125,16 +157,16 @@ def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n_without_ties(n):
     logp_ref, rewards = random_problem(responses=20_000, spread=0.5)  # no response holds much mass
     logp = ch7.best_of_n_logprobs(logp_ref, rewards, n)
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-12, rtol=0)
-    _, kl = ch7.exact_reward_and_kl(logp, logp_ref, rewards)
+    _, kl = task.exact_reward_and_kl(logp, logp_ref, rewards)
     closed_form = math.log(n) - (n - 1) / n  # the continuous limit; a discrete π_ref sits just below it
     assert closed_form - 1e-4 < kl <= closed_form
 
 
 def test_preference_labels_follow_bradley_terry_of_the_true_reward():
     """Report eq. (23): among sampled pairs whose rewards differ by 1, the better one is chosen σ(1) = 73% of the time."""
-    ref = ch7.new_model(0).eval()
-    data = ch7.preference_pairs(ref, ch7.task_prompts(4), draws=400, k=4, generator=torch.Generator().manual_seed(0))
-    gap = ch7.true_reward(data["prompt"], data["chosen"]) - ch7.true_reward(data["prompt"], data["rejected"])
+    ref = task.new_model(0).eval()
+    data = task.preference_pairs(ref, task.task_prompts(4), draws=400, k=4, generator=torch.Generator().manual_seed(0))
+    gap = task.true_reward(data["prompt"], data["chosen"]) - task.true_reward(data["prompt"], data["rejected"])
     unit = gap[gap.abs() == 1]
     share = (unit > 0).double().mean().item()
     se = math.sqrt(share * (1 - share) / len(unit))
@@ -159,7 +191,7 @@ def test_unlikelihood_loss_by_hand():
 
 def test_bad_sizes_fail_with_one_line():
     with pytest.raises(ValueError, match="number of prompts must be in 1..64"):
-        ch7.task_prompts(0)
+        task.task_prompts(0)
     with pytest.raises(ValueError, match="N must be >= 1"):
         ch7.best_of_n_logprobs(*random_problem(), 0)
 
