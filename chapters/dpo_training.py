@@ -51,15 +51,17 @@ def sft_evaluate(model, pairs, *, batch_size: int, device, pad_id: int, loss_fn=
 
 
 def train_sft(model, train, val, *, epochs: int, lr: float, batch_size: int, seed: int, device, pad_id: int,
-              loss_fn=sft_loss) -> list:
-    """Fine-tune `model` in place on (prompt, chosen); returns rows {epoch, train_loss, validation_loss}."""
+              loss_fn=sft_loss, label: str = "SFT") -> list:
+    """Fine-tune `model` in place on (prompt, chosen); returns rows {epoch, train_loss, validation_loss}.
+
+    `label` names the phase in the progress bar and the printed lines."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
     lengths = [len(p.prompt) + len(p.chosen) for p in train]
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
         losses = []
-        for idx in tqdm(length_grouped_batches(lengths, batch_size, seed + epoch), desc=f"SFT epoch {epoch}/{epochs}",
+        for idx in tqdm(length_grouped_batches(lengths, batch_size, seed + epoch), desc=f"{label} epoch {epoch}/{epochs}",
                         leave=False):
             with autocast(device):
                 loss = loss_fn(model, sft_batch(train, idx, pad_id, device))
@@ -67,7 +69,7 @@ def train_sft(model, train, val, *, epochs: int, lr: float, batch_size: int, see
             losses.append(loss.item())
         val_loss = sft_evaluate(model, val, batch_size=batch_size, device=device, pad_id=pad_id, loss_fn=loss_fn)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "validation_loss": val_loss})
-        print(f"SFT epoch {epoch}: train loss {history[-1]['train_loss']:.4f}, validation loss {val_loss:.4f}")
+        print(f"{label} epoch {epoch}: train loss {history[-1]['train_loss']:.4f}, validation loss {val_loss:.4f}")
     return history
 
 
