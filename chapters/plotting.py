@@ -30,18 +30,19 @@ def plots_dir() -> Path:
 def check_writable(folder=None, what="figures") -> Path:
     """Make sure files can be written in `folder` (default: the plots folder) before any work starts; return it.
 
+    Changes nothing on disk (a missing folder is judged by its nearest existing parent, and made later).
     Raises PermissionError with one line naming the folder (gpt.cli.run prints it as `error: ...`).
     """
-    hint = f"set ${PLOTS_ENV} to a folder you can write" if folder is None else "pass another folder"
     path = Path(folder) if folder is not None else plots_path()
-    probe = path / f".write-test-{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"cannot write {what} to {path} ({err.strerror or err}); make it writable or {hint}") from None
-    return path
+    hint = f"set ${PLOTS_ENV} to a folder you can write" if folder is None else "pass another folder"
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        reason = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason, hint = f"no permission to write in {existing}", "make it writable or " + hint
+    else:
+        return path
+    raise PermissionError(f"cannot write {what} to {path} ({reason}); {hint}")
 
 
 @contextmanager

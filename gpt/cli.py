@@ -5,6 +5,7 @@ is one argparse line (exit 2) before any work starts, and Ctrl-C or a user error
 """
 import argparse
 import math
+import os
 import sys
 
 
@@ -22,44 +23,22 @@ def _number(kind, text):
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (counts, sizes, steps)."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _checked(kind, name, ok, rule):
+    """An argparse type: `kind(text)`, refused with one line unless `ok(value)`."""
+    def parse(text: str):
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value:g}")
+        return value
+    parse.__name__ = name
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (β, learning rates)."""
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0 (temperatures: 0 is greedy)."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A number in (0, 1] (top-p: the share of probability mass kept)."""
-    value = _number(float, text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
-    return value
+positive_int = _checked(int, "positive_int", lambda v: v >= 1, "at least 1")  # counts, sizes, steps
+nonnegative_int = _checked(int, "nonnegative_int", lambda v: v >= 0, "0 or more")
+positive_float = _checked(float, "positive_float", lambda v: v > 0, "> 0")  # β, learning rates
+nonnegative_float = _checked(float, "nonnegative_float", lambda v: v >= 0, ">= 0")  # temperatures: 0 is greedy
+probability = _checked(float, "probability", lambda v: 0 < v <= 1, "in (0, 1]")  # top-p: the share of mass kept
 
 
 def _first_line(err: BaseException) -> str:
@@ -70,8 +49,8 @@ def _first_line(err: BaseException) -> str:
 def run(main, argv=None):
     """Call `main(argv)` and exit with one line instead of a traceback for what the user can fix.
 
-    Ctrl-C: `interrupted: ...`, exit 130 (a `KeyboardInterrupt("how to resume")` raised by `main` supplies the
-    text). ValueError: `error: ...`, exit 2. OSError (a file or folder that cannot be read or written): `error: ...`,
+    Ctrl-C: `interrupted: ...`, exit 130 at once (a `KeyboardInterrupt("how to resume")` raised by `main` supplies
+    the text; files are closed as the exception unwinds, atexit hooks do not run). ValueError: `error: ...`, exit 2. OSError (a file or folder that cannot be read or written): `error: ...`,
     exit 1. Unavailable: `skipped: ...`, exit 1. Anything else is a bug and keeps its traceback.
     """
     try:
@@ -79,7 +58,11 @@ def run(main, argv=None):
     except KeyboardInterrupt as err:
         print(f"interrupted: {_first_line(err) if err.args else 'stopped by Ctrl-C; files already written are whole'}",
               file=sys.stderr)
-        code = 130
+        # exit now: an interrupt that lands inside exec() (scipy runs some at import) makes CPython flag it as
+        # unhandled, and the interpreter would then kill itself with SIGINT instead of exiting 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except Unavailable as err:
         print(f"skipped: {_first_line(err)}", file=sys.stderr)
         code = 1
