@@ -30,7 +30,7 @@ def bt_sigmoid_steps(r1, r2) -> dict:
     """Report eqs. (17)–(23), each line as printed, from BT's ratio of exponentials to σ of the reward gap.
 
     Returns {"(17)": p, "(18)": p, "(19)": p, "(20)": (left side, right side), "(21)": p, "(23)": p},
-    computed literally (plain exp), so use moderate rewards. Eq. (22) is `sigmoid`.
+    computed literally (plain exp), so use moderate rewards; eq. (22) is `sigmoid`.
     """
     r1, r2 = as_tensor(r1), as_tensor(r2)
     e1, e2 = r1.exp(), r2.exp()

@@ -1,166 +1,29 @@
 """Chapter 9 (report §7; Xu et al. 2024): Π_PPO ⊂ Π_DPO, and the mass DPO may put on responses the data never showed.
 
 The report closes on Xu et al.: every policy PPO reaches (a reward model fitted to the preference data by
-eq. (26), then the KL-regularised optimum of eq. (27) for it) also minimises the DPO loss (38), but DPO has
+eq. (26), then the KL-regularised optimum of eq. (27) for it) also minimises the DPO loss, eq. (38), but DPO has
 more minimisers, some of which put probability on responses absent from the data. Here the response space is
 small enough to enumerate, so every quantity is exact: a few prompts, responses = every sequence of L tokens
 from a V-token vocabulary, an autoregressive reference policy, a true reward r*, and votes on a few pairs per
-prompt sampled from π_ref. Tensors over responses are (P, Y): prompts × responses, float64.
+prompt sampled from π_ref. Tensors over responses are (P, Y): prompts × responses, float64. The example is
+`chapters.tabular_problem`, its policies and trainers `chapters.tabular_training`; this chapter holds the
+characterisation of the minimiser set and the experiment.
 
-    python3 -m chapters.ch9_dpo_vs_ppo [--seed 0]
+    python3 -m chapters.ch9_dpo_vs_ppo          # --seed, --beta, --steps, --sweep
 """
 import argparse
-import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from chapters import one_thread
-from chapters.ch2_reward_model import fit_bt_rewards, reward_model_loss
-from chapters.ch3_kl_optimum import kl_divergence, optimal_policy, rlhf_token_rewards
-from chapters.ch4_dpo import dpo_loss
-from chapters.ch6_ppo import clipped_surrogate, masked_mean, whiten
-
-DT = torch.float64  # the whole chapter is tabular maths
-
-
-# ---------------------------------------------------------------------------------------------- the example
-
-@dataclass
-class Problem:
-    """A small preference problem, enumerable: every response of every prompt is a row of a (P, Y) tensor."""
-    tokens: torch.Tensor  # (Y, L) long: response y is the token sequence tokens[y]
-    ref_logits: list  # the reference's autoregressive logits: [(P, V), (P, V, V), ...], one per position
-    pi_ref: torch.Tensor  # (P, Y): π_ref(y|x), the product of the per-token softmaxes
-    true_reward: torch.Tensor  # (P, Y): r*(x, y)
-    features: torch.Tensor  # (P, Y, d): φ(x, y) = [one-hot of token 1, one-hot of token 2, ...], shared across prompts
-    prompt: torch.Tensor  # (N,) long: x of each vote (x, y_w, y_l)
-    chosen: torch.Tensor  # (N,) long: y_w
-    rejected: torch.Tensor  # (N,) long: y_l
-    beta: float
-
-    @property
-    def shape(self):
-        return self.pi_ref.shape
-
-
-def autoregressive_logprobs(logits: list, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(y|x) = Σ_t log softmax(logits_t[x, y_<t])[y_t] for every response y; logits as in `Problem.ref_logits`; (P, Y)."""
-    total = 0.0
-    for t, step in enumerate(logits):
-        logp = torch.log_softmax(step, dim=-1)  # (P, V^t..., V)
-        index = (slice(None),) + tuple(tokens[:, s] for s in range(t + 1))  # pick [x, y_1, ..., y_t] for all y
-        total = total + logp[index]  # (P, Y)
-    return total
-
-
-def make_problem(seed: int = 0, prompts: int = 3, vocab: int = 4, length: int = 2, pairs: int = 3,
-                 votes: int = 10, beta: float = 0.5) -> Problem:
-    """The chapter's example: random reference and true reward, `pairs` pairs per prompt drawn from π_ref, `votes` votes each.
-
-    Votes for y1 over y2: round(votes · σ(r*(x, y1) − r*(x, y2))) (eq. (23), the expected count), kept in
-    [1, votes − 1] so every pair was won both ways: then the DPO loss has a finite minimiser.
-    """
-    if min(prompts, vocab, length, pairs) < 1 or votes < 2 or beta <= 0:
-        raise ValueError("need prompts, vocab, length, pairs >= 1, votes >= 2 and beta > 0")
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.tensor(list(itertools.product(range(vocab), repeat=length)))  # (Y, L), Y = V^L
-    ref_logits = [1.5 * torch.randn((prompts,) + (vocab,) * (t + 1), generator=g, dtype=DT) for t in range(length)]
-    pi_ref = autoregressive_logprobs(ref_logits, tokens).exp()  # (P, Y)
-    features = torch.cat([torch.nn.functional.one_hot(tokens[:, t], vocab) for t in range(length)], -1).to(DT)
-    features = features.expand(prompts, -1, -1)  # (P, Y, L·V)
-    token_value = torch.randn(length * vocab, generator=g, dtype=DT)
-    true_reward = features @ token_value + 0.5 * torch.randn(prompts, len(tokens), generator=g, dtype=DT)  # (P, Y)
-    rows = []
-    for x in range(prompts):
-        for _ in range(pairs):
-            while True:  # two distinct responses from π_ref
-                y1, y2 = torch.multinomial(pi_ref[x], 2, replacement=True, generator=g).tolist()
-                if y1 != y2:
-                    break
-            p = torch.sigmoid(true_reward[x, y1] - true_reward[x, y2]).item()
-            wins = min(max(round(votes * p), 1), votes - 1)
-            rows += [(x, y1, y2)] * wins + [(x, y2, y1)] * (votes - wins)
-    prompt, chosen, rejected = torch.tensor(rows).T
-    return Problem(tokens, ref_logits, pi_ref, true_reward, features, prompt, chosen, rejected, beta)
-
-
-def comparison_graph(problem: Problem):
-    """Per prompt: the connected components of its comparison graph (responses joined by a voted pair) and the responses in no pair.
-
-    Returns (components, unseen): components[x] is a list of sorted lists of responses, unseen[x] a sorted list.
-    """
-    P, Y = problem.shape
-    components, unseen = [], []
-    for x in range(P):
-        edges = {(a, b) for p, a, b in zip(problem.prompt.tolist(), problem.chosen.tolist(), problem.rejected.tolist())
-                 if p == x}
-        neighbours = {}
-        for a, b in edges:
-            neighbours.setdefault(a, set()).add(b)
-            neighbours.setdefault(b, set()).add(a)
-        left, comps = set(neighbours), []
-        while left:  # depth-first search from any response not yet reached
-            stack, comp = [left.pop()], set()
-            while stack:
-                y = stack.pop()
-                comp.add(y)
-                stack += [z for z in neighbours[y] if z not in comp and z in left]
-                left -= neighbours[y]
-            comps.append(sorted(comp))
-        components.append(sorted(comps))
-        unseen.append(sorted(set(range(Y)) - set(neighbours)))
-    return components, unseen
-
-
-def unseen_mask(problem: Problem) -> torch.Tensor:
-    """(P, Y) bool: True where response y never appears in a vote on prompt x."""
-    _, unseen = comparison_graph(problem)
-    mask = torch.zeros(problem.shape, dtype=torch.bool)
-    for x, us in enumerate(unseen):
-        mask[x, us] = True
-    return mask
-
-
-# ---------------------------------------------------------------------------------------------- the two losses
-
-def empirical_dpo_loss(logp: torch.Tensor, problem: Problem) -> torch.Tensor:
-    """Report eq. (38) on the data: the mean over votes (x, y_w, y_l) of −log σ(β·log π/π_ref(y_w) − β·log π/π_ref(y_l)).
-
-    logp (..., P, Y): log π(y|x) of one or more policies; returns (...).
-    """
-    ref = problem.pi_ref.log()
-    x, w, l = problem.prompt, problem.chosen, problem.rejected
-    return dpo_loss(logp[..., x, w], logp[..., x, l], ref[x, w], ref[x, l], problem.beta).mean(-1)
-
-
-def data_reward_loss(rewards: torch.Tensor, problem: Problem) -> torch.Tensor:
-    """Report eq. (26) on the votes (`chapters.ch2_reward_model.reward_model_loss`) for a reward table r (P, Y)."""
-    x = problem.prompt
-    return reward_model_loss(rewards[x, problem.chosen], rewards[x, problem.rejected])
-
-
-def fit_reward_model(problem: Problem, linear: bool = False) -> torch.Tensor:
-    """Report eq. (26) minimised from r = 0: a table r(x, y) (ch2's `fit_bt_rewards`, no ridge), or r = φ(x, y)·ψ when `linear`.
-
-    Returns r (P, Y). Started at 0, L-BFGS stays in the span of the loss's gradients: the table keeps r equal on
-    every response in no pair, and ψ stays in the span of the vote differences φ(x, y_w) − φ(x, y_l).
-    """
-    if not linear:
-        return fit_bt_rewards(problem.prompt, problem.chosen, problem.rejected, problem.shape, l2=0.0)
-    psi = torch.zeros(problem.features.shape[-1], dtype=DT, requires_grad=True)
-    opt = torch.optim.LBFGS([psi], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = data_reward_loss(problem.features @ psi, problem)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return problem.features @ psi.detach()  # (P, Y)
+from chapters import one_thread, plotting
+from chapters.ch3_kl_optimum import kl_divergence, optimal_policy
+from chapters.tabular_problem import (DT, LETTERS, Problem, comparison_graph, data_reward_loss, empirical_dpo_loss,
+                                      make_problem, measure, response_name, unseen_mask)
+from chapters.tabular_training import (Autoregressive, LogLinear, POLICIES, Tabular, fit_reward_model, minimise_dpo_lbfgs,
+                                       train_dpo, train_ppo)
+from gpt import cli
 
 
 # ---------------------------------------------------------------------------------------------- the minimiser set
@@ -227,131 +90,7 @@ def unseen_shift(problem: Problem, rewards: torch.Tensor, target: float) -> torc
     return torch.where(mask, s[:, None], 0.0)
 
 
-# ---------------------------------------------------------------------------------------------- policies
-
-class Tabular:
-    """π(y|x) = softmax(θ(x, ·)): one free logit per (prompt, response), started at log π_ref. No sharing."""
-    name = "tabular"
-
-    def __init__(self, problem: Problem):
-        self.params = [problem.pi_ref.log().clone().requires_grad_()]
-
-    def logp(self):
-        return torch.log_softmax(self.params[0], -1)  # (P, Y)
-
-
-class LogLinear:
-    """π_θ(y|x) ∝ π_ref(y|x)·exp(θ·φ(x, y)), θ = 0 at the start: a parameter per (position, token), shared by every response and prompt."""
-    name = "log-linear"
-
-    def __init__(self, problem: Problem):
-        self.problem = problem
-        self.params = [torch.zeros(problem.features.shape[-1], dtype=DT, requires_grad=True)]
-
-    def logp(self):
-        return torch.log_softmax(self.problem.pi_ref.log() + self.problem.features @ self.params[0], -1)  # (P, Y)
-
-
-class Autoregressive:
-    """π(y|x) = Π_t softmax(θ_t[x, y_<t])[y_t], started at the reference's logits: a language model in miniature.
-
-    Responses sharing a prefix share its next-token softmax, so lowering π(y_l) hands mass to y_l's siblings.
-    """
-    name = "autoregressive"
-
-    def __init__(self, problem: Problem):
-        self.tokens = problem.tokens
-        self.params = [step.clone().requires_grad_() for step in problem.ref_logits]
-
-    def logp(self):
-        return autoregressive_logprobs(self.params, self.tokens)  # (P, Y)
-
-
-POLICIES = (Tabular, LogLinear, Autoregressive)
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-def measure(logp: torch.Tensor, problem: Problem, mask: torch.Tensor) -> dict:
-    """Exact, by enumeration: mass on unseen responses, E_π[r*], KL(π ‖ π_ref) and eq. (38), each averaged over prompts."""
-    pi = logp.exp()
-    return dict(unseen=(pi * mask).sum(-1).mean().item(), true_reward=(pi * problem.true_reward).sum(-1).mean().item(),
-                kl=kl_divergence(pi, problem.pi_ref).mean().item(), dpo=empirical_dpo_loss(logp, problem).item())
-
-
-def train_dpo(policy, problem: Problem, steps: int, lr: float) -> list:
-    """Report eq. (38) minimised by full-batch Adam over the votes, from π = π_ref; a `measure` dict at the start and after each step."""
-    opt = torch.optim.Adam(policy.params, lr=lr)
-    mask = unseen_mask(problem)
-    history = [measure(policy.logp().detach(), problem, mask)]
-    for _ in range(steps):
-        opt.zero_grad()
-        empirical_dpo_loss(policy.logp(), problem).backward()
-        opt.step()
-        history.append(measure(policy.logp().detach(), problem, mask))
-    return history
-
-
-def minimise_dpo_lbfgs(policy, problem: Problem):
-    """Report eq. (38) minimised by L-BFGS from π = π_ref; returns the policy, trained in place.
-
-    Like plain gradient descent its steps stay in the span of the gradients, so it lands on the minimiser gradient
-    flow picks (Adam's per-parameter scaling leaves that span)."""
-    opt = torch.optim.LBFGS(policy.params, lr=1, max_iter=3000, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = empirical_dpo_loss(policy.logp(), problem)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return policy
-
-
-def train_ppo(policy, problem: Problem, rewards: torch.Tensor, iterations: int, lr: float, batch: int = 64,
-              epochs: int = 4, clip_eps: float = 0.2, generator=None) -> list:
-    """Report eqs. (1), (28): KL-regularised PPO on whole responses, from π = π_ref.
-
-    Each round: sample `batch` responses per prompt from π_old, score them with
-    eq. (28), r̂(x, y) − β·log π_old/π_ref(y|x), advantage = score − its per-prompt batch mean (whitened), then
-    `epochs` Adam steps on eq. (1), the learning rate annealed linearly to 0 over the rounds (as in Schulman et
-    al.'s PPO runs). The whole response is one action, so a one-step episode. Returns `measure` dicts, one per
-    optimiser step (plus the start).
-    """
-    opt = torch.optim.Adam(policy.params, lr=lr)
-    anneal = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / iterations)
-    mask = unseen_mask(problem)
-    ref_logp = problem.pi_ref.log()
-    P, _ = problem.shape
-    history = [measure(policy.logp().detach(), problem, mask)]
-    for _ in range(iterations):
-        with torch.no_grad():
-            logp_all = policy.logp()  # (P, Y)
-            ys = torch.multinomial(logp_all.exp(), batch, replacement=True, generator=generator)  # (P, B)
-            old_logp = logp_all.gather(1, ys)  # (P, B)
-            score = rlhf_token_rewards(rewards.gather(1, ys).reshape(-1), old_logp.reshape(-1, 1),
-                                       ref_logp.gather(1, ys).reshape(-1, 1), torch.ones(P * batch, 1),
-                                       problem.beta).reshape(P, batch)  # one-token episodes: (P·B, 1) -> (P, B)
-            advantages = whiten(score - score.mean(1, keepdim=True))  # (P, B)
-        for _ in range(epochs):
-            opt.zero_grad()
-            logp = policy.logp().gather(1, ys)  # (P, B)
-            (-masked_mean(clipped_surrogate(logp, old_logp, advantages, clip_eps))).backward()
-            opt.step()
-            history.append(measure(policy.logp().detach(), problem, mask))
-        anneal.step()
-    return history
-
-
 # ---------------------------------------------------------------------------------------------- the script
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def response_name(problem: Problem, y: int) -> str:
-    return "".join(LETTERS[t] for t in problem.tokens[y].tolist())
-
 
 def minimiser_set_checks(problem: Problem, rewards: torch.Tensor, generator) -> dict:
     """The characterisation checked at π* (logits log π*): flat along V, Hessian null space = V, loss rises off V."""
@@ -409,18 +148,15 @@ def run_all(problem: Problem, steps: int, seed: int, progress: bool = True) -> d
 
 def plot_unseen_mass(problem: Problem, runs: dict):
     """Mass on unseen responses and true reward over training, DPO vs PPO, one column per policy parameterisation."""
-    import matplotlib.pyplot as plt
-    from chapters import plotting
-
     mask = unseen_mask(problem)
     ref = measure(problem.pi_ref.log(), problem, mask)
-    fig, axes = plt.subplots(2, len(runs), figsize=(4.6 * len(runs), 7), sharex=True)
+    fig, axes = plotting.plt.subplots(2, len(runs), figsize=(4.6 * len(runs), 7), sharex=True)
     for col, (name, run) in enumerate(runs.items()):
         dpo, ppo, goal = run["dpo"], run["ppo"], measure(run["target"].log(), problem, mask)
         for row, key, label in ((0, "unseen", "mass on responses absent from the data"), (1, "true_reward", "E_π[r*] (true reward)")):
             ax = axes[row, col]
-            ax.plot([h[key] for h in dpo], color="C0", label="DPO (eq. 38)")
-            ax.plot([h[key] for h in ppo], color="C3", alpha=0.8, label="PPO (eqs. 1, 28) on fitted r̂")
+            ax.plot([h[key] for h in dpo], color="C0", label="DPO, eq. (38)")
+            ax.plot([h[key] for h in ppo], color="C3", alpha=0.8, label="PPO, eqs. (1), (28), on fitted r̂")
             ax.axhline(measure(run["lbfgs_pi"].log(), problem, mask)[key], color="C0", ls="-.", lw=1,
                        label="DPO minimised by L-BFGS (end point)")
             ax.axhline(goal[key], color="C3", ls="--", lw=1, label="π* = eq. (36) for r̂ (PPO's target)")
@@ -438,9 +174,6 @@ def plot_unseen_mass(problem: Problem, runs: dict):
 
 def plot_minimiser_set(problem: Problem, rewards: torch.Tensor, runs: dict, checks_basis_t=3.0):
     """Left: eq. (38) along a flat direction vs off the set. Right: true reward and KL across Π_DPO vs mass on unseen responses."""
-    import matplotlib.pyplot as plt
-    from chapters import plotting
-
     star = dpo_minimiser(problem, rewards).log()
     base = empirical_dpo_loss(star, problem).item()
     basis = dpo_flat_directions(problem)
@@ -454,7 +187,7 @@ def plot_minimiser_set(problem: Problem, rewards: torch.Tensor, runs: dict, chec
 
     def along(v):
         return [empirical_dpo_loss(torch.log_softmax(star + t * v.view(problem.shape), -1), problem).item() - base for t in ts]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.6))
+    fig, (ax1, ax2) = plotting.plt.subplots(1, 2, figsize=(13, 4.6))
     ax1.plot(ts, along(comp_dir), lw=3, label=f"+t on component {{{', '.join(response_name(problem, y) for y in components[0][0])}}} (in V)")
     ax1.plot(ts, along(unseen_dir), ls="--", lw=2,
              label=f"+t on unseen response {response_name(problem, unseen[0][0])} (in V)")
@@ -495,14 +228,15 @@ def _fmt(h: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m chapters.ch9_dpo_vs_ppo", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="the example's seed (reference, reward, pairs) and PPO's sampler")
-    parser.add_argument("--beta", type=float, default=0.5, help="β of eqs. (28), (36), (38)")
-    parser.add_argument("--steps", type=int, default=1000, help="Adam steps per training run (PPO: steps/4 rounds of 4 epochs)")
-    parser.add_argument("--sweep", type=int, default=5, help="further examples (seeds seed+1, ...) for the DPO-vs-π* table")
+    parser.add_argument("--beta", type=cli.positive_float, default=0.5, help="β of eqs. (28), (36), (38)")
+    parser.add_argument("--steps", type=cli.positive_int, default=1000,
+                        help="Adam steps per training run, at least 4 (PPO: steps/4 rounds of 4 epochs)")
+    parser.add_argument("--sweep", type=cli.nonnegative_int, default=5,
+                        help="further examples (seeds seed+1, ...) for the DPO-vs-π* table")
     args = parser.parse_args(argv)
-    if args.beta <= 0:
-        raise SystemExit(f"error: --beta must be > 0, got {args.beta}")
-    if args.steps < 4 or args.sweep < 0:
-        raise SystemExit("error: --steps must be >= 4 and --sweep >= 0")
+    if args.steps < 4:
+        parser.error(f"argument --steps: must be at least 4 (PPO runs steps/4 rounds), got {args.steps}")
+    plotting.check_writable()
     with one_thread():  # (P, Y) tensors are tiny: extra threads only add overhead on a busy machine
         return _run(args)
 
@@ -577,7 +311,7 @@ def _run(args):
     print(f"\n4. Training from π_ref, {args.steps} Adam steps each (PPO: {args.steps // 4} rounds × 4 epochs, 256 samples/prompt, "
           f"ε = 0.2; reward r̂ − β·log π/π_ref, eq. (28)); exact measurements by enumeration")
     runs = run_all(problem, args.steps, args.seed)
-    print(f"   {'policy':15s} {'method':6s} {'unseen mass':>11s} {'E[r*]':>7s} {'KL':>6s} {'eq.(38) − min':>14s} {'TV to π*':>9s}")
+    print(f"   {'policy':15s} {'method':6s} {'unseen mass':>11s} {'E[r*]':>7s} {'KL':>6s} {'eq. (38) − min':>14s} {'TV to π*':>9s}")
     for name, run in runs.items():
         floor = empirical_dpo_loss(run["target"].log(), problem).item()  # the minimum within this reward class
         for method, pi in (("DPO", run["dpo_pi"]), ("DPO†", run["lbfgs_pi"]), ("PPO", run["ppo_pi"]), ("π*", run["target"])):
@@ -636,4 +370,4 @@ def _run(args):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
