@@ -4,28 +4,62 @@
 - `dpo_step`, `dpo_evaluate`, `train_dpo`: eq. (38) from π_θ = π_SFT with π_ref = π_SFT frozen, through the fast
   step of `chapters.dpo_step` (the reference's log-probs and hidden states cached once, pairs packed one a row).
 Batches are grouped by length and seeded (`preference_data.length_grouped_batches`); the optimiser is AdamW with
-gradients clipped at norm 1. The loops return plain dict rows (one per epoch or step) for tables and figures.
+gradients clipped at norm 1. Both loops run through `chapters.train_loop.train_epochs`, so a `scale`
+(`chapters.scaled_run.Scale`) adds torchrun's processes, micro-batches, a schedule, checkpoints, --resume and the
+saved models; without one they run as one process and save nothing. The loops return plain dict rows (one per
+epoch or step) for tables and figures.
 """
 import copy
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from chapters.distributed import Dist, call, in_batch_order, unwrapped, wrap
 from chapters.dpo_step import autocast, fast_dpo_loss, sequence_logprobs
 from chapters.preference_data import length_grouped_batches
+from chapters.reference_store import pairs_sha256
 from chapters.rows import packed_pairs_batch, rows_batch
+from chapters.scaled_run import Scale
+from chapters.train_loop import Run, train_epochs
+from chapters.train_state import StopRequest, full_state, lr_schedule, tensors_sha256
 
 # chapters.ch4_dpo.dpo_metrics' keys, and the mean token-level KL(π‖π_ref) over response tokens
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl")
 
 
-def _update(model, opt, loss):
-    """One optimiser step on `loss`: backward, clip the gradient norm at 1, AdamW."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+def _fingerprint(scale: Scale, phase: str, start_model, train, **fields) -> dict:
+    """What a checkpoint or saved model of this phase must match to be taken up by --resume (nothing to hash when
+    the run saves nothing)."""
+    if scale.folder is None:
+        return {}
+    return {**scale.fingerprint, "phase": phase, **fields, "pairs_sha256": pairs_sha256(train),
+            "start_sha256": tensors_sha256(start_model.state_dict())}
+
+
+def _run(scale: Scale, phase: str, model, fingerprint: dict, *, lr: float, weight_decay: float, device, epochs: int,
+         batches):
+    """What both loops set up: the engine (DDP/FSDP2 or the plain model), AdamW, the schedule over epochs ×
+    batches an epoch, and the phase's Run."""
+    engine = wrap(model, scale.dist, fsdp=scale.fsdp)
+    fused = not scale.fsdp or torch.device(device).type == "cuda"  # FSDP2 on the CPU: AdamW's default kernels
+    opt = torch.optim.AdamW(unwrapped(engine).parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+    schedule = lr_schedule(opt, scale.warmup_steps, epochs * len(batches(1)), scale.lr_schedule)
+    run = Run(checkpoint=scale.checkpoint(phase), fingerprint=fingerprint, resume=scale.resume,
+              every=scale.save_every)
+    return engine, opt, schedule, run
+
+
+def _finish(scale: Scale, phase: str, engine, model, history, fingerprint):
+    """Save the phase's model (rank 0) and return a plain module holding its weights on every rank (under FSDP2
+    the trained one is sharded: its weights come back from the saved folder)."""
+    if scale.folder is None and not scale.fsdp:
+        return model
+    state, _ = full_state(unwrapped(engine))  # every rank: FSDP2 gathers the shards
+    scale.save_phase(phase, state, model.config, history, fingerprint)
+    if scale.fsdp:
+        from gpt import load_gpt2
+        return load_gpt2(scale.model_folder(phase)).to(scale.dist.device)
+    return model
 
 
 # ---------------------------------------------------------------- SFT
@@ -42,35 +76,64 @@ def sft_batch(pairs, idx, pad_id: int, device):
     return rows_batch([pairs[i].prompt for i in idx], [pairs[i].chosen for i in idx], pad_id).to(device)
 
 
-def sft_evaluate(model, pairs, *, batch_size: int, device, pad_id: int, loss_fn=sft_loss) -> float:
-    """Mean over length-sorted batches of `loss_fn` on (prompt, chosen) of `pairs`, without gradients."""
+def sft_evaluate(model, pairs, *, batch_size: int, device, pad_id: int, loss_fn=sft_loss, dist: Dist = None) -> float:
+    """Mean over length-sorted batches of `loss_fn` on (prompt, chosen) of `pairs`, without gradients; under
+    torchrun each rank takes every N-th batch and the losses are gathered."""
+    d = dist or Dist()
     model.eval()
     batches = length_grouped_batches([len(p.prompt) + len(p.chosen) for p in pairs], batch_size, 0, shuffle=False)
     with torch.no_grad(), autocast(device):
-        return float(np.mean([loss_fn(model, sft_batch(pairs, idx, pad_id, device)).item() for idx in batches]))
+        mine = [call(model, loss_fn, sft_batch(pairs, idx, pad_id, device)).item() for idx in batches[d.rank::d.world]]
+    return float(np.mean(in_batch_order(d.gather(mine))))
 
 
 def train_sft(model, train, val, *, epochs: int, lr: float, batch_size: int, seed: int, device, pad_id: int,
-              loss_fn=sft_loss, label: str = "SFT") -> list:
+              loss_fn=sft_loss, label: str = "SFT", scale: Scale = None, weight=None) -> list:
     """Fine-tune `model` in place on (prompt, chosen); returns rows {epoch, train_loss, validation_loss}.
 
-    `label` names the phase in the progress bar and the printed lines."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
+    `label` names the phase in progress bars, printed lines and saved files. `weight(idx)`: what `loss_fn` averages
+    over in pairs idx, for micro-batches (default: response tokens, as `sft_loss`).
+    """
+    scale, phase = scale or Scale(), label.lower().replace(" ", "_")
+    fingerprint = _fingerprint(scale, phase, model, train, lr=lr, epochs=epochs, seed=seed)
+    done = scale.finished(phase, fingerprint)
+    if done is not None:
+        from gpt import load_gpt2
+        model.load_state_dict(load_gpt2(scale.model_folder(phase)).state_dict())
+        print(f"{label}: finished by an earlier run; weights from {scale.model_folder(phase)}/")
+        return done
     lengths = [len(p.prompt) + len(p.chosen) for p in train]
-    history = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        losses = []
-        for idx in tqdm(length_grouped_batches(lengths, batch_size, seed + epoch), desc=f"{label} epoch {epoch}/{epochs}",
-                        leave=False):
-            with autocast(device):
-                loss = loss_fn(model, sft_batch(train, idx, pad_id, device))
-            _update(model, opt, loss)
-            losses.append(loss.item())
-        val_loss = sft_evaluate(model, val, batch_size=batch_size, device=device, pad_id=pad_id, loss_fn=loss_fn)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "validation_loss": val_loss})
-        print(f"{label} epoch {epoch}: train loss {history[-1]['train_loss']:.4f}, validation loss {val_loss:.4f}")
-    return history
+    batches = lambda epoch: length_grouped_batches(lengths, batch_size, seed + epoch)
+    trained = copy.deepcopy(model) if scale.fsdp else model  # FSDP2 shards what it trains
+    engine, opt, schedule, run = _run(scale, phase, trained, fingerprint, lr=lr, weight_decay=0.1, device=device,
+                                      epochs=epochs, batches=batches)
+
+    def step(m, idx):
+        with autocast(device):
+            loss = loss_fn(m, sft_batch(train, idx, pad_id, device))
+        return loss, {"loss": loss.item()}
+
+    def on_step(history, epoch, metrics):
+        history["losses"].append(metrics["loss"])
+
+    def on_epoch(history, epoch):
+        val_loss = sft_evaluate(unwrapped(engine), val, batch_size=batch_size, device=device, pad_id=pad_id,
+                                loss_fn=loss_fn, dist=scale.dist)
+        history["rows"].append({"epoch": epoch, "train_loss": float(np.mean(history["losses"])),
+                                "validation_loss": val_loss})
+        history["losses"] = []
+        print(f"{label} epoch {epoch}: train loss {history['rows'][-1]['train_loss']:.4f}, "
+              f"validation loss {val_loss:.4f}")
+
+    with StopRequest() as stop:
+        history = train_epochs(engine, opt, schedule, loss_fn=step, batches=batches, epochs=epochs, dist=scale.dist,
+                               weight=weight or (lambda idx: sum(len(train[i].chosen) for i in idx)), run=run,
+                               history={"rows": [], "losses": []}, on_step=on_step, on_epoch=on_epoch,
+                               grad_accum=scale.grad_accum, stop=stop, desc=label)
+    trained = _finish(scale, phase, engine, trained, history["rows"], run.fingerprint)
+    if trained is not model:
+        model.load_state_dict(trained.state_dict())
+    return history["rows"]
 
 
 # ---------------------------------------------------------------- DPO
@@ -82,44 +145,66 @@ def dpo_step(policy, pairs, idx, cache, beta: float, device, pad_id: int):
     return fast_dpo_loss(policy, batch, ref_chosen, ref_rejected, beta, ref_hidden, cache.head_weight)
 
 
-def dpo_evaluate(policy, pairs, cache, beta: float, *, batch_size: int, device, pad_id: int, step=dpo_step) -> dict:
-    """`METRICS` of `policy` over all of `pairs` (no gradients), averaged per pair."""
+def dpo_evaluate(policy, pairs, cache, beta: float, *, batch_size: int, device, pad_id: int, step=dpo_step,
+                 dist: Dist = None) -> dict:
+    """`METRICS` of `policy` over all of `pairs` (no gradients), averaged per pair; under torchrun each rank takes
+    every N-th batch and the sums run over the gathered batches in their order."""
+    d = dist or Dist()
     policy.eval()
-    totals, n = dict.fromkeys(METRICS, 0.0), 0
+    batches = length_grouped_batches([p.packed_length for p in pairs], batch_size, 0, shuffle=False)
     with torch.no_grad():
-        for idx in length_grouped_batches([p.packed_length for p in pairs], batch_size, 0, shuffle=False):
-            _, m = step(policy, pairs, idx, cache, beta, device, pad_id)
-            for k in METRICS:
-                totals[k] += m[k] * len(idx)
-            n += len(idx)
+        mine = [(len(idx), call(policy, step, pairs, idx, cache, beta, device, pad_id)[1])
+                for idx in batches[d.rank::d.world]]
+    totals, n = dict.fromkeys(METRICS, 0.0), 0
+    for size, m in in_batch_order(d.gather(mine)):
+        for k in METRICS:
+            totals[k] += m[k] * size
+        n += size
     return {k: v / n for k, v in totals.items()}
 
 
 def train_dpo(sft_model, train, val, caches, beta: float, *, epochs: int, lr: float, batch_size: int, seed: int,
-              device, pad_id: int, step=dpo_step):
+              device, pad_id: int, step=dpo_step, scale: Scale = None):
     """Report eq. (38) minimised from π_θ = π_SFT with π_ref = π_SFT frozen (`caches` "train" and "validation" hold
     it); returns the policy, one row per step and rows per epoch (epoch 0: validation before training)."""
+    scale, phase = scale or Scale(), f"dpo_beta_{beta:g}"
+    fingerprint = _fingerprint(scale, phase, sft_model, train, beta=beta, lr=lr, epochs=epochs, seed=seed)
+    done = scale.finished(phase, fingerprint)
+    if done is not None:
+        from gpt import load_gpt2
+        print(f"DPO β={beta}: finished by an earlier run; policy from {scale.model_folder(phase)}/")
+        return load_gpt2(scale.model_folder(phase)).to(device), done["steps"], done["epochs"]
     policy = copy.deepcopy(sft_model).requires_grad_(True)  # every β starts from the same SFT weights
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0, fused=True)
     lengths = [p.packed_length for p in train]
-    settings = dict(batch_size=batch_size, device=device, pad_id=pad_id, step=step)
-    steps = []
-    epochs_rows = [{"beta": beta, "epoch": 0, "split": "validation",
-                    **dpo_evaluate(policy, val, caches["validation"], beta, **settings)}]
-    for epoch in range(1, epochs + 1):
-        policy.train()
-        for idx in tqdm(length_grouped_batches(lengths, batch_size, seed + epoch),
-                        desc=f"DPO β={beta} epoch {epoch}/{epochs}", leave=False):
-            loss, m = step(policy, train, idx, caches["train"], beta, device, pad_id)
-            _update(policy, opt, loss)
-            steps.append({"beta": beta, "epoch": epoch, "step": len(steps) + 1, **m})
+    batches = lambda epoch: length_grouped_batches(lengths, batch_size, seed + epoch)
+    engine, opt, schedule, run = _run(scale, phase, policy, fingerprint, lr=lr, weight_decay=0.0, device=device,
+                                      epochs=epochs, batches=batches)
+    settings = dict(batch_size=batch_size, device=device, pad_id=pad_id, step=step, dist=scale.dist)
+    objective = unwrapped(engine)
+
+    def on_begin(history):
+        history["epochs"].append({"beta": beta, "epoch": 0, "split": "validation",
+                                  **dpo_evaluate(objective, val, caches["validation"], beta, **settings)})
+
+    def on_step(history, epoch, metrics):
+        history["steps"].append({"beta": beta, "epoch": epoch, "step": len(history["steps"]) + 1, **metrics})
+
+    def on_epoch(history, epoch):
         t = {"beta": beta, "epoch": epoch, "split": "train",
-             **{k: float(np.mean([s[k] for s in steps if s["epoch"] == epoch])) for k in METRICS}}
+             **{k: float(np.mean([s[k] for s in history["steps"] if s["epoch"] == epoch])) for k in METRICS}}
         v = {"beta": beta, "epoch": epoch, "split": "validation",
-             **dpo_evaluate(policy, val, caches["validation"], beta, **settings)}
-        epochs_rows += [t, v]
+             **dpo_evaluate(objective, val, caches["validation"], beta, **settings)}
+        history["epochs"] += [t, v]
         print(f"DPO β={beta} epoch {epoch}: train loss {t['loss']:.4f} acc {t['rewards/accuracies']:.3f} "
               f"KL {t['kl']:.4f} | validation loss {v['loss']:.4f} acc {v['rewards/accuracies']:.3f} "
               f"margin {v['rewards/margins']:.3f} KL {v['kl']:.4f}")
+
+    with StopRequest() as stop:
+        history = train_epochs(engine, opt, schedule, loss_fn=lambda m, idx: step(m, train, idx, caches["train"], beta,
+                                                                                  device, pad_id),
+                               batches=batches, weight=len, epochs=epochs, dist=scale.dist, run=run,
+                               history={"steps": [], "epochs": []}, on_begin=on_begin, on_step=on_step,
+                               on_epoch=on_epoch, grad_accum=scale.grad_accum, stop=stop, desc=f"DPO β={beta}")
+    policy = _finish(scale, phase, engine, policy, history, run.fingerprint)
     policy.eval()
-    return policy, steps, epochs_rows
+    return policy, history["steps"], history["epochs"]
