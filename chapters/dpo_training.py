@@ -36,6 +36,10 @@ def _fingerprint(scale: Scale, phase: str, start_model, train, **fields) -> dict
             "start_sha256": tensors_sha256(start_model.state_dict())}
 
 
+def _name(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
 def _run(scale: Scale, phase: str, model, fingerprint: dict, *, lr: float, weight_decay: float, device, epochs: int,
          batches):
     """What both loops set up: the engine (DDP/FSDP2 or the plain model), AdamW, the schedule over epochs ×
@@ -95,7 +99,7 @@ def train_sft(model, train, val, *, epochs: int, lr: float, batch_size: int, see
     over in pairs idx, for micro-batches (default: response tokens, as `sft_loss`).
     """
     scale, phase = scale or Scale(), label.lower().replace(" ", "_")
-    fingerprint = _fingerprint(scale, phase, model, train, lr=lr, epochs=epochs, seed=seed)
+    fingerprint = _fingerprint(scale, phase, model, train, lr=lr, epochs=epochs, seed=seed, loss=_name(loss_fn))
     done = scale.finished(phase, fingerprint)
     if done is not None:
         from gpt import load_gpt2
@@ -168,7 +172,8 @@ def train_dpo(sft_model, train, val, caches, beta: float, *, epochs: int, lr: fl
     """Report eq. (38) minimised from π_θ = π_SFT with π_ref = π_SFT frozen (`caches` "train" and "validation" hold
     it); returns the policy, one row per step and rows per epoch (epoch 0: validation before training)."""
     scale, phase = scale or Scale(), f"dpo_beta_{beta:g}"
-    fingerprint = _fingerprint(scale, phase, sft_model, train, beta=beta, lr=lr, epochs=epochs, seed=seed)
+    fingerprint = _fingerprint(scale, phase, sft_model, train, beta=beta, lr=lr, epochs=epochs, seed=seed,
+                               step=_name(step))
     done = scale.finished(phase, fingerprint)
     if done is not None:
         from gpt import load_gpt2

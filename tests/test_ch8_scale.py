@@ -288,3 +288,60 @@ def test_reference_cache_on_disk_is_reused_refused_when_stale_and_rebuilt_on_req
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="incomplete or not a reference cache"):
         reference_store.cached_reference(path, other, pairs, 0, batch_size=4, fingerprint=fp(other))
+
+
+# ---------------------------------------------------------------- chapter 8's trainers with a run folder
+
+def _pipeline(pairs, scale, stop_at_dpo_step=None):
+    """train_sft then train_dpo (chapter 8's fast step, the reference cache through the disk), as ch8 runs them."""
+    from chapters.dpo_training import dpo_step, train_dpo, train_sft
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig.tiny())
+    loop = dict(batch_size=4, seed=0, device="cpu", pad_id=0, scale=scale)
+    sft_rows = train_sft(model, pairs, pairs[:3], epochs=2, lr=1e-2, **loop)
+    model.eval().requires_grad_(False)
+    caches = scale.reference_caches(model, {"train": pairs, "validation": pairs[:3]}, 0, 4, 64)
+    calls = []
+
+    def step(*a):  # ch8's step; a SIGTERM after the given training step
+        out = dpo_step(*a)
+        calls.append(torch.is_grad_enabled())
+        if sum(calls) == stop_at_dpo_step and calls[-1]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    policy, steps, epochs = train_dpo(model, pairs, pairs[:3], caches, 0.5, epochs=2, lr=1e-2, step=step, **loop)
+    return sft_rows, steps, epochs, policy
+
+
+def test_ch8_trainers_save_each_phase_and_a_sigterm_then_resume_gives_the_same_rows(tmp_path, one_thread, capsys):
+    from chapters.scaled_run import Scale
+    pairs = tiny_pairs(10)
+    whole = _pipeline(pairs, Scale(folder=tmp_path / "whole", fingerprint={"run": 1}))
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM after batch 1 of 3 in epoch 2 of DPO β=0.5"):
+        _pipeline(pairs, Scale(folder=tmp_path / "cut", fingerprint={"run": 1}), stop_at_dpo_step=4)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["dpo_beta_0.5.pt"]
+    capsys.readouterr()
+    resumed = _pipeline(pairs, Scale(folder=tmp_path / "cut", fingerprint={"run": 1}, resume=True))
+    assert "SFT: finished by an earlier run" in capsys.readouterr().out
+    assert resumed[:3] == whole[:3]  # SFT rows, DPO step rows, DPO epoch rows: equal, not close
+    assert all(torch.equal(a, b) for a, b in zip(whole[3].state_dict().values(), resumed[3].state_dict().values()))
+    assert not any((tmp_path / "cut" / "checkpoints").iterdir())  # a finished phase's checkpoint goes
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(gpt.load_gpt2(tmp_path / "cut" / "models" / "dpo_beta_0.5")(ids), resumed[3](ids))
+    with pytest.raises(ValueError, match=r"models/sft was trained with other settings \(run: 1 there, 2 here\)"):
+        _pipeline(pairs, Scale(folder=tmp_path / "cut", fingerprint={"run": 2}, resume=True))
+
+
+def test_resume_without_a_run_and_too_small_a_batch_are_one_line_each(tmp_path):
+    from types import SimpleNamespace
+
+    from chapters.scaled_run import start
+    args = SimpleNamespace(out=tmp_path, resume=True, device="cpu", fsdp=False, batch_size=2, grad_accum=4, tag="t",
+                           seed=0, max_length=8, warmup_steps=0, lr_schedule="constant", save_every=0,
+                           rebuild_reference_cache=False)
+    with pytest.raises(ValueError, match=r"--resume: nothing to resume in .* \(no checkpoints/ or models/ there\)"):
+        start(args)
+    args.resume = False
+    with pytest.raises(ValueError, match=r"--batch-size 2 is fewer pairs than the 1 process\(es\) × --grad-accum 4"):
+        start(args)
