@@ -60,6 +60,10 @@ class Scale:
     rebuild_reference: bool = False
     fingerprint: dict = field(default_factory=dict)  # what every phase of the run shares (model, data, lengths)
 
+    def close(self):
+        """End the process group (torchrun); a no-op for N = 1."""
+        distributed.close(self.dist)
+
     def checkpoint(self, phase: str):
         return None if self.folder is None else self.folder / "checkpoints" / f"{phase}.pt"
 
@@ -127,7 +131,8 @@ def start(args) -> Scale:
                  rebuild_reference=args.rebuild_reference_cache,
                  fingerprint={"model": args.tag, "seed": args.seed, "max_length": args.max_length,
                               "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
-                              "lr_schedule": args.lr_schedule})
+                              "lr_schedule": args.lr_schedule,
+                              "mistakes_on": " ".join(getattr(getattr(args, "setup", None), "on", ()))})
 
 
 def sharded_runs(generate_runs, d: distributed.Dist, name, model, pairs, temperatures, **settings) -> list:
