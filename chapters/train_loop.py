@@ -54,14 +54,15 @@ def _step(engine, loss_fn, idx, weight, d: Dist, grad_accum: int) -> dict:
 
 def train_epochs(engine, optimizer, schedule, *, loss_fn, batches, weight, epochs: int, dist: Dist, run: Run = None,
                  history=None, on_begin=None, on_step=None, on_epoch=None, grad_accum: int = 1, stop=None,
-                 clip: float = 1.0, desc: str = "train"):
+                 clip: float = 1.0, desc: str = "train", progress: bool = True):
     """Train the model in `engine` (`chapters.distributed.wrap`'s module) on loss_fn(model, idx) -> (mean loss of
     pairs idx, metrics), for `epochs`.
 
     batches(epoch) -> the global batches (lists of indices) of that epoch, 1-based; weight(idx) -> what the mean
     loss of idx averages over (pairs, tokens). Callbacks fill `history` (rows, JSON-like): on_begin(history) before
     the first step of a fresh run, on_step(history, epoch, metrics) after each step, on_epoch(history, epoch) after
-    each epoch (on every rank: evaluations are sharded). Returns `history`, restored first when resuming.
+    each epoch (on every rank: evaluations are sharded). `clip` None: no gradient clipping. Returns `history`,
+    restored first when resuming.
     """
     run = run or Run()
     objective = unwrapped(engine)
@@ -94,9 +95,10 @@ def train_epochs(engine, optimizer, schedule, *, loss_fn, batches, weight, epoch
         objective.train()
         epoch_batches = batches(epoch)
         for b in tqdm(range(start, len(epoch_batches)), desc=f"{desc} epoch {epoch}/{epochs}", leave=False,
-                      disable=not dist.main, initial=start, total=len(epoch_batches)):
+                      disable=not (dist.main and progress), initial=start, total=len(epoch_batches)):
             sums = _step(engine, loss_fn, epoch_batches[b], weight, dist, grad_accum)
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
             if schedule is not None:
                 schedule.step()
