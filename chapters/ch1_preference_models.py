@@ -14,6 +14,7 @@ import torch
 from scipy import stats
 
 from chapters import plotting
+from gpt.cli import run
 
 
 def as_tensor(x) -> torch.Tensor:
@@ -206,6 +207,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.samples < 100:
         raise SystemExit("error: --samples must be at least 100 for a chi-square test; pass a larger number")
+    plotting.check_writable()
     gen = torch.Generator().manual_seed(args.seed)
     f64 = torch.float64
 
@@ -320,4 +322,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -54,8 +54,15 @@ def optimal_policy(pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> 
     `pi_ref` and `rewards` are (..., Y): a distribution over Y responses and their rewards.
     Computed as a softmax of log π_ref + r/β, which is stable for any β > 0.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be > 0 and finite (the KL weight of eq. (27)), got {beta}")
+    try:
+        torch.broadcast_shapes(pi_ref.shape, rewards.shape)
+    except RuntimeError:
+        raise ValueError(f"pi_ref {tuple(pi_ref.shape)} and rewards {tuple(rewards.shape)} do not broadcast; "
+                         "give one reward per response, (..., Y) each") from None
+    if not bool((pi_ref >= 0).all()):  # also refuses NaN
+        raise ValueError("pi_ref must be a distribution over the last axis: every entry >= 0 (got a negative or NaN)")
     return torch.softmax(torch.log(pi_ref) + rewards / beta, dim=-1)
 
 
@@ -175,6 +182,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 2 <= args.responses <= 50:
         raise SystemExit(f"error: --responses must be between 2 and 50, got {args.responses}")
+    from chapters.plotting import check_writable
+    check_writable()
     torch.set_printoptions(precision=4)
     g = torch.Generator().manual_seed(args.seed)
     beta = 0.5
@@ -232,4 +241,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from gpt.cli import run
+    run(main)

@@ -332,10 +332,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.samples < 100:
         raise SystemExit(f"error: --samples must be at least 100 to measure a variance, got {args.samples}")
+    from chapters.plotting import check_writable
+    check_writable()
     g = torch.Generator().manual_seed(args.seed)
     _section_51(g, beta=0.5)
     _section_52(g, beta=1.0, samples=args.samples)
 
 
 if __name__ == "__main__":
-    main()
+    from gpt.cli import run
+    run(main)
