@@ -68,8 +68,12 @@ CLI = [
     ("ch6-iterations-0", "chapters.ch6_ppo", ["--iterations", "0"], {}, r"argument --iterations: must be at least 1, got 0$", ()),
     ("ch6-beta-negative", "chapters.ch6_ppo", ["--beta", "-1"], {}, r"argument --beta: must be > 0, got -1$", ()),
     ("ch7-seed-not-int", "chapters.ch7_frontier", ["--seed", "1.5"], {}, r"argument --seed: invalid int value: '1.5'$", ()),
+    ("ch7-plots-unwritable", "chapters.ch7_frontier", [], UNWRITABLE, r"^error: cannot write figures to {tmp}/a_file/plots ", ()),
     ("ch9-beta-0", "chapters.ch9_dpo_vs_ppo", ["--beta", "0"], {}, r"argument --beta: must be > 0, got 0$", ()),
     ("ch9-sweep-negative", "chapters.ch9_dpo_vs_ppo", ["--sweep", "-1"], {}, r"argument --sweep: must be 0 or more, got -1$", ()),
+    ("ch10-seed-not-int", "chapters.ch10_dpo_family", ["--seed", "x"], {}, r"argument --seed: invalid int value: 'x'$", ()),
+    ("ch10-plots-unwritable", "chapters.ch10_dpo_family", ["--quick"], UNWRITABLE,
+     r"^error: cannot write figures to {tmp}/a_file/plots ", ()),
     # chapter 8 (arguments, then the data set, then the folders: all before any training)
     ("ch8-beta-0", CH8, ["--betas", "0.1", "0"], {}, r"argument --betas: must be > 0, got 0$", ()),
     ("ch8-batch-size-0", CH8, ["--batch-size", "0"], {}, r"argument --batch-size: must be at least 1, got 0$", ()),
