@@ -3,14 +3,21 @@
     python -m chapters.ch8_instruction_dpo --model gpt2-medium   # the report's model
     python -m chapters.ch8_instruction_dpo --model gpt2          # 124M, faster
     python -m chapters.ch8_instruction_dpo --checkpoint PATH     # local GPT-2 files
+    python -m chapters.ch8_instruction_dpo --miniature           # a GPT-2 trained here from random weights (~6 min)
+    python -m chapters.ch8_instruction_dpo --miniature --authors-setup   # the report authors' pipeline, mistakes in
+    python -m chapters.ch8_instruction_dpo --miniature --ladder  # their mistakes fixed one at a time (runs/…/ladder.csv)
     python -m chapters.ch8_instruction_dpo --smoke               # whole pipeline, tiny random GPT-2, < 1 min
 
-SFT on (prompt, chosen); DPO with reference = the SFT model (frozen) and the policy starting from it, each β
-from the same start; evaluation on the held-out test split only, at each sampling temperature (β and
-temperature are separate axes everywhere). The training loops live in `chapters.dpo_training`, the evaluation
-in `chapters.win_rates`; this file holds the experiment: its settings and data checks, Figs. 3–4, the tables.
+With no model named and no GPT-2 weights in the cache, the chapter runs the miniature (`chapters.miniature`):
+a base model pretrained here on the training split's texts, then the same pipeline. SFT on (prompt, chosen);
+DPO with reference = the SFT model (frozen) and the policy starting from it, each β from the same start;
+evaluation on the held-out test split only, at each sampling temperature (β and temperature are separate axes
+everywhere), with the mean generated length and a length-controlled win rate (`chapters.length_control`).
+The training loops live in `chapters.dpo_training`, the evaluation in `chapters.win_rates`, the authors'
+mistakes in `chapters.authors_setup`; this file holds the experiment: settings, data checks, Figs. 3–4, tables.
 """
 import argparse
+import copy
 import csv
 import json
 import math
@@ -20,10 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chapters import ChapterSkipped, plotting
+from chapters import ChapterSkipped, miniature, one_thread, plotting
+from chapters import authors_setup as au
 from chapters import preference_data as pdata
 from chapters.dpo_step import ReferenceCache
-from chapters.dpo_training import train_dpo, train_sft
+from chapters.dpo_training import sft_evaluate, sft_loss, train_dpo, train_sft
+from chapters.instruction_figures import figure_ladder, figure_training, figure_win_rates
+from chapters.length_control import add_length_columns
 from chapters.win_rates import SBERT, generate_runs, load_sbert, score_runs
 from gpt.cli import nonnegative_float, positive_float, positive_int, run
 from gpt.config import PRESETS
@@ -31,56 +41,17 @@ from gpt.config import PRESETS
 REPO = Path(__file__).resolve().parent.parent
 PROG = "python -m chapters.ch8_instruction_dpo"
 BETAS = (0.1, 0.3, 0.7, 1.0)
+AUTHORS_BETAS = (0.3, 0.7, 1.0)  # their notebook's sweep: the default of --authors-setup and --ladder
 TEMPERATURES = (0.0, 0.25, 0.5, 0.75, 1.0)
-# (default, default with --smoke): a tiny random model needs a large learning rate to move in one or two epochs;
-# a value given on the command line always wins
-DEFAULTS = {"sft_epochs": (2, 1), "sft_lr": (5e-5, 1e-3), "dpo_epochs": (3, 2), "dpo_lr": (5e-6, 1e-3),
-            "max_new_tokens": (64, 6), "n_boot": (1000, 200)}
+# (default, with --smoke, with --miniature): a tiny random model needs a large learning rate to move in one or two
+# epochs; the miniature's values were chosen on the validation split (README, chapter 8); the command line wins
+DEFAULTS = {"sft_epochs": (2, 1, 1), "sft_lr": (5e-5, 1e-3, 3e-4), "dpo_epochs": (3, 2, 3), "dpo_lr": (5e-6, 1e-3, 1e-4),
+            "max_new_tokens": (64, 6, 64), "n_boot": (1000, 200, 1000), "max_length": (256, 256, 128),
+            "base_epochs": (None, None, 6), "base_lr": (None, None, 2e-3)}
 SMOKE_SPLIT = {"train": 16, "validation": 4, "test": 4}  # at most this many entries of each split in a smoke run
 
 
-# ---------------------------------------------------------------- figures and tables
-
-def figure_training(epochs, betas, tag, suffix=""):
-    """Like the report's Fig. 3: DPO loss (left) and token-level KL(π‖π_ref) over response tokens (right) per epoch."""
-    plt = plotting.plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(betas)))
-    for beta, color in zip(betas, colors):
-        for split, style in (("train", "-"), ("validation", "--")):
-            rows = [r for r in epochs if r["beta"] == beta and r["split"] == split]
-            for ax, key in zip(axes, ("loss", "kl")):
-                ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], style, marker="o", color=color,
-                        label=f"β = {beta} ({split})")
-    axes[0].axhline(math.log(2), color="grey", lw=0.8, ls=":", label="ln 2 (policy = reference)")
-    axes[0].set(xlabel="epoch", ylabel="mean DPO loss, eq. (38)", title="DPO loss per epoch")
-    axes[1].set(xlabel="epoch", ylabel="mean token-level KL(π‖π_ref) [nats]", title="KL over response tokens")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{tag}: DPO from the SFT model, each β from the same start (epoch 0: validation before training)")
-    plotting.save(fig, f"ch8_dpo_training{suffix}")
-
-
-def figure_win_rates(rows, tag, suffix=""):
-    """Like the report's Fig. 4: SBERT win rate vs sampling temperature, SFT and each DPO β, with 95% intervals."""
-    plt = plotting.plt
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    names = list(dict.fromkeys(r["model"] for r in rows))
-    for k, name in enumerate(names):
-        rs = [r for r in rows if r["model"] == name]
-        x = np.array([r["temperature"] for r in rs]) + 0.012 * (k - (len(names) - 1) / 2)
-        y = np.array([r["win_rate"] for r in rs])
-        err = np.array([[r["win_rate"] - r["ci_low"] for r in rs], [r["ci_high"] - r["win_rate"] for r in rs]])
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, ls="--" if name == "SFT" else "-", label=name)
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="sampling temperature (0 = greedy)", ylabel="win rate vs rejected (SBERT cosine)",
-           title=f"{tag}: win rate on the held-out test split (n = {rows[0]['n']}), 95% bootstrap CI")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    plotting.save(fig, f"ch8_win_rates{suffix}")
-
+# ---------------------------------------------------------------- tables
 
 def write_csv(path, rows):
     with plotting.atomic_open(path, "w", newline="") as f:
@@ -97,9 +68,11 @@ def write_outputs(out: Path, sft_history, steps, epochs, win_rows, generations, 
     write_csv(out / "dpo_epochs.csv", epochs)
     write_csv(out / "win_rates.csv", win_rows)
     temps = list(dict.fromkeys(r["temperature"] for r in win_rows))
-    lines = ["| model | " + " | ".join(f"T = {t}" for t in temps) + " |", "|---|" + "---:|" * len(temps)]
+    lines = ["Win rate (95% CI) / length-controlled win rate / mean generated length [GPT-2 tokens]\n",
+             "| model | " + " | ".join(f"T = {t}" for t in temps) + " |", "|---|" + "---:|" * len(temps)]
     for name in dict.fromkeys(r["model"] for r in win_rows):
-        cells = [f"{r['win_rate']:.3f} ({r['ci_low']:.2f}–{r['ci_high']:.2f})" for r in win_rows if r["model"] == name]
+        cells = [f"{r['win_rate']:.3f} ({r['ci_low']:.2f}–{r['ci_high']:.2f}) / {r['lc_win_rate']:.3f} / "
+                 f"{r['mean_length']:.1f}" for r in win_rows if r["model"] == name]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     with plotting.atomic_open(out / "win_rates.md") as f:
         f.write("\n".join(lines) + "\n")
@@ -173,14 +146,21 @@ def prepare_pairs(entries, tokenizer, eos_id, args):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="gpt2-medium", choices=list(PRESETS), help="GPT-2 by name (default gpt2-medium)")
+    src.add_argument("--model", choices=list(PRESETS),
+                     help="GPT-2 by name (default gpt2-medium when its weights are cached, else --miniature)")
     src.add_argument("--checkpoint", help="local GPT-2 weights: a folder of OpenAI's files or a .safetensors file/folder")
     src.add_argument("--smoke", action="store_true", help="the whole pipeline on a tiny random GPT-2 (numbers mean nothing)")
+    src.add_argument("--miniature", action="store_true", help="a GPT-2-architecture base model trained here first")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--authors-setup", action="store_true", help="the report authors' pipeline, every mistake on")
+    how.add_argument("--ladder", action="store_true", help="from the authors' setup to ours, one fix at a time")
+    p.add_argument("--ladder-temperature", type=nonnegative_float, default=0.0, help="the ladder's sampling temperature")
     p.add_argument("--data", help="path of instruction-data-with-preference.json (default: data/, downloaded once)")
     p.add_argument("--out", help="folder for tables and generations (default runs/ch8_<model>)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--betas", type=positive_float, nargs="+", default=list(BETAS),
-                   help="DPO β values (> 0: the KL weight), each from the SFT start")
+    p.add_argument("--betas", type=positive_float, nargs="+",
+                   help=f"DPO β values (> 0: the KL weight), each from the SFT start (default {' '.join(map(str, BETAS))}; "
+                        f"{' '.join(map(str, AUTHORS_BETAS))} with --authors-setup or --ladder)")
     p.add_argument("--temperatures", type=nonnegative_float, nargs="+", default=list(TEMPERATURES),
                    help="sampling temperatures (>= 0; 0 = greedy)")
     for name, kind, what in (("sft-epochs", positive_int, "SFT epochs"),
@@ -188,18 +168,30 @@ def parse_args(argv):
                              ("dpo-epochs", positive_int, "DPO epochs per β"),
                              ("dpo-lr", positive_float, "DPO learning rate"),
                              ("max-new-tokens", positive_int, "tokens generated per test prompt"),
-                             ("n-boot", positive_int, "bootstrap resamples for the 95%% intervals")):
-        full, smoke = DEFAULTS[name.replace("-", "_")]
-        p.add_argument(f"--{name}", type=kind, help=f"{what} (default {full:g}; {smoke:g} with --smoke)")
+                             ("n-boot", positive_int, "bootstrap resamples for the 95%% intervals"),
+                             ("max-length", positive_int, "longest prompt + response kept, in tokens"),
+                             ("base-epochs", positive_int, "--miniature: base-model epochs"),
+                             ("base-lr", positive_float, "--miniature: base-model learning rate")):
+        full, smoke, mini = DEFAULTS[name.replace("-", "_")]
+        given = "; ".join(f"{v:g}{w}" for v, w in ((full, ""), (smoke, " with --smoke"), (mini, " with --miniature"))
+                          if v is not None)
+        p.add_argument(f"--{name}", type=kind, help=f"{what} (default {given})")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--eval-batch-size", type=positive_int, default=16)
-    p.add_argument("--max-length", type=positive_int, default=256, help="longest prompt + response kept, in tokens")
     p.add_argument("--sbert", default=SBERT, help="sentence-transformers model for win rates")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    for key, (full, smoke) in DEFAULTS.items():
+    if not (args.model or args.checkpoint or args.smoke or args.miniature):
+        args.miniature = not miniature.weights_cached("gpt2-medium")
+        args.model = None if args.miniature else "gpt2-medium"
+        if args.miniature:
+            print("no GPT-2 weights in the cache (python -m gpt.download gpt2-medium, or --model/--checkpoint): "
+                  "running the miniature, a GPT-2-architecture model trained here")
+    for key, values in DEFAULTS.items():
         if getattr(args, key) is None:
-            setattr(args, key, smoke if args.smoke else full)
+            setattr(args, key, values[2 if args.miniature else 1 if args.smoke else 0])
+    if args.betas is None:
+        args.betas = list(AUTHORS_BETAS if args.authors_setup or args.ladder else BETAS)
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -208,17 +200,113 @@ def parse_args(argv):
         p.error(f"--device {args.device}: this machine has no CUDA GPU (torch.cuda.is_available() is False); use cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         p.error(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
-    args.tag = "smoke" if args.smoke else Path(args.checkpoint or args.model).name  # names the run's folder
-    args.out = Path(args.out or REPO / "runs" / f"ch8_{args.tag}")
+    args.setup = au.AuthorsSetup.authors() if args.authors_setup else au.AuthorsSetup()
+    args.tag = ("smoke" if args.smoke else "miniature" if args.miniature else Path(args.checkpoint or args.model).name)
+    args.out = Path(args.out or REPO / "runs" / f"ch8_{args.tag}{'_authors' if args.authors_setup else ''}")
+    # figures: plots/ch8_*_miniature.png (committed), *_smoke.png (never over the real ones), *.png for real weights
+    args.suffix = {"smoke": "_smoke", "miniature": "_miniature"}.get(args.tag, "") + ("_authors" if args.authors_setup else "")
     return args
+
+
+def experiment(args, base, data: dict, setup: au.AuthorsSetup, sbert, temperatures, keep_base=False, sft=None) -> dict:
+    """Report §6.2's pipeline from the `base` model: SFT, DPO at each β, win rates, with `setup`'s mistakes on.
+
+    `data` holds entries, sft_pairs, pairs, tokenizer, eos. The SFT model is trained from `base` (in place unless
+    `keep_base`), or taken as given in `sft` = (model, history). Returns the tables' rows and the SFT model.
+    """
+    eos, tok = data["eos"], data["tokenizer"]
+    loop = dict(batch_size=args.batch_size, seed=args.seed, device=args.device, pad_id=eos)
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, seed=args.seed, device=args.device,
+               eos_id=eos, tokenizer=tok)
+    sft_pairs, pairs, entries = data["sft_pairs"], data["pairs"], data["entries"]
+
+    # 1. SFT on (prompt, chosen + EOS); prompt and padding are not targets (the authors': they are)
+    if sft is None:
+        model = copy.deepcopy(base) if keep_base else base
+        torch.manual_seed(args.seed)
+        history = train_sft(model, sft_pairs["train"], sft_pairs["validation"], epochs=args.sft_epochs, lr=args.sft_lr,
+                            loss_fn=au.authors_sft_loss if setup.sft_all_tokens else sft_loss, **loop)
+        miniature.disable_dropout(model.eval()).requires_grad_(False)  # the SFT model is now frozen
+        held_out = {k: sft_evaluate(model, sft_pairs[k], batch_size=args.batch_size, device=args.device, pad_id=eos)
+                    for k in ("validation", "test")}
+        unigram = {k: miniature.unigram_loss(sft_pairs["train"], sft_pairs[k], model.config.vocab_size) for k in held_out}
+        print("SFT loss on held-out chosen responses (nats/token): " + ", ".join(
+            f"{k} {held_out[k]:.4f} (unigram {unigram[k]:.4f})" for k in held_out))
+        sft = model, history
+    model, history = sft
+
+    # 2. DPO: reference log-probs and hidden states cached once; each β from the same SFT weights (the authors':
+    # reference = base model, one policy trained β after β)
+    reference = base if setup.reference_base else model
+    if setup.reference_grad:
+        reference = copy.deepcopy(reference).requires_grad_(True)  # their reference is run without no_grad
+    caches = {k: ReferenceCache(reference, pairs[k], eos, args.batch_size) for k in ("train", "validation")}
+    step = au.make_dpo_step(setup, reference)
+    indices = au.evaluation_indices(len(entries), [p.index for p in pairs["test"]], setup, args.seed)
+    evaluated = pairs["test"] if not setup.eval_whole_data else pdata.tokenize(entries, indices, tok, eos, args.max_length)
+    runs = generate_runs("SFT", model, evaluated, temperatures, **gen)
+    start, steps, epochs = model, [], []
+    for beta in args.betas:
+        same = start is model and not setup.reference_base  # policy = reference at the first step: ln 2 and 0
+        policy, s, e = train_dpo(start, pairs["train"], pairs["validation"], caches, beta, epochs=args.dpo_epochs,
+                                 lr=args.dpo_lr, step=step, **loop)
+        runs += generate_runs(f"DPO β={beta}", policy.requires_grad_(False), evaluated, temperatures, **gen)
+        start = policy if setup.continue_beta else model  # else one policy in memory at a time
+        steps += s
+        epochs += e
+        print(f"eq. (38) at the first DPO step: loss {s[0]['loss']:.6f} vs ln 2 = {math.log(2):.6f}, reward accuracy "
+              f"{s[0]['rewards/accuracies']:.2f} ({'policy = reference' if same else 'policy ≠ reference'})")
+
+    # 3. evaluation: every model at every temperature (generated above), SBERT win rate with ties ½ (theirs: 0)
+    win_rows, generations = score_runs(runs, evaluated, entries, sbert, n_boot=args.n_boot, seed=args.seed,
+                                       tie=0.0 if setup.tie_loses else 0.5)
+    win_rows = add_length_columns(win_rows, generations, entries, lambda text: len(data["gpt2"].encode(text)))
+    for r in win_rows:
+        print(f"{r['model']:>12} temperature {r['temperature']:4.2f}: mean length {r['mean_length']:5.1f} tokens, "
+              f"length-controlled win rate {r['lc_win_rate']:.3f} (raw {r['win_rate']:.3f})")
+    return dict(sft_history=history, steps=steps, epochs=epochs, win_rows=win_rows, generations=generations,
+                evaluated=evaluated, sft=sft)
+
+
+def ladder_row(name, setup, result, betas, temperature) -> dict:
+    """One rung of the ladder: the last β's numbers (the authors evaluated only their final model)."""
+    last = f"DPO β={betas[-1]}"
+    val = [e for e in result["epochs"] if e["beta"] == betas[-1] and e["split"] == "validation"][-1]
+    train = [e for e in result["epochs"] if e["beta"] == betas[-1] and e["split"] == "train"][-1]
+    win = next(r for r in result["win_rows"] if r["model"] == last and r["temperature"] == temperature)
+    sft = next(r for r in result["win_rows"] if r["model"] == "SFT" and r["temperature"] == temperature)
+    return {"rung": name, "mistakes_on": " ".join(setup.on) or "none", "first_loss": result["steps"][0]["loss"],
+            "train_loss": train["loss"], "validation_loss": val["loss"], "validation_accuracy": val["rewards/accuracies"],
+            "validation_kl": val["kl"], "mean_length": win["mean_length"], "win_rate": win["win_rate"],
+            "ci_low": win["ci_low"], "ci_high": win["ci_high"], "lc_win_rate": win["lc_win_rate"],
+            "sft_win_rate": sft["win_rate"], "n": win["n"]}
+
+
+def run_ladder(args, base, data, sbert) -> list:
+    """`authors_setup.ladder()`: the pipeline once per rung (SFT trained once per SFT loss), one row each."""
+    rows, sft_models = [], {}
+    for name, setup in au.ladder():
+        print(f"\n--- ladder: {name} (mistakes on: {', '.join(setup.on) or 'none'})")
+        result = experiment(args, base, data, setup, sbert, [args.ladder_temperature], keep_base=True,
+                            sft=sft_models.get(setup.sft_all_tokens))
+        sft_models[setup.sft_all_tokens] = result["sft"]
+        rows.append(ladder_row(name, setup, result, args.betas, args.ladder_temperature))
+    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.miniature or args.smoke:  # small matrices: one thread is faster on a shared CPU, and float sums repeat
+        with one_thread():           # whatever the core count (byte-identical figures)
+            return _main(args)
+    return _main(args)
+
+
+def _main(args):
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    model = load_model(args).to(args.device)  # first: no weights -> one line, at once
-    context = model.config.n_positions
+    model = None if args.miniature else load_model(args).to(args.device)  # first: no weights -> one line, at once
+    context = miniature.CONFIG["n_positions"] if args.miniature else model.config.n_positions
     if args.max_length > context:
         raise ValueError(f"--max-length {args.max_length} exceeds the model's context of {context} tokens; "
                          f"give at most {context}")
@@ -232,48 +320,43 @@ def main(argv=None):
     from gpt import get_tokenizer
     from gpt.tokenizer import EOS_ID
     tokenizer = get_tokenizer()
+    data = {"entries": entries, "gpt2": tokenizer, "tokenizer": tokenizer, "eos": EOS_ID}
+    if args.miniature:  # GPT-2's tokenizer, the model's vocabulary cut to the training split's tokens
+        vocab = miniature.CompactVocab(tokenizer, miniature.training_texts(entries, pdata.split(len(entries), args.seed)[
+            "train"]), EOS_ID)
+        data.update(tokenizer=vocab, eos=vocab.eos)
+        print(f"miniature: GPT-2 tokens seen >= {miniature.MIN_COUNT} times in the training split: {vocab.size - 1} "
+              f"of 50257, + UNK; model {miniature.CONFIG}")
     if args.smoke:
         print("SMOKE RUN: a tiny random GPT-2 and a few dozen pairs; the pipeline runs end to end, its numbers mean nothing")
-    sft_pairs, pairs = prepare_pairs(entries, tokenizer, EOS_ID, args)
-    longest = max(len(p.prompt) for p in pairs["test"])
+    data["sft_pairs"], data["pairs"] = prepare_pairs(entries, data["tokenizer"], data["eos"], args)
+    longest = max(len(p.prompt) for p in data["pairs"]["test"])
     if longest + args.max_new_tokens > context:
         raise ValueError(f"the longest test prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
                          f"the model's context of {context}; lower --max-new-tokens or --max-length")
     sbert = load_sbert(args.sbert, args.device)  # now, not after hours of training
-    suffix = "_smoke" if args.smoke else ""  # the smoke run's meaningless figures never replace the real ones
     plotting.check_writable()
     plotting.check_writable(args.out, "tables")
-    loop = dict(batch_size=args.batch_size, seed=args.seed, device=args.device, pad_id=EOS_ID)
-    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, seed=args.seed, device=args.device,
-               eos_id=EOS_ID, tokenizer=tokenizer)
-
-    # 1. SFT on (prompt, chosen + EOS); prompt and padding are not targets
-    sft_history = train_sft(model, sft_pairs["train"], sft_pairs["validation"], epochs=args.sft_epochs,
-                            lr=args.sft_lr, **loop)
-    model.eval()
-    model.requires_grad_(False)  # the SFT model is now the frozen reference
-
-    # 2. DPO: reference log-probs and hidden states cached once; each β from the same SFT weights
-    caches = {k: ReferenceCache(model, pairs[k], EOS_ID, args.batch_size) for k in ("train", "validation")}
-    runs = generate_runs("SFT", model, pairs["test"], args.temperatures, **gen)  # test split only
-    steps, epochs = [], []
-    for beta in args.betas:
-        policy, s, e = train_dpo(model, pairs["train"], pairs["validation"], caches, beta, epochs=args.dpo_epochs,
-                                 lr=args.dpo_lr, **loop)
-        runs += generate_runs(f"DPO β={beta}", policy.requires_grad_(False), pairs["test"], args.temperatures, **gen)
-        del policy  # one policy in memory at a time
-        steps += s
-        epochs += e
-        print(f"eq. (38) at the first DPO step (policy = reference): loss {s[0]['loss']:.6f} vs ln 2 = "
-              f"{math.log(2):.6f}, reward accuracy {s[0]['rewards/accuracies']:.2f} (0: no implicit reward yet)")
-
-    # 3. evaluation: every model at every temperature (generated above), SBERT win rate with ties ½
-    win_rows, generations = score_runs(runs, pairs["test"], entries, sbert, n_boot=args.n_boot, seed=args.seed)
-
-    write_outputs(args.out, sft_history, steps, epochs, win_rows, generations, pairs["test"], entries)  # tables first
-    tag = "SMOKE RUN (meaningless)" if args.smoke else args.tag
-    figure_training(epochs, args.betas, tag, suffix)
-    figure_win_rates(win_rows, tag, suffix)
+    if args.miniature:  # stage 1: the base model, from random weights, on the training split's texts
+        model, base_history = miniature.pretrain_base(
+            data["tokenizer"].size, data["sft_pairs"]["train"], data["sft_pairs"]["validation"], epochs=args.base_epochs,
+            lr=args.base_lr, batch_size=miniature.BASE_BATCH, seed=args.seed, device=args.device, eos_id=data["eos"])
+    tag = {"smoke": "SMOKE RUN (meaningless)"}.get(args.tag, args.tag) + (" (authors' setup)" if args.authors_setup else "")
+    if args.ladder:
+        rows = run_ladder(args, model, data, sbert)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_csv(args.out / "ladder.csv", rows)
+        print(f"table: {args.out / 'ladder.csv'}")
+        figure_ladder(rows, args.betas[-1], args.ladder_temperature, tag, args.suffix)
+    else:
+        result = experiment(args, model, data, args.setup, sbert, args.temperatures, keep_base=args.setup.reference_base)
+        write_outputs(args.out, result["sft_history"], result["steps"], result["epochs"], result["win_rows"],
+                      result["generations"], result["evaluated"], entries)  # tables first
+        figure_training(result["epochs"], args.betas, tag, args.suffix)
+        count = data["gpt2"].encode
+        lengths = {k: float(np.mean([len(count(entries[p.index][k])) for p in result["evaluated"]]))
+                   for k in ("chosen", "rejected")}
+        figure_win_rates(result["win_rows"], tag, args.suffix, reference_lengths=lengths)
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 

@@ -43,9 +43,10 @@ def generate_runs(name: str, model, pairs, temperatures, **settings) -> list:
     return [(name, t, generate_responses(model, pairs, t, **settings)) for t in temperatures]
 
 
-def win_scores(sim_chosen, sim_rejected) -> np.ndarray:
-    """Report §6.2: a win (1) when the generation is closer to the chosen than to the rejected response; ties ½."""
-    return np.where(sim_chosen > sim_rejected, 1.0, np.where(sim_chosen == sim_rejected, 0.5, 0.0))
+def win_scores(sim_chosen, sim_rejected, tie: float = 0.5) -> np.ndarray:
+    """Report §6.2: a win (1) when the generation is closer to the chosen than to the rejected response; a tie
+    scores `tie` (½ here; the report's code scored it 0, `cos(g, c) > cos(g, r)`)."""
+    return np.where(sim_chosen > sim_rejected, 1.0, np.where(sim_chosen == sim_rejected, tie, 0.0))
 
 
 def bootstrap_interval(scores, n_boot: int, seed: int, level: float = 0.95):
@@ -95,9 +96,9 @@ def load_sbert(name: str, device):
                          f"{advice}") from None
 
 
-def score_runs(runs, pairs, entries, sbert, *, n_boot: int, seed: int):
+def score_runs(runs, pairs, entries, sbert, *, n_boot: int, seed: int, tie: float = 0.5):
     """SBERT win rate of every (model, temperature) run on the prompts of `pairs` (the test split): table rows, one
-    per run, and every generation with its similarities and score."""
+    per run, and every generation with its similarities and score (a tie scores `tie`, see `win_scores`)."""
     texts = [entries[p.index]["chosen"] for p in pairs] + [entries[p.index]["rejected"] for p in pairs]
     texts += [text for _, _, generated in runs for text in generated]
     emb = sbert.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)  # (len(texts), d)
@@ -107,10 +108,10 @@ def score_runs(runs, pairs, entries, sbert, *, n_boot: int, seed: int):
     for k, (name, t, generated) in enumerate(runs):
         g = emb[(2 + k) * n:(3 + k) * n]  # (n, d)
         sim_c, sim_r = (g * chosen).sum(1), (g * rejected).sum(1)  # cosine similarities, (n,)
-        scores = win_scores(sim_c, sim_r)
+        scores = win_scores(sim_c, sim_r, tie)
         low, high = bootstrap_interval(scores, n_boot, seed)
         rows.append({"model": name, "temperature": t, "win_rate": float(scores.mean()), "ci_low": low,
-                     "ci_high": high, "ties": int((scores == 0.5).sum()), "n": n})
+                     "ci_high": high, "ties": int((sim_c == sim_r).sum()), "n": n})
         print(f"{name:>12} temperature {t:4.2f}: win rate {scores.mean():.3f} (95% CI {low:.3f}–{high:.3f}), "
               f"{rows[-1]['ties']} ties of {n}")
         generations += [{"model": name, "temperature": t, "index": p.index, "generated": text,
