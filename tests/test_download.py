@@ -6,6 +6,8 @@ import hashlib
 import io
 import shutil
 import socket
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from gpt.cli import run
 from gpt.download import DownloadError
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tf_gpt2_tiny"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -183,15 +186,21 @@ def test_unwritable_cache_folder_is_one_line_before_any_download(tmp_path, monke
                                        "$DPO_CACHE\n")
 
 
-def test_ctrl_c_mid_download_is_one_line_exit_130_and_leaves_nothing(hub, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(download, "urlopen", lambda url, timeout: CutResponse(b"x" * 1000, 5000, KeyboardInterrupt()))
-    with pytest.raises(SystemExit) as info:
-        run(download.main, ["gpt2", "--source", "hf"])
-    assert info.value.code == 130
-    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
-    assert last == (f"interrupted: download stopped by Ctrl-C; no partial file is left in "
-                    f"{tmp_path / 'cache' / 'gpt2' / 'hf'}/; run the command again to fetch the missing files")
-    assert tree_in(tmp_path / "cache") == []
+def test_ctrl_c_mid_download_is_one_line_exit_130_and_leaves_nothing(tmp_path):
+    """Ctrl-C after the first 1000 bytes of 5000 (a KeyboardInterrupt from the socket), in a subprocess."""
+    script = ("import io, sys\n"
+              "sys.path.insert(0, 'tests')\n"
+              "from test_download import CutResponse\n"
+              "from gpt import download\n"
+              "download.urlopen = lambda url, timeout: CutResponse(b'x' * 1000, 5000, KeyboardInterrupt())\n"
+              "from gpt.cli import run\n"
+              f"run(download.main, ['gpt2', '--source', 'hf', '--cache-dir', {str(tmp_path / 'cache')!r}])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 130
+    assert out.stderr.splitlines()[-1] == (  # after the progress bar
+        f"interrupted: download stopped by Ctrl-C; no partial file is left in {tmp_path / 'cache' / 'gpt2' / 'hf'}/; "
+        "run the command again to fetch the missing files")
+    assert tree_in(tmp_path) == []
 
 
 @pytest.mark.parametrize("argv, line", [
