@@ -107,8 +107,9 @@ def generate(model: GPT, input_ids, max_new_tokens: int, temperature=1.0, top_k=
     cache = KVCache(model.config, B, T + max_new_tokens, input_ids.device, model.lm_head.weight.dtype) if use_cache else None
     ids, step_input = input_ids, input_ids
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        h = model.hidden_states(step_input if use_cache else ids, attention_mask, cache)[:, -1]  # (B, C)
+    for step in range(max_new_tokens):
+        # the prompt's pass skips padding in every layer but attention; with the cache, later steps see one token
+        h = model.hidden_states(step_input if use_cache else ids, attention_mask, cache, skip_padding=step == 0)[:, -1]
         token = sample_next(model.lm_head(h), temperature, top_k, top_p, generator)  # (B,)
         if eos_id is not None:
             token = token.masked_fill(done, eos_id)

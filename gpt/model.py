@@ -5,6 +5,7 @@ Module names follow the checkpoint (wte, wpe, h.N.ln_1, attn.c_attn, mlp.c_fc, l
 Shapes: B batch, T new tokens, S tokens attended to (past + new), C n_embd, H heads, D = C / H.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,30 @@ class KVCache:
         self.k, self.v = self.k[:, keep], self.v[:, keep]
 
 
+class Unpadded(NamedTuple):
+    """Where the N real tokens of a padded (B, T) batch sit: `index` (N,) holds b * T + t for each, in order.
+
+    Layers that treat tokens one by one (embeddings, LayerNorm, the linear layers, the MLP) run on the N real
+    tokens only, so padding costs them nothing; attention runs in the padded layout, where the KV cache lives.
+    """
+    index: torch.Tensor
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, attention_mask):
+        return cls(attention_mask.flatten().nonzero().squeeze(1), *attention_mask.shape)
+
+    def pad(self, x):
+        """(1, N, K) -> (B, T, K), zeros at padding."""
+        out = x.new_zeros(self.batch * self.length, x.shape[-1])
+        return out.index_copy_(0, self.index, x[0]).view(self.batch, self.length, -1)
+
+    def unpad(self, x):
+        """(B, T, ...) -> (1, N, ...)."""
+        return x.flatten(0, 1).index_select(0, self.index)[None]
+
+
 class Linear(nn.Linear):
     """nn.Linear, except that a product with a single row runs as one batched product of output slices.
 
@@ -65,9 +90,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask=None, cache=None):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+    def forward(self, x, mask=None, cache=None, unpadded=None):
+        qkv = self.c_attn(x)  # (B, T, 3C); (1, N, 3C) for the real tokens only when `unpadded` says where they sit
+        if unpadded is not None:
+            qkv = unpadded.pad(qkv)
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H, S, D)
@@ -77,6 +105,8 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
+        if unpadded is not None:
+            y = unpadded.unpad(y)  # (1, N, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -99,8 +129,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)
+    def forward(self, x, mask=None, cache=None, unpadded=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, unpadded)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -131,12 +161,13 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, input_ids, attention_mask=None, cache=None):
+    def hidden_states(self, input_ids, attention_mask=None, cache=None, skip_padding=False):
         """The final LayerNorm's output, (B, T, C), for the T tokens of `input_ids`.
 
         `attention_mask` (B, S) is 1 for real tokens and 0 for padding, and covers the cached past too
         (S = past + T). Positions count real tokens only, so left- and right-padded rows get the
-        positions they would have alone.
+        positions they would have alone. With `skip_padding`, every layer but attention runs on the real
+        tokens only (`Unpadded`; the prompt pass of batched generation) and padding's outputs are zeros.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -157,17 +188,22 @@ class GPT(nn.Module):
             # causal and not padding; every query also sees itself, so rows of padding stay finite
             mask = ((k_idx <= q_idx) & real[:, None, :]) | (k_idx == q_idx)  # (B, T, S)
             mask = mask[:, None]  # (B, 1, T, S)
+            if skip_padding and not bool(real[:, past:].all()):
+                unpadded = Unpadded.of(real[:, past:])
+                x = self.run_blocks(unpadded.unpad(input_ids), unpadded.unpad(pos), mask, cache, unpadded)  # (1, N, C)
+                return unpadded.pad(x)
         return self.run_blocks(input_ids, pos, mask, cache)
 
-    def run_blocks(self, input_ids, position_ids, mask=None, cache=None):
+    def run_blocks(self, input_ids, position_ids, mask=None, cache=None, unpadded=None):
         """Embeddings, the blocks and the final LayerNorm, with positions (T,) or (B, T) and a boolean
         attention mask (B, 1, T, S) given explicitly (None: plain causal). `hidden_states` derives both from
-        a padding mask; packed sequences (chapters/dpo_step.py) build their own. Returns (B, T, C)."""
+        a padding mask; packed sequences (chapters/dpo_step.py) build their own. Returns (B, T, C).
+        With `unpadded`, `input_ids` and `position_ids` are (1, N): the real tokens only; returns (1, N, C)."""
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, mask, cache)
+            x = block(x, mask, cache, unpadded)
         if cache is not None:
-            cache.length += input_ids.shape[1]
+            cache.length += unpadded.length if unpadded is not None else input_ids.shape[1]
         return self.transformer.ln_f(x)
 
     def forward(self, input_ids, attention_mask=None, cache=None):

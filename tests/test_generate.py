@@ -52,6 +52,17 @@ def test_batched_left_padded_generation_equals_one_at_a_time(pair):
         assert torch.equal(row[9 - len(p):], alone)
 
 
+def test_batched_left_padded_greedy_equals_transformers_generate(pair):
+    """The bench's row in small: prompts of different lengths, left-padded, greedy, the same tokens as transformers'."""
+    hf, model = pair
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (4, 11, 7, 2, 9)]
+    ids, mask = left_pad(prompts, pad_id=0)
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=25, min_new_tokens=25, do_sample=False,
+                         pad_token_id=0)
+    assert torch.equal(generate(model, ids, 25, temperature=0, attention_mask=mask), theirs)
+
+
 def test_top_k_1_equals_greedy(pair):
     _, model = pair
     prompt = torch.randint(0, 300, (2, 5))
@@ -220,16 +231,15 @@ def test_prompt_beyond_the_checkpoints_vocabulary_is_one_line(pair, tmp_path, ca
                                        "vocabulary of 300; use a checkpoint with GPT-2's (50257)\n")
 
 
-def test_ctrl_c_is_one_line_and_exit_130(gpt2_vocab_folder, capsys, monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(generation, "generate", interrupted)
-    with pytest.raises(SystemExit) as info:
-        run(generation.main, ["--checkpoint", str(gpt2_vocab_folder), "--prompt", "Hi"])
-    assert info.value.code == 130
-    assert capsys.readouterr() == ("", "interrupted: stopped by Ctrl-C; nothing was written, and no partial download "
-                                       "is left\n")
+def test_ctrl_c_is_one_line_and_exit_130(gpt2_vocab_folder):
+    """Ctrl-C mid-generation (a KeyboardInterrupt from `generate`), in a subprocess: `run` exits at once."""
+    script = ("import gpt.generation as g\n"
+              "def interrupted(*args, **kwargs):\n    raise KeyboardInterrupt\n"
+              "g.generate = interrupted\n"
+              f"g.run(g.main, ['--checkpoint', {str(gpt2_vocab_folder)!r}, '--prompt', 'Hi'])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert (out.returncode, out.stdout) == (130, "")
+    assert out.stderr == "interrupted: stopped by Ctrl-C; nothing was written, and no partial download is left\n"
 
 
 def test_command_line_runs_as_a_module_without_warnings(gpt2_vocab_folder):

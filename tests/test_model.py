@@ -74,6 +74,27 @@ def test_kv_cache_with_left_padding_matches_the_full_forward_pass(tiny):
     torch.testing.assert_close(torch.cat([first, rest], 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_skipping_padding_gives_the_padded_pass_for_real_tokens_and_zeros_for_padding(tiny, side):
+    """`skip_padding`: the layers outside attention see only real tokens; the cache it fills serves later steps."""
+    lengths = [9, 3, 6, 1]
+    x = torch.randint(0, 64, (4, 12))
+    mask = torch.tensor([[1] * n + [0] * (9 - n) for n in lengths])  # right-padded to 9
+    if side == "left":
+        mask = mask.flip(1)
+    mask = torch.cat([mask, torch.ones(4, 3, dtype=torch.long)], 1)  # then 3 more tokens through the cache
+    padded_cache, skipped_cache = (KVCache(tiny.config, 4, 12) for _ in range(2))
+    padded = tiny.hidden_states(x[:, :9], mask[:, :9], padded_cache)
+    skipped = tiny.hidden_states(x[:, :9], mask[:, :9], skipped_cache, skip_padding=True)
+    real = mask[:, :9].bool()
+    torch.testing.assert_close(skipped[real], padded[real], atol=1e-5, rtol=0)
+    assert torch.equal(skipped[~real], torch.zeros_like(skipped[~real]))
+    assert skipped_cache.length == padded_cache.length == 9
+    later = [tiny.hidden_states(x[:, 9:], mask, c) for c in (padded_cache, skipped_cache)]
+    torch.testing.assert_close(later[1], later[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(later[0], tiny.hidden_states(x, mask)[:, 9:], atol=1e-5, rtol=0)
+
+
 def test_kv_cache_refuses_to_overflow(tiny):
     cache = KVCache(tiny.config, batch_size=1, max_len=4)
     with pytest.raises(ValueError, match="KV cache holds 4 tokens; 5 requested"):
