@@ -22,8 +22,10 @@ CHAPTERS = [
 QUICK_CHAPTERS = {"ch2_reward_model", "ch6_ppo", "ch7_frontier", "ch10_dpo_family"}
 
 # chapters that take hours at full size: `python -m chapters --quick` skips them unless they are in QUICK_CHAPTERS
-LONG_CHAPTERS = {"ch8_instruction_dpo": "no short form on real weights (hours); "
-                                        "python -m chapters.ch8_instruction_dpo --smoke runs its pipeline in miniature"}
+LONG_CHAPTERS = {
+    "ch8_instruction_dpo": "no short form (minutes with --miniature, hours on GPT-2's weights); "
+                           "python -m chapters.ch8_instruction_dpo --smoke runs its whole pipeline in under a minute",
+}
 
 
 class ChapterSkipped(Unavailable):
