@@ -228,13 +228,13 @@ def _ddp_worker(rank, world, port, args, pairs, out):
         for idx in batches:
             torch.cuda.synchronize()
             t = time.perf_counter()
-            sums = _step(engine, loss_fn, idx, len, d, grad_accum=1)
+            metrics = _step(engine, loss_fn, idx, len, d, grad_accum=1)
             torch.nn.utils.clip_grad_norm_(distributed.unwrapped(engine).parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-            losses.append(sums["loss"] / sums["weight"])
+            losses.append(metrics["loss"])
         s = statistics.mean(times[args.warmup:])
         tokens = pair_tokens([pairs[i] for b in batches[args.warmup:] for i in b]) / args.steps
         lines.append(f"| {name}, {world} GPUs, global batch {B} | {s:.3f} | {tokens / s:.0f} | "

@@ -151,6 +151,13 @@ def call(model, fn, *args, **kwargs):
     return model(fn, *args, **kwargs) if isinstance(model, Objective) else fn(model, *args, **kwargs)
 
 
+def rank_share(items, d: Dist) -> list:
+    """This rank's items r, r + N, ... as (item, kept) pairs, padded with (items[0], False) to the same count on
+    every rank: under FSDP2 each forward is a collective, so every rank must run as many."""
+    mine = [(item, True) for item in list(items)[d.rank::d.world]]
+    return mine + [(items[0], False)] * (-(-len(items) // d.world) - len(mine)) if items else []
+
+
 def in_batch_order(per_rank: list) -> list:
     """Results gathered from the ranks (rank r did items r, r + N, ...) back in the items' order."""
     n = sum(map(len, per_rank))

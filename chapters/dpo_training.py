@@ -14,7 +14,7 @@ import copy
 import numpy as np
 import torch
 
-from chapters.distributed import Dist, call, in_batch_order, unwrapped, wrap
+from chapters.distributed import Dist, call, in_batch_order, rank_share, unwrapped, wrap
 from chapters.dpo_step import autocast, fast_dpo_loss, sequence_logprobs
 from chapters.preference_data import length_grouped_batches
 from chapters.reference_store import pairs_sha256
@@ -87,7 +87,9 @@ def sft_evaluate(model, pairs, *, batch_size: int, device, pad_id: int, loss_fn=
     model.eval()
     batches = length_grouped_batches([len(p.prompt) + len(p.chosen) for p in pairs], batch_size, 0, shuffle=False)
     with torch.no_grad(), autocast(device):
-        mine = [call(model, loss_fn, sft_batch(pairs, idx, pad_id, device)).item() for idx in batches[d.rank::d.world]]
+        mine = [(call(model, loss_fn, sft_batch(pairs, idx, pad_id, device)).item(), kept)
+                for idx, kept in rank_share(batches, d)]
+    mine = [loss for loss, kept in mine if kept]
     return float(np.mean(in_batch_order(d.gather(mine))))
 
 
@@ -157,8 +159,9 @@ def dpo_evaluate(policy, pairs, cache, beta: float, *, batch_size: int, device, 
     policy.eval()
     batches = length_grouped_batches([p.packed_length for p in pairs], batch_size, 0, shuffle=False)
     with torch.no_grad():
-        mine = [(len(idx), call(policy, step, pairs, idx, cache, beta, device, pad_id)[1])
-                for idx in batches[d.rank::d.world]]
+        mine = [(len(idx), call(policy, step, pairs, idx, cache, beta, device, pad_id)[1], kept)
+                for idx, kept in rank_share(batches, d)]
+    mine = [(size, m) for size, m, kept in mine if kept]
     totals, n = dict.fromkeys(METRICS, 0.0), 0
     for size, m in in_batch_order(d.gather(mine)):
         for k in METRICS:
@@ -204,9 +207,14 @@ def train_dpo(sft_model, train, val, caches, beta: float, *, epochs: int, lr: fl
               f"KL {t['kl']:.4f} | validation loss {v['loss']:.4f} acc {v['rewards/accuracies']:.3f} "
               f"margin {v['rewards/margins']:.3f} KL {v['kl']:.4f}")
 
+    def loss_fn(model, idx):
+        loss, metrics = step(model, train, idx, caches["train"], beta, device, pad_id)
+        if "kl" in metrics:  # a mean over response tokens: micro-batches weigh in by their tokens, not their pairs
+            metrics["kl"] = (metrics["kl"], sum(len(train[i].chosen) + len(train[i].rejected) for i in idx))
+        return loss, metrics
+
     with StopRequest() as stop:
-        history = train_epochs(engine, opt, schedule, loss_fn=lambda m, idx: step(m, train, idx, caches["train"], beta,
-                                                                                  device, pad_id),
+        history = train_epochs(engine, opt, schedule, loss_fn=loss_fn,
                                batches=batches, weight=len, epochs=epochs, dist=scale.dist, run=run,
                                history={"steps": [], "epochs": []}, on_begin=on_begin, on_step=on_step,
                                on_epoch=on_epoch, grad_accum=scale.grad_accum, stop=stop, desc=f"DPO β={beta}")

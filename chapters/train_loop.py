@@ -32,11 +32,12 @@ class Run:
 
 
 def _step(engine, loss_fn, idx, weight, d: Dist, grad_accum: int) -> dict:
-    """Forward and backward of global batch `idx`: this rank's share in micro-batches. Returns the weighted sums of
-    the micro-batches' metrics and their total weight, summed over ranks: {"weight": W, key: Σ w·m}."""
+    """Forward and backward of global batch `idx`: this rank's share in micro-batches. Returns each metric's mean
+    over the whole batch: Σ w·m / Σ w over the micro-batches of every rank, w = weight(micro-batch), or the weight
+    a metric brings along as (value, weight) (a mean over tokens, say)."""
     total = weight(idx)
     parts = micro_batches(shard(idx, d.rank, d.world), grad_accum)
-    sums, keys = {"weight": 0.0}, None
+    sums, keys = {}, None
     for k, part in enumerate(parts):
         # a rank left without pairs (a batch smaller than N·K) still runs one pair at weight 0: DDP and FSDP need
         # every rank in every exchange, and 0 · gradient adds nothing
@@ -45,11 +46,12 @@ def _step(engine, loss_fn, idx, weight, d: Dist, grad_accum: int) -> dict:
             loss, metrics = engine(loss_fn, use)
             (loss * loss_scale(w, total, d.world)).backward()
         keys = keys or list(metrics)  # the step's own order (the same on every rank)
-        sums["weight"] += w
         for key in keys:
-            sums[key] = sums.get(key, 0.0) + w * metrics[key]
-    names = ["weight", *keys]
-    return dict(zip(names, d.sum([sums[n] for n in names])))
+            value, w_key = metrics[key] if isinstance(metrics[key], tuple) else (metrics[key], w)
+            w_key = w_key if part else 0.0
+            sums[key] = [a + b for a, b in zip(sums.get(key, (0.0, 0.0)), (w_key * value, w_key))]
+    reduced = d.sum([x for key in keys for x in sums[key]])
+    return {key: reduced[2 * i] / reduced[2 * i + 1] for i, key in enumerate(keys)}
 
 
 def train_epochs(engine, optimizer, schedule, *, loss_fn, batches, weight, epochs: int, dist: Dist, run: Run = None,
@@ -96,7 +98,7 @@ def train_epochs(engine, optimizer, schedule, *, loss_fn, batches, weight, epoch
         epoch_batches = batches(epoch)
         for b in tqdm(range(start, len(epoch_batches)), desc=f"{desc} epoch {epoch}/{epochs}", leave=False,
                       disable=not (dist.main and progress), initial=start, total=len(epoch_batches)):
-            sums = _step(engine, loss_fn, epoch_batches[b], weight, dist, grad_accum)
+            metrics = _step(engine, loss_fn, epoch_batches[b], weight, dist, grad_accum)
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
@@ -104,7 +106,7 @@ def train_epochs(engine, optimizer, schedule, *, loss_fn, batches, weight, epoch
                 schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if on_step is not None:
-                on_step(history, epoch, {k: v / sums["weight"] for k, v in sums.items() if k != "weight"})
+                on_step(history, epoch, metrics)
             steps_done += 1
             if stop is not None and dist.any(stop.requested):
                 save({"epoch": epoch, "batch": b + 1})
