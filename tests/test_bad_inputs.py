@@ -35,11 +35,6 @@ CASE_SECONDS = 60  # a case still running after this has started real work: a mi
 SHORT = 400  # characters, the test's folder written {tmp}: the longest "one short line" (offline: URL, files, folder)
 
 
-def pending(owner):
-    """A row whose check its owner has not landed yet (temporary; listed in the coordinator's report)."""
-    return pytest.mark.xfail(strict=True, reason=f"owner: {owner}")
-
-
 UNWRITABLE = {"DPO_PLOTS_DIR": "{tmp}/a_file/plots"}  # a folder under a file: not writable even for root
 NO_FOLDER = r"\({tmp}/a_file is a file, not a folder\)"
 CH8 = "chapters.ch8_instruction_dpo"
@@ -124,8 +119,7 @@ CLI = [
      r"^error: could not download https://.*/124M/checkpoint \(.*\)\. Run the command again; offline, put hparams\.json, "
      r"model\.ckpt\.index, model\.ckpt\.data-00000-of-00001 .* into {tmp}/download-offline/cache/gpt2/openai/ by hand", ()),
     # the benchmarks
-    ("bench-gpt2-repeats-0", "bench/bench_gpt2.py", ["--repeats", "0"], {}, r"argument --repeats: must be at least 1, got 0$",
-     pending("H-gpt")),
+    ("bench-gpt2-repeats-0", "bench/bench_gpt2.py", ["--repeats", "0"], {}, r"argument --repeats: must be at least 1, got 0$", ()),
     ("bench-dpo-step-steps-0", "bench/bench_dpo_step.py", ["--steps", "0"], {}, r"argument --steps: must be at least 1, got 0$", ()),
     ("bench-dpo-step-shape", "bench/bench_dpo_step.py", ["--shape", "gpt5"], {}, r"argument --shape: invalid choice: 'gpt5'", ()),
     ("bench-dpo-step-cuda-missing", "bench/bench_dpo_step.py", ["--device", "cuda"], {}, r"--device cuda: this machine has no CUDA GPU",
