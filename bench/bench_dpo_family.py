@@ -128,12 +128,15 @@ def main(argv=None):
 
     each = lambda fn, *cols: torch.tensor([fn(*(c[i] for c in cols)) for i in range(n)], dtype=torch.float64)  # noqa: E731
     f = lambda v: float(v)  # noqa: E731
+    same = {"dpo": "same formula", "rdpo": "same formula; ε = label_smoothing must be in [0, 0.5) in both",
+            "ipo": "same formula at 1-token responses; τ = beta",
+            "hinge": "same formula; SLiC-HF's own hinge has no reference model and a margin δ (here δ = 1/β, × β)"}
     for kind, loss_type, kw in (("dpo", "sigmoid", {}), ("rdpo", "robust", dict(label_smoothing=eps)),
                                 ("ipo", "ipo", {}), ("hinge", "hinge", {})):
         ours = preference_loss(kind, pc, pr, rc, rr, beta, **kw)
         theirs = each(lambda a, b, c, d: trl_dpo(loss_type, beta, kw.get("label_smoothing", 0.0), f(a), f(b), f(c), f(d),
                                                  1, 1), pc, pr, rc, rr)
-        compare(kind, ours, theirs, f"DPOTrainer loss_type='{loss_type}'", "same formula (1-token responses)")
+        compare(kind, ours, theirs, f"DPOTrainer loss_type='{loss_type}'", same[kind])
     ours_ipo = preference_loss("ipo", pc / len_c, pr / len_r, rc / len_c, rr / len_r, beta)
     theirs = each(lambda a, b, c, d, lc, lr: trl_dpo("ipo", beta, 0.0, f(a), f(b), f(c), f(d), int(lc), int(lr)),
                   pc, pr, rc, rr, len_c, len_r)
@@ -163,7 +166,7 @@ def main(argv=None):
     compare("kto", ours, theirs, "KTOTrainer._compute_loss",
             "same; z₀ = clamp(mean over the batch's mismatched rows, 0), detached, as the paper")
 
-    print(f"\n| kind | TRL's implementation | max \\|Δ\\| | convention |\n|---|---|---:|---|")
+    print("\n| kind | TRL's implementation | max \\|Δ\\| | convention |\n|---|---|---:|---|")
     for kind, name, delta, convention in rows:
         print(f"| {kind} | {name} | {delta:.1e} | {convention} |")
     worst = max(d for k, name, d, c in rows if "ignores" not in c)

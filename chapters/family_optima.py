@@ -6,11 +6,33 @@ log-probs (`chapters.ch10_dpo_family.preference_loss`, ORPO) becomes a function 
 in float64 by Newton's method (`newton_minimise`); the hinge loss, piecewise linear, is a linear program
 (`hinge_minimiser`); KTO's is a fixed point in its reference point z₀ (`kto_minimiser`).
 """
+from functools import partial
+
 import numpy as np
 import torch
 from scipy.optimize import linprog
 
+from chapters import newton
 from chapters.ch3_kl_optimum import kl_divergence
+from chapters.frontier_task import efficiency, exact_frontier, exact_reward_and_kl, frontier_reward
+
+
+def tabular_problem(seed: int, prompts: int = 4, responses: int = 6):
+    """Chapter 4's tabular problem (the same draws): π_ref (X, Y), r* (X, Y) ~ N(0, 1), float64."""
+    g = torch.Generator().manual_seed(seed)
+    pi_ref = torch.softmax(0.5 * torch.randn(prompts, responses, generator=g, dtype=torch.float64), -1)
+    return pi_ref, torch.randn(prompts, responses, generator=g, dtype=torch.float64)
+
+
+def flip_labels(weights: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows (x, y_w, y_l) with each label flipped at rate ε: W_ε = (1 − ε)·W + ε·Wᵀ (W (X, Y, Y) over (x, y_w, y_l))."""
+    return (1 - eps) * weights + eps * weights.transpose(1, 2)
+
+
+def deterministic_labels(weights: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """The same pairs with p*(y_w ≻ y_l) = 1 whenever r*(y_w) > r*(y_l): each pair's mass goes to the better one."""
+    better = rewards[:, :, None] > rewards[:, None, :]  # (X, Y, Y)
+    return (weights + weights.transpose(1, 2)) * better
 
 
 def pair_table_loss(pair_loss, theta, pi_ref, weights, lengths=None):
@@ -26,13 +48,11 @@ def pair_table_loss(pair_loss, theta, pi_ref, weights, lengths=None):
     return (weights * losses).sum() / weights.sum()
 
 
-def newton_minimise(loss_fn, theta, max_iter: int = 80, grad_tol: float = 1e-13, on_step=None):
-    """Minimise loss_fn(θ) over θ (any shape) by Newton's method in float64 with a backtracking line search.
+def newton_minimise(loss_fn, theta, max_iter: int = 80, on_step=None):
+    """Minimise loss_fn(θ) over θ (any shape), one `chapters.newton.newton_minimise` step at a time, in float64.
 
-    Directions use |eigenvalues| of the Hessian (a descent direction where the loss is not convex) and skip
-    the flat ones (θ[x] + c changes no policy). `on_step(k, θ)` is called after each step k = 1, 2, ...
-    Stops when max |∇| < grad_tol, when no step lowers the loss or moves θ in float64, or after max_iter steps
-    (a minimiser at infinity never stops early).
+    `on_step(k, θ)` is called after each step k = 1, 2, ... Stops when a step no longer lowers the loss (or moves
+    θ) in float64, or after max_iter steps (a minimiser at infinity never stops early).
     """
     shape, flat = theta.shape, theta.detach().flatten().to(torch.float64)
 
@@ -40,26 +60,11 @@ def newton_minimise(loss_fn, theta, max_iter: int = 80, grad_tol: float = 1e-13,
         return loss_fn(v.reshape(shape))
 
     for k in range(1, max_iter + 1):
-        point = flat.clone().requires_grad_(True)
-        value = f(point)
-        (grad,) = torch.autograd.grad(value, point)
-        if grad.abs().max() < grad_tol:
+        value = f(flat).item()
+        new = newton.newton_minimise(f, flat, max_iter=1).detach()
+        if torch.equal(new, flat) or f(new).item() > value + 1e-15 * abs(value):
             break
-        lam, vec = torch.linalg.eigh(torch.autograd.functional.hessian(f, flat, vectorize=True))
-        curved = lam.abs() > 1e-10 * lam.abs().max()
-        direction = -vec[:, curved] @ ((vec[:, curved].T @ grad) / lam[curved].abs())
-        if not curved.any() or grad @ direction > -1e-300:  # no curvature left: a gradient step
-            direction = -grad
-        slack = 1e-15 * abs(value.item())  # ties within rounding count as no worse: near the minimum they are
-        step = 1.0
-        while f(flat + step * direction) > value + 1e-4 * step * (grad @ direction) + slack and step > 1e-12:
-            step /= 2
-        move = step * direction
-        if f(flat + move) > value + slack:  # no step helps: float64 can do no better here
-            break
-        flat = (flat + move).detach()
-        if move.abs().max() < 1e-15 * (1 + flat.abs().max()):
-            break
+        flat = new
         if on_step is not None:
             on_step(k, flat.reshape(shape))
     return flat.reshape(shape)
@@ -149,10 +154,39 @@ def mass_moved_rises(loss_fn, pi, cells, amount: float = 1e-4):
     return np.array(rises)
 
 
+def population_minimisers(losses: dict, pi_ref, weights, beta, eps, gamma, lam, lengths) -> dict:
+    """Chapter 10's variants' population minimisers on the rows W: {label: (π (X, Y), how it was solved)}.
+
+    losses: chapter 10's formulas, {"preference": preference_loss, "orpo": orpo_loss, "kto": kto_loss}. The
+    reference-free losses (SimPO, ORPO, on per-token means over `lengths`) start from the uniform policy.
+    """
+    uniform = torch.full_like(pi_ref, 1 / pi_ref.shape[-1])
+
+    def pairs(kind, **kw):
+        return partial(losses["preference"], kind, beta=beta, **kw)
+
+    def orpo(pc, pr, rc, rr):
+        return losses["orpo"](pc, pr, lam)
+
+    return {
+        "dpo": (minimise_pairs(pairs("dpo"), pi_ref, weights), "Newton"),
+        f"cdpo ε={eps}": (minimise_pairs(pairs("cdpo", label_smoothing=eps), pi_ref, weights), "Newton"),
+        f"rdpo ε={eps}": (minimise_pairs(pairs("rdpo", label_smoothing=eps), pi_ref, weights), "Newton"),
+        "ipo": (minimise_pairs(pairs("ipo"), pi_ref, weights), "Newton"),
+        "hinge": (hinge_minimiser(pi_ref, weights, beta), "linear program"),
+        "simpo γ=0": (minimise_pairs(pairs("simpo"), pi_ref, weights, lengths, start=uniform), "Newton"),
+        f"simpo γ={gamma}": (minimise_pairs(pairs("simpo", gamma=gamma), pi_ref, weights, lengths, start=uniform),
+                             "Newton"),
+        f"orpo λ={lam}": (minimise_pairs(orpo, pi_ref, weights, lengths, start=uniform), "Newton"),
+        "kto": (kto_minimiser(partial(losses["kto"], beta=beta), pi_ref, *unpaired(weights))[0],
+                "Newton, fixed point in z₀"),
+    }
+
+
 def policy_summary(pi, pi_ref, pi_star, rewards) -> dict:
     """E_x E_π[r*], E_x KL(π‖π_ref), E_x KL(π‖π*) and max |π − π*| of a tabular policy (floats)."""
     return dict(reward=(pi * rewards).sum(-1).mean().item(), kl_ref=kl_divergence(pi, pi_ref).mean().item(),
-                kl_star=kl_divergence(pi, pi_star).mean().item(), max_diff=(pi - pi_star).abs().max().item())
+                kl_star=kl_divergence(pi, pi_star).mean().clamp(min=0).item(), max_diff=(pi - pi_star).abs().max().item())
 
 
 class Frontier:
@@ -163,14 +197,12 @@ class Frontier:
     """
 
     def __init__(self, logp_ref, rewards, betas=np.geomspace(0.01, 100.0, 400)):
-        from chapters.ch7_frontier import exact_frontier, exact_reward_and_kl  # TODO: where H-rl's split puts them
         self.ref_reward, _ = exact_reward_and_kl(logp_ref, logp_ref, rewards)
         front_r, front_kl = exact_frontier(logp_ref, rewards, betas)
         self.rewards, self.kls = np.append(front_r, self.ref_reward), np.append(front_kl, 0.0)  # β → ∞: π_ref
 
     def reward_at(self, kl: float) -> float:
-        from chapters.ch7_frontier import frontier_reward
         return frontier_reward(kl, self.rewards, self.kls)
 
     def efficiency(self, reward: float, kl: float) -> float:
-        return (reward - self.ref_reward) / (self.reward_at(kl) - self.ref_reward) if kl > 1e-3 else float("nan")
+        return efficiency(reward, kl, self.rewards, self.kls, self.ref_reward)

@@ -2,8 +2,8 @@
 from chapters.plotting import plt, save
 
 
-def deterministic_figure(paths, sharp, sweep, limit):
-    """DPO's KL along Newton steps and both minimisers' KL as preferences sharpen (plots/ch10_deterministic_preferences)."""
+def deterministic_figure(paths, sharp, sweep, limit, name="ch10_deterministic_preferences"):
+    """DPO's KL along Newton steps and both minimisers' KL as preferences sharpen (plots/<name>.png)."""
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.6))
     for k, (beta, (kls, ipo_kl)) in enumerate(paths.items()):
         ax.plot(range(1, len(kls) + 1), kls, "-", color=f"C{k}", label=f"DPO, β = {beta:g}")
@@ -18,11 +18,11 @@ def deterministic_figure(paths, sharp, sweep, limit):
            title="near-deterministic preferences: exact minimisers")
     ax.legend(fontsize=7)
     bx.legend(fontsize=7)
-    save(fig, "ch10_deterministic_preferences")
+    save(fig, name)
 
 
-def tabular_figure(front, rows, target, implied):
-    """Each minimiser on the tabular frontier; implied rewards under label noise (plots/ch10_tabular_optima)."""
+def tabular_figure(front, rows, target, implied, name="ch10_tabular_optima"):
+    """Each minimiser on the tabular frontier; implied rewards under label noise (plots/<name>.png)."""
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
     top = max(s["kl_ref"] for s in rows.values()) * 1.15
     keep = front.kls <= top
@@ -40,4 +40,4 @@ def tabular_figure(front, rows, target, implied):
     bx.set(xlabel="r*(x, y), centred per prompt", ylabel="implied r̂ = β·log π/π_ref, centred",
            title="label noise: what each minimiser's rewards are")
     bx.legend(fontsize=7)
-    save(fig, "ch10_tabular_optima")
+    save(fig, name)

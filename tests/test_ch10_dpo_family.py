@@ -3,18 +3,21 @@
 Closed forms are computed here independently (math on floats, or softmax written out) in float64; Newton's and the
 LP's answers are checked against them, or against the optimality condition they must satisfy.
 """
+import copy
 import math
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
-from chapters.ch10_dpo_family import (deterministic_labels, flip_labels, ipo_optimal_policy, kto_loss,
-                                      kto_reference_point, orpo_loss, preference_loss, simpo_optimal_policy,
-                                      tabular_problem)
+from chapters.ch10_dpo_family import kto_loss, kto_reference_point, orpo_loss, preference_loss, simpo_optimal_policy
 from chapters.ch4_dpo import dpo_loss, preference_probabilities
-from chapters.family_optima import (hinge_minimiser, kto_minimiser, kto_table_loss, minimise_pairs, newton_minimise,
-                                    pair_table_loss, unpaired)
+from chapters.ch7_frontier import dpo_batch_loss
+from chapters.family_frontier import add_mismatched, family_batch_loss, train_and_place
+from chapters.family_optima import (deterministic_labels, flip_labels, hinge_minimiser, kto_minimiser, kto_table_loss,
+                                    minimise_pairs, newton_minimise, pair_table_loss, tabular_problem, unpaired)
+from chapters.frontier_task import frontier_reward, logprob, reference_and_pairs
 
 F64 = dict(dtype=torch.float64)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -293,3 +296,48 @@ def test_orpo_minimiser_tends_to_its_sft_optimum_as_lambda_goes_to_zero(problem)
                             start=torch.full_like(pi_ref, 1 / 6))
         far.append((pi - sft).abs().max().item())
     assert far[0] < 1e-3 < far[1]
+
+
+# ----------------------------------------------------------------------------------------- chapter 7's miniature
+LOSSES = dict(preference=preference_loss, orpo=orpo_loss, kto=kto_loss, reference_point=kto_reference_point)
+TINY = dict(prompts=2, sft_sequences=64, sft_steps=2, sft_batch=32, sft_lr=3e-3, draws=2, k=4, steps=3,
+            checkpoints=(3,), batch_size=8, lr=1e-2, frontier=np.geomspace(0.05, 100.0, 60))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    setup = reference_and_pairs(TINY, seed=0)
+    add_mismatched(setup["data"], setup["ref"], torch.Generator().manual_seed(1))
+    return setup
+
+
+def test_miniature_dpo_loss_is_chapter7s(tiny):
+    batch = {k: v[:12] for k, v in tiny["data"].items()}
+    ours = family_batch_loss("dpo", LOSSES, tiny["ref"], batch, 0.7)
+    assert torch.allclose(ours, dpo_batch_loss(tiny["ref"], batch, 0.7), atol=0, rtol=0)
+
+
+def test_miniature_kto_treats_its_reference_point_as_a_constant(tiny):
+    policy = copy.deepcopy(tiny["ref"]).requires_grad_(True)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = {k: v[:12] for k, v in tiny["data"].items()}
+    params = list(policy.parameters())
+    got = torch.autograd.grad(family_batch_loss("kto", LOSSES, policy, batch, 0.5), params)
+    with torch.no_grad():
+        z0 = max(0.0, (logprob(policy, batch["prompt"], batch["mismatched"]) - batch["ref_mismatched"]).mean().item())
+    pc, pr = logprob(policy, batch["prompt"], batch["chosen"]), logprob(policy, batch["prompt"], batch["rejected"])
+    by_hand = torch.cat([1 - torch.sigmoid(0.5 * (pc - batch["ref_chosen"] - z0)),
+                         1 - torch.sigmoid(0.5 * (z0 - pr + batch["ref_rejected"]))]).mean()
+    want = torch.autograd.grad(by_hand, params)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(got, want))
+
+
+def test_every_miniature_checkpoint_lies_on_or_below_the_exact_frontier(tiny):
+    runs = [(kind, "β=0.5", partial(family_batch_loss, kind, LOSSES, beta=0.5, **kw))
+            for kind, kw in (("dpo", {}), ("simpo", dict(gamma=0.5)), ("orpo", {}), ("kto", {}))]
+    rows, front = train_and_place(tiny, runs, TINY, seed=0)
+    assert len(rows) == len(runs) * len(TINY["checkpoints"])
+    for r in rows:
+        assert r["reward"] <= frontier_reward(r["kl"], front.rewards, front.kls) + 1e-6
