@@ -263,6 +263,7 @@ def run_tiny(tmp, *extra, setup=None):
     data = tmp / "data.json"
     data.write_text(json.dumps(pdata.load()[:N_ENTRIES]))
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_PLOTS_DIR", str(tmp / "plots"))  # module-scoped callers run before conftest's autouse fixture
         mp.setattr(mini, "CONFIG", TINY)
         mp.setattr(ch8, "load_sbert", lambda name, device: LetterSbert())
         mp.setattr(mini, "train_sft", spy("base", mini.train_sft, 1))
