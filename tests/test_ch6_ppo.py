@@ -1,4 +1,4 @@
-"""Chapter 6: PPO's loss pieces (eqs (1)–(5)) and the RLHF reward (eq. (28)) against closed forms, float64."""
+"""Chapter 6: PPO's loss pieces (eqs. (1)–(5)) and the RLHF reward (eq. (28)) against closed forms, float64."""
 import math
 
 import pytest

@@ -81,7 +81,7 @@ def test_enumerated_kl_equals_monte_carlo_estimates_within_their_standard_error(
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
 def test_eq36_frontier_reward_and_kl_match_the_closed_forms_of_ch3(beta):
-    """E_π*[r] − β·KL(π*‖π_ref) = β·log Z (eq. 35 at π = π*), and E_π*[r] = d log Z / d(1/β) (finite difference)."""
+    """E_π*[r] − β·KL(π*‖π_ref) = β·log Z (eq. (35) at π = π*), and E_π*[r] = d log Z / d(1/β) (finite difference)."""
     logp_ref, rewards = random_problem()
     (reward,), (kl,) = task.exact_frontier(logp_ref, rewards, [beta])
     log_z = lambda b: log_partition_function(logp_ref.exp(), rewards, b).mean().item()  # noqa: E731
@@ -216,7 +216,7 @@ def test_quick_run_writes_the_table_and_the_figure(quick_run):
 
 
 def test_every_trained_point_lies_on_or_below_the_exact_frontier(quick_run):
-    """For every β, E_π[r*] − β·KL(π‖π_ref) ≤ β·E_x log Z_β(x) (eq. 35): no point is above the frontier (1e-6)."""
+    """For every β, E_π[r*] − β·KL(π‖π_ref) ≤ β·E_x log Z_β(x) (eq. (35)): no point is above the frontier (1e-6)."""
     result, _ = quick_run
     logp_ref, rewards = result["logp_ref"], result["rewards"]
     for beta in np.geomspace(0.02, 200, 40):
