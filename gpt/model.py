@@ -62,21 +62,25 @@ class Unpadded(NamedTuple):
 
 
 class Linear(nn.Linear):
-    """nn.Linear, except that a product with a single row runs as one batched product of output slices.
+    """nn.Linear, except that a product with a few rows (decoding's) runs as one batched product of output slices.
 
-    Decoding one token multiplies one row by every weight matrix; PyTorch's CPU kernel for that
-    (a matrix-vector product) uses one core. Cut into one slice of output rows per thread, the same sums run
-    on all cores as a batched product over views of the same weights (bench/bench_gpt2.py measures it).
+    Decoding multiplies one row per sequence by every weight matrix. For a single row PyTorch's CPU kernel (a
+    matrix-vector product) uses one core, and for a few rows its matrix product is far from what the cores can
+    stream. Cut into one slice of output rows per thread, the same sums run on all cores as a batched product over
+    views of the same weights (no copy; bench/bench_gpt2.py measures it). Training's products have many rows and
+    take nn.Linear's path.
     """
+    DECODE_ROWS = 32  # at most this many rows take the sliced path
 
     def forward(self, x):
-        n = torch.get_num_threads()
-        if x.device.type != "cpu" or x.shape[:-1].numel() != 1 or n == 1:
+        n, rows = torch.get_num_threads(), x.shape[:-1].numel()
+        if x.device.type != "cpu" or rows > self.DECODE_ROWS or n == 1:
             return super().forward(x)
-        k = self.out_features // n  # rows per thread; the few left over get a product of their own
+        k = self.out_features // n  # outputs per thread; the few left over get a product of their own
         sliced = self.weight[: n * k].view(n, k, self.in_features)  # (n, k, in): a view, no copy
-        y = torch.bmm(x.reshape(1, 1, -1).expand(n, -1, -1), sliced.transpose(1, 2)).view(n * k)  # (n * k,)
-        y = torch.cat([y, self.weight[n * k:] @ x.reshape(-1)])  # (out,)
+        x2 = x.reshape(1, rows, self.in_features)  # (1, r, in)
+        y = torch.bmm(x2.expand(n, -1, -1), sliced.transpose(1, 2))  # (n, r, k)
+        y = torch.cat([y.transpose(0, 1).reshape(rows, n * k), x2[0] @ self.weight[n * k:].t()], dim=1)  # (r, out)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

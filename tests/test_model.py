@@ -101,11 +101,12 @@ def test_kv_cache_refuses_to_overflow(tiny):
         tiny(torch.zeros(1, 5, dtype=torch.long), cache=cache)
 
 
-@pytest.mark.parametrize("out_features, bias", [(96, True), (97, False)])  # 97: rows left over after slicing
-def test_one_row_product_equals_nn_linear_in_value_and_gradient(out_features, bias):
-    """gpt.model.Linear computes a single row as a batched product of output slices (decoding's fast path)."""
+@pytest.mark.parametrize("rows, out_features, bias", [(1, 96, True), (1, 97, False), (16, 97, True), (32, 96, False),
+                                                      (33, 96, True)])  # 97: outputs left over; 33: nn.Linear's path
+def test_few_row_product_equals_nn_linear_in_value_and_gradient(rows, out_features, bias):
+    """gpt.model.Linear computes up to DECODE_ROWS rows as a batched product of output slices (decoding's path)."""
     layer = Linear(32, out_features, bias=bias)
-    x = torch.randn(1, 1, 32, requires_grad=True)
+    x = torch.randn(rows, 1, 32, requires_grad=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the sliced path needs more than one thread
     try:
