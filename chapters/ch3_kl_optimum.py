@@ -175,8 +175,7 @@ def _plot_objective(pi_ref, rewards, betas, random_pis):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python3 -m chapters.ch3_kl_optimum",
-                                     description="Report §4.1 on a discrete response space: each step checked.")
+    parser = argparse.ArgumentParser(prog="python3 -m chapters.ch3_kl_optimum", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--responses", type=int, default=8, help="number of responses Y, 2..50 (default 8)")
     args = parser.parse_args(argv)
