@@ -7,8 +7,9 @@ The file holds `chapters.dpo_step.ReferenceCache`'s tensors (log π_ref of each 
 the reference's final hidden states at the response positions) and, in its metadata, a fingerprint: the reference
 weights' sha256, the tokenizer, the data split (every pair's tokens), --max-length, the row layout and how it was
 computed (device type, autocast dtype, batch size). A file whose fingerprint differs is refused with one line,
-and rebuilt when asked (`rebuild=True`, --rebuild-reference-cache). Under torchrun each rank builds the cache of
-its share of the pairs; rank 0 joins the parts into the one file, which every rank then reads.
+and rebuilt when asked (`rebuild=True`, --rebuild-reference-cache) or when the run is a fresh one (`rebuild_stale`:
+a run without --resume recomputes what it cannot reuse). Under torchrun each rank builds the cache of its share of
+the pairs; the parts are gathered in memory, rank 0 alone writes the one file.
 """
 import hashlib
 import json
@@ -100,37 +101,37 @@ def _join(parts: list, order: list) -> dict:
 
 
 def cached_reference(path, reference, pairs, pad_id: int, *, batch_size: int, fingerprint: dict, dist: Dist = None,
-                     rebuild: bool = False, verbose: bool = True) -> ReferenceCache:
+                     rebuild: bool = False, rebuild_stale: bool = False, verbose: bool = True) -> ReferenceCache:
     """The ReferenceCache of `pairs`: read from `path` when its fingerprint matches, else built and saved there.
 
-    A file with another fingerprint is refused (ValueError, one line) unless `rebuild`.
+    A file with another fingerprint, or not a cache at all, is refused (ValueError, one line) unless `rebuild`
+    (build without reading) or `rebuild_stale` (build instead of refusing, and say so).
     """
     path, dist = Path(path), dist or Dist()
     if path.is_file() and not rebuild:
-        saved, tensors = _read(path)
-        differ = fingerprint_difference(saved, json.loads(json.dumps(fingerprint, sort_keys=True)))
-        if differ:
-            raise ValueError(f"reference cache {path} is stale ({differ}); pass --rebuild-reference-cache to "
-                             "rebuild it, or delete it")
-        if verbose and dist.main:
-            print(f"reference cache: {path} (fingerprint matches; reused)")
-        return from_tensors(tensors, reference.lm_head.weight)
+        try:
+            saved, tensors = _read(path)
+            differ = fingerprint_difference(saved, json.loads(json.dumps(fingerprint, sort_keys=True)))
+            if differ:
+                raise ValueError(f"reference cache {path} is stale ({differ}); pass --rebuild-reference-cache to "
+                                 "rebuild it, or delete it")
+        except ValueError as err:
+            if not rebuild_stale:
+                raise
+            if verbose and dist.main:
+                print(f"{str(err).split('; pass --rebuild')[0].split('; delete it')[0]}: rebuilt (a fresh run)")
+        else:
+            if verbose and dist.main:
+                print(f"reference cache: {path} (fingerprint matches; reused)")
+            return from_tensors(tensors, reference.lm_head.weight)
     mine = list(range(dist.rank, len(pairs), dist.world))
     cache = ReferenceCache(reference, [pairs[i] for i in mine], pad_id, batch_size)
-    if not dist.active:
-        if dist.main:
-            _write(path, _tensors(cache), fingerprint)
-    else:
-        part = path.with_name(f".{path.name}.rank{dist.rank}.part")
-        _write(part, _tensors(cache), fingerprint)
-        dist.barrier()
-        if dist.main:
-            parts = [_read(path.with_name(f".{path.name}.rank{r}.part"))[1] for r in range(dist.world)]
-            _write(path, _join(parts, [list(range(r, len(pairs), dist.world)) for r in range(dist.world)]), fingerprint)
-            for r in range(dist.world):
-                path.with_name(f".{path.name}.rank{r}.part").unlink()
-        dist.barrier()
-        cache = from_tensors(_read(path)[1], reference.lm_head.weight)
-    if verbose and dist.main:
-        print(f"reference cache: built for {len(pairs)} pairs, saved to {path}")
+    if dist.active:  # every rank gets every part (no file but rank 0's), and joins them
+        tensors = _join(dist.gather(_tensors(cache)), [list(range(r, len(pairs), dist.world)) for r in range(dist.world)])
+        cache = from_tensors(tensors, reference.lm_head.weight)
+    if dist.main:
+        _write(path, tensors if dist.active else _tensors(cache), fingerprint)
+        if verbose:
+            print(f"reference cache: built for {len(pairs)} pairs, saved to {path}")
+    dist.barrier()  # the file is whole before any rank goes on
     return cache

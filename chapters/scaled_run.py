@@ -12,6 +12,12 @@ The run folder (--out) holds, besides the tables:
 - reference_<split>.safetensors: the frozen reference's cache (`chapters.reference_store`).
 With every new flag left off, a run computes what it computed before them: one process, one micro-batch, a
 constant learning rate, and the same numbers; only the files above are added.
+
+A run without --resume starts afresh, as a TRL or nanoGPT run does in an existing output folder: an earlier run's
+checkpoints and finished-phase marks there no longer count (`Scale.begin`), and a reference cache that does not match
+is rebuilt. With --resume, a cache that does not match is refused unless --rebuild-reference-cache.
+--authors-setup and --ladder run in one process and save nothing (`start(args, alone=...)`): the ladder's rungs
+retrain the same phases with other settings, so phases on disk would only overwrite each other.
 """
 import json
 import os
@@ -94,6 +100,21 @@ class Scale:
             print(f"{phase}: model saved to {folder}/ (gpt.load_gpt2 reads it)")
         self.dist.barrier()
 
+    def begin(self):
+        """Before a fresh run's first phase (no --resume): rank 0 drops the checkpoints and finished-phase marks an
+        earlier run left in the folder, so that --resume after this run takes up this run's phases only (the earlier
+        models' weights stay until this run writes its own)."""
+        if self.folder is None or self.resume:
+            return
+        if self.dist.main:
+            old = sorted((self.folder / "checkpoints").glob("*.pt")) + sorted((self.folder / "models").glob("*/history.json"))
+            for path in old:
+                path.unlink()
+            if old:
+                print(f"fresh run in {self.folder}: {len(old)} checkpoint(s) and finished phase(s) of an earlier run "
+                      "there no longer count (to continue a run, give --resume)")
+        self.dist.barrier()
+
     def reference_caches(self, reference, pairs: dict, pad_id: int, batch_size: int, max_length: int) -> dict:
         """ReferenceCache of each split in `pairs`: built in memory without a folder, else through the disk."""
         caches = {}
@@ -104,14 +125,36 @@ class Scale:
             fp = reference_fingerprint(reference, ps, max_length=max_length, batch_size=batch_size)
             caches[split] = cached_reference(self.folder / f"reference_{split}.safetensors", reference, ps, pad_id,
                                              batch_size=batch_size, fingerprint=fp, dist=self.dist,
-                                             rebuild=self.rebuild_reference)
+                                             rebuild=self.rebuild_reference, rebuild_stale=not self.resume)
         return caches
 
 
-def start(args) -> Scale:
+def start(args, alone: str = None) -> Scale:
     """The process group (torchrun's, or N = 1) and the run's Scale from the parsed flags; sets args.device to this
-    rank's device, and silences print on every rank but 0 (one copy of each line)."""
+    rank's device, and silences print on every rank but 0 (one copy of each line).
+
+    `alone` (a flag such as "--ladder"): that mode runs in one process and saves nothing; torchrun and the flags that
+    save or resume are refused with one line, and the Scale has no folder. Under torchrun rank 0 alone says why.
+    """
+    try:
+        return _start(args, alone)
+    except ValueError:
+        if os.environ.get("RANK", "0") != "0":
+            raise SystemExit(2) from None  # one copy of the line: rank 0's
+        raise
+
+
+def _start(args, alone):
     folder = Path(args.out)
+    if alone:
+        given = [flag for flag, on in (("torchrun", distributed.launched_by_torchrun()), ("--fsdp", args.fsdp),
+                                       ("--resume", args.resume), ("--save-every", args.save_every),
+                                       ("--rebuild-reference-cache", args.rebuild_reference_cache)) if on]
+        if given:
+            raise ValueError(f"{alone} runs in one process and saves no models, checkpoints or reference cache (its "
+                             f"phases are minutes on the miniature); leave out {' and '.join(given)}, or run without "
+                             f"{alone}")
+        folder = None
     if args.resume and not any((folder / sub).is_dir() for sub in ("checkpoints", "models")):
         raise ValueError(f"--resume: nothing to resume in {folder} (no checkpoints/ or models/ there); run without "
                          "--resume, or give the --out of the run to continue")
