@@ -7,6 +7,8 @@
     python -m chapters.ch8_instruction_dpo --miniature --authors-setup   # the report authors' pipeline, mistakes in
     python -m chapters.ch8_instruction_dpo --miniature --ladder  # their mistakes fixed one at a time (~23 min)
     python -m chapters.ch8_instruction_dpo --smoke               # whole pipeline, tiny random GPT-2, < 1 min
+    torchrun --standalone --nproc_per_node 2 -m chapters.ch8_instruction_dpo --model gpt2-medium   # DDP (--fsdp)
+    python -m chapters.ch8_instruction_dpo --model gpt2-medium --resume   # after Ctrl-C: continue the run in --out
 
 With no model named and no GPT-2 weights in the cache, the chapter runs the miniature (`chapters.miniature`):
 a base model pretrained here on the training split's texts, then the same pipeline. SFT on (prompt, chosen);
@@ -15,6 +17,7 @@ evaluation on the held-out test split only, at each sampling temperature (β and
 everywhere), with the mean generated length and a length-controlled win rate (`chapters.length_control`).
 The training loops live in `chapters.dpo_training`, the evaluation in `chapters.win_rates`, the authors'
 mistakes in `chapters.authors_setup`; this file holds the experiment: settings, data checks, Figs. 3–4, tables.
+Processes, saved models, checkpoints, --resume and the schedule: `chapters.scaled_run` (a plain run is its N = 1).
 """
 import argparse
 import copy
@@ -27,10 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chapters import ChapterSkipped, miniature, one_thread, plotting
+from chapters import ChapterSkipped, miniature, one_thread, plotting, scaled_run
 from chapters import authors_setup as au
 from chapters import preference_data as pdata
-from chapters.dpo_step import ReferenceCache
 from chapters.dpo_training import sft_evaluate, sft_loss, train_dpo, train_sft
 from chapters.instruction_figures import figure_ladder, figure_training, figure_win_rates
 from chapters.length_control import add_length_columns
@@ -180,6 +182,7 @@ def parse_args(argv):
     p.add_argument("--eval-batch-size", type=positive_int, default=16)
     p.add_argument("--sbert", default=SBERT, help="sentence-transformers model for win rates")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    scaled_run.add_arguments(p)
     args = p.parse_args(argv)
     if not (args.model or args.checkpoint or args.smoke or args.miniature):
         args.miniature = not miniature.weights_cached("gpt2-medium")
@@ -208,14 +211,16 @@ def parse_args(argv):
     return args
 
 
-def experiment(args, base, data: dict, setup: au.AuthorsSetup, sbert, temperatures, keep_base=False, sft=None) -> dict:
+def experiment(args, base, data: dict, setup: au.AuthorsSetup, sbert, temperatures, scale, keep_base=False,
+               sft=None) -> dict:
     """Report §6.2's pipeline from the `base` model: SFT, DPO at each β, win rates, with `setup`'s mistakes on.
 
     `data` holds entries, sft_pairs, pairs, tokenizer, eos. The SFT model is trained from `base` (in place unless
-    `keep_base`), or taken as given in `sft` = (model, history). Returns the tables' rows and the SFT model.
+    `keep_base`), or taken as given in `sft` = (model, history). Training, evaluation and sampling run on `scale`'s
+    ranks; rank 0 alone scores with SBERT. Returns the tables' rows and the SFT model (None on the other ranks).
     """
-    eos, tok = data["eos"], data["tokenizer"]
-    loop = dict(batch_size=args.batch_size, seed=args.seed, device=args.device, pad_id=eos)
+    eos, tok, d = data["eos"], data["tokenizer"], scale.dist
+    loop = dict(batch_size=args.batch_size, seed=args.seed, device=args.device, pad_id=eos, scale=scale)
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, seed=args.seed, device=args.device,
                eos_id=eos, tokenizer=tok)
     sft_pairs, pairs, entries = data["sft_pairs"], data["pairs"], data["entries"]
@@ -227,8 +232,8 @@ def experiment(args, base, data: dict, setup: au.AuthorsSetup, sbert, temperatur
         history = train_sft(model, sft_pairs["train"], sft_pairs["validation"], epochs=args.sft_epochs, lr=args.sft_lr,
                             loss_fn=au.authors_sft_loss if setup.sft_all_tokens else sft_loss, **loop)
         miniature.disable_dropout(model.eval()).requires_grad_(False)  # the SFT model is now frozen
-        held_out = {k: sft_evaluate(model, sft_pairs[k], batch_size=args.batch_size, device=args.device, pad_id=eos)
-                    for k in ("validation", "test")}
+        held_out = {k: sft_evaluate(model, sft_pairs[k], batch_size=args.batch_size, device=args.device, pad_id=eos,
+                                    dist=d) for k in ("validation", "test")}
         unigram = {k: miniature.unigram_loss(sft_pairs["train"], sft_pairs[k], model.config.vocab_size) for k in held_out}
         print("SFT loss on held-out chosen responses (nats/token): " + ", ".join(
             f"{k} {held_out[k]:.4f} (unigram {unigram[k]:.4f})" for k in held_out))
@@ -240,17 +245,19 @@ def experiment(args, base, data: dict, setup: au.AuthorsSetup, sbert, temperatur
     reference = base if setup.reference_base else model
     if setup.reference_grad:
         reference = copy.deepcopy(reference).requires_grad_(True)  # their reference is run without no_grad
-    caches = {k: ReferenceCache(reference, pairs[k], eos, args.batch_size) for k in ("train", "validation")}
+    caches = scale.reference_caches(reference, {k: pairs[k] for k in ("train", "validation")}, eos, args.batch_size,
+                                    args.max_length)
     step = au.make_dpo_step(setup, reference)
     indices = au.evaluation_indices(len(entries), [p.index for p in pairs["test"]], setup, args.seed)
     evaluated = pairs["test"] if not setup.eval_whole_data else pdata.tokenize(entries, indices, tok, eos, args.max_length)
-    runs = generate_runs("SFT", model, evaluated, temperatures, **gen)
+    runs = scaled_run.sharded_runs(generate_runs, d, "SFT", model, evaluated, temperatures, **gen)
     start, steps, epochs = model, [], []
     for beta in args.betas:
         same = start is model and not setup.reference_base  # policy = reference at the first step: ln 2 and 0
         policy, s, e = train_dpo(start, pairs["train"], pairs["validation"], caches, beta, epochs=args.dpo_epochs,
                                  lr=args.dpo_lr, step=step, **loop)
-        runs += generate_runs(f"DPO β={beta}", policy.requires_grad_(False), evaluated, temperatures, **gen)
+        runs += scaled_run.sharded_runs(generate_runs, d, f"DPO β={beta}", policy.requires_grad_(False), evaluated,
+                                        temperatures, **gen)
         start = policy if setup.continue_beta else model  # else one policy in memory at a time
         steps += s
         epochs += e
@@ -258,6 +265,8 @@ def experiment(args, base, data: dict, setup: au.AuthorsSetup, sbert, temperatur
               f"{s[0]['rewards/accuracies']:.2f} ({'policy = reference' if same else 'policy ≠ reference'})")
 
     # 3. evaluation: every model at every temperature (generated above), SBERT win rate with ties ½ (theirs: 0)
+    if not d.main:
+        return None
     win_rows, generations = score_runs(runs, evaluated, entries, sbert, n_boot=args.n_boot, seed=args.seed,
                                        tie=0.0 if setup.tie_loses else 0.5)
     win_rows = add_length_columns(win_rows, generations, entries, lambda text: len(data["gpt2"].encode(text)))
@@ -282,13 +291,13 @@ def ladder_row(name, setup, result, betas, temperature) -> dict:
             "sft_win_rate": sft["win_rate"], "n": win["n"]}
 
 
-def run_ladder(args, base, data, sbert) -> list:
+def run_ladder(args, base, data, sbert, scale) -> list:
     """`authors_setup.ladder()`: the pipeline once per rung (SFT trained once per SFT loss), one row each."""
     rows, sft_models = [], {}
     for name, setup in au.ladder():
         print(f"\n--- ladder: {name} (mistakes on: {', '.join(setup.on) or 'none'})")
-        result = experiment(args, base, data, setup, sbert, [args.ladder_temperature], keep_base=True,
-                            sft=sft_models.get(setup.sft_all_tokens))
+        result = experiment(args, base, data, setup, sbert, [args.ladder_temperature], scale,
+                            keep_base=True, sft=sft_models.get(setup.sft_all_tokens))
         sft_models[setup.sft_all_tokens] = result["sft"]
         rows.append(ladder_row(name, setup, result, args.betas, args.ladder_temperature))
     return rows
@@ -296,13 +305,21 @@ def run_ladder(args, base, data, sbert) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.miniature or args.smoke:  # small matrices: one thread is faster on a shared CPU, and float sums repeat
-        with one_thread():           # whatever the core count (byte-identical figures)
-            return _main(args)
-    return _main(args)
+    scale = scaled_run.start(args, alone="--ladder" if args.ladder else "--authors-setup" if args.authors_setup else None)
+    try:
+        if args.miniature or args.smoke:  # small matrices: one thread is faster on a shared CPU, and float sums
+            with one_thread():           # repeat whatever the core count (byte-identical figures)
+                return _main(args, scale)
+        return _main(args, scale)
+    except (ValueError, OSError, ChapterSkipped):
+        if not scale.dist.main:  # every rank meets the same bad input: rank 0 says it, once
+            raise SystemExit(2) from None
+        raise
+    finally:
+        scale.close()
 
 
-def _main(args):
+def _main(args, scale):
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     model = None if args.miniature else load_model(args).to(args.device)  # first: no weights -> one line, at once
@@ -334,22 +351,27 @@ def _main(args):
     if longest + args.max_new_tokens > context:
         raise ValueError(f"the longest test prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
                          f"the model's context of {context}; lower --max-new-tokens or --max-length")
-    sbert = load_sbert(args.sbert, args.device)  # now, not after hours of training
+    sbert = load_sbert(args.sbert, args.device) if scale.dist.main else None  # now, not after hours of training
     plotting.check_writable()
     plotting.check_writable(args.out, "tables")
+    scale.begin()
     if args.miniature:  # stage 1: the base model, from random weights, on the training split's texts
         model, base_history = miniature.pretrain_base(
             data["tokenizer"].size, data["sft_pairs"]["train"], data["sft_pairs"]["validation"], epochs=args.base_epochs,
-            lr=args.base_lr, batch_size=miniature.BASE_BATCH, seed=args.seed, device=args.device, eos_id=data["eos"])
+            lr=args.base_lr, batch_size=miniature.BASE_BATCH, seed=args.seed, device=args.device, eos_id=data["eos"],
+            scale=scale)
     tag = {"smoke": "SMOKE RUN (meaningless)"}.get(args.tag, args.tag) + (" (authors' setup)" if args.authors_setup else "")
     if args.ladder:
-        rows = run_ladder(args, model, data, sbert)
+        rows = run_ladder(args, model, data, sbert, scale)
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(args.out / "ladder.csv", rows)
         print(f"table: {args.out / 'ladder.csv'}")
         figure_ladder(rows, args.betas[-1], args.ladder_temperature, tag, args.suffix)
     else:
-        result = experiment(args, model, data, args.setup, sbert, args.temperatures, keep_base=args.setup.reference_base)
+        result = experiment(args, model, data, args.setup, sbert, args.temperatures, scale,
+                            keep_base=args.setup.reference_base)
+        if result is None:  # not rank 0: it trained and sampled its share; rank 0 writes every file
+            return
         write_outputs(args.out, result["sft_history"], result["steps"], result["epochs"], result["win_rows"],
                       result["generations"], result["evaluated"], entries)  # tables first
         figure_training(result["epochs"], args.betas, tag, args.suffix)

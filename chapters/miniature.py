@@ -79,14 +79,15 @@ def weights_cached(name: str) -> bool:
 
 
 def pretrain_base(vocab_size: int, train_pairs, val_pairs, *, epochs: int, lr: float, batch_size: int, seed: int,
-                  device, eos_id: int, config: dict = None):
+                  device, eos_id: int, config: dict = None, scale=None):
     """Stage 1, the base model: `gpt.GPT` from random weights (seeded), next-token loss on every token of the
-    training split's documents (`base_documents`), validation loss per epoch. Returns (model, history rows)."""
+    training split's documents (`base_documents`), validation loss per epoch. Returns (model, history rows).
+    `scale` (`chapters.scaled_run.Scale`): processes, saving and --resume as for SFT (phase "base")."""
     from gpt import GPT, GPTConfig
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=vocab_size, **(config or CONFIG))).to(device)
     history = train_sft(model, base_documents(train_pairs, eos_id), base_documents(val_pairs, eos_id), epochs=epochs,
-                        lr=lr, batch_size=batch_size, seed=seed, device=device, pad_id=eos_id, label="base")
+                        lr=lr, batch_size=batch_size, seed=seed, device=device, pad_id=eos_id, label="base", scale=scale)
     return model.eval(), history
 
 
