@@ -34,6 +34,7 @@ import bench_dpo_step as cpu_bench  # noqa: E402 (its helpers import transformer
 from chapters import distributed  # noqa: E402
 from chapters import preference_data as pdata  # noqa: E402
 from chapters.dpo_step import ReferenceCache, autocast, fast_dpo_loss, plain_dpo_loss  # noqa: E402
+from chapters.plotting import atomic_open  # noqa: E402
 from chapters.rows import packed_pairs_batch  # noqa: E402
 from chapters.train_loop import _step  # noqa: E402
 from gpt import GPT, GPTConfig, get_tokenizer  # noqa: E402
@@ -242,7 +243,8 @@ def _ddp_worker(rank, world, port, args, pairs, out):
         del engine, policy, opt
         torch.cuda.empty_cache()
     if d.main:
-        Path(out).write_text("\n".join(lines))
+        with atomic_open(out) as f:  # a run cut short leaves no partial table
+            f.write("\n".join(lines))
     distributed.close(d)
 
 
