@@ -154,8 +154,8 @@ def test_torchrun_with_two_processes_gives_the_tables_of_one_and_only_rank_0_wri
     assert writes[1] == "" and str(out_2 / "dpo_steps.csv") in writes[0]  # the hook saw rank 0 write
     # float32; the runs differ only in how each batch is split over the ranks (each rank pads its own rows, DDP sums
     # the gradients in another order), so by rounding. A reward is β × a difference of sequence log-probs that are
-    # sums over ~100 response tokens of ≈ −10.8 each (a random model over 50 257 tokens): ~1e3 in size, whose float32
-    # rounding is ~1e3 × 6e-8 ≈ 6e-5; hence 1e-4 (measured: 5e-7 on SFT rows, 4e-6 on DPO rows). A gradient made of the
+    # sums over tens of response tokens of ≈ −10.8 each (a random model over 50 257 tokens): up to ~1e3, whose float32
+    # rounding is up to ~1e3 × 6e-8 ≈ 6e-5; hence 1e-4 (measured: 5e-7 on SFT rows, 4e-6 on DPO rows). A gradient of the
     # wrong pairs shows at the scale of one step's change of the loss, ~3e-2 here. (AdamW hides a pure gradient-scale
     # error; tests/test_ch8_scale.py checks the scale to 1e-12 in float64.)
     for name in ("sft_epochs.csv", "dpo_steps.csv", "dpo_epochs.csv"):
