@@ -5,32 +5,34 @@ enumerate: 8 tokens (2 positive, 2 negative, 4 neutral), prompts of 2 tokens, re
 16 prompts (of the 64 possible) has 8^5 = 32,768 responses and every expectation is an exact sum. That lets us
 draw what the paper could not: the frontier of π*_β = π_ref·exp(r*/β)/Z (eq. (36)), which no policy can cross.
 The task, its exact evaluation, the frontier and the settings are `chapters.frontier_task`; the reward model and
-PPO runs on it are `chapters.frontier_rlhf`. This chapter holds the methods' losses, Best-of-N's exact
-distribution, and the experiment.
+PPO runs on it are `chapters.frontier_rlhf`; `chapters.frontier_sweeps` trains the independent runs side by side.
+This chapter holds the methods' losses, Best-of-N's exact distribution, and the experiment.
 
-    python3 -m chapters.ch7_frontier            # the full sweep (about 5 minutes on 2 busy cores)
-    python3 -m chapters.ch7_frontier --quick    # a short form of the same run (under a minute)
+    python3 -m chapters.ch7_frontier               # the full sweep, its runs side by side on the cores available
+    python3 -m chapters.ch7_frontier --workers 1   # the same numbers, one run after another
+    python3 -m chapters.ch7_frontier --quick       # a short form of the same run (under a minute)
 """
 import argparse
-import copy
 import csv
+import itertools
 import math
 import time
 from functools import partial
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from chapters import one_thread, plotting
 from chapters.ch3_kl_optimum import optimal_policy
 from chapters.ch4_dpo import dpo_loss
-from chapters.frontier_rlhf import learn_reward_model, ppo_checkpoints, score_all
-from chapters.frontier_task import (FULL, PROMPT_LEN, QUICK, RESPONSE_LEN, all_responses, efficiency, evaluate,
-                                    exact_frontier, exact_reward_and_kl, frontier_reward, logprob, process_logprobs,
-                                    reference_and_pairs, sequence, sft_loss, true_reward, true_reward_fn)
-from chapters.training import finetune
+from chapters.frontier_rlhf import learn_reward_model, score_all
+from chapters.frontier_sweeps import Sweep, SweepPool, available_cores, reward_model_state, sampled_rows
+from chapters.frontier_task import (FULL, PROMPT_LEN, QUICK, RESPONSE_LEN, all_responses, efficiency, exact_frontier,
+                                    exact_reward_and_kl, frontier_reward, logprob, process_logprobs,
+                                    reference_and_pairs, sequence, sft_loss, true_reward)
 from gpt import GPT
-from gpt.cli import run
+from gpt.cli import positive_int, run
 
 def best_of_n_logprobs(logp_ref: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
     """Best-of-N's exact distribution: P(y) = π_ref(y)/m(s)·(F(s)^N − (F(s) − m(s))^N), s = score(y).
@@ -131,7 +133,10 @@ def write_table(rows, name: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m chapters.ch7_frontier", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short form of the same run (under a minute)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed for every random draw (default 0)")
+    parser.add_argument("--workers", type=positive_int, default=available_cores(),
+                        help="processes training the sweeps side by side (default: the cores available, here "
+                             f"{available_cores()}); the numbers do not depend on it")
     args = parser.parse_args(argv)
     plotting.check_writable()
     with one_thread():  # these models are so small that a second thread only adds waiting
@@ -173,45 +178,41 @@ def _run(args):
 
     print("\n4. the methods, each a sweep; every checkpoint evaluated exactly")
     rows, panel = [], {}
-    runs = [("DPO", f"beta={b}", partial(dpo_batch_loss, beta=b), args.seed) for b in cfg["dpo_betas"]]
-    runs += [("Preferred-FT", f"seed={s}", sft_loss, args.seed + s) for s in cfg["pft_seeds"]]
-    runs += [("Unlikelihood", f"alpha={a}", partial(unlikelihood_loss, alpha=a), args.seed) for a in cfg["ul_alphas"]]
-    for method, setting, loss_fn, seed in runs:
-        policy = copy.deepcopy(ref).requires_grad_(True)
-        run_gen = torch.Generator().manual_seed(seed)
-        _, saved = finetune(policy, loss_fn, data, cfg["steps"], cfg["batch_size"], cfg["lr"], run_gen,
-                            checkpoints=cfg["checkpoints"], desc=f"{method} {setting}")
-        for step, state in saved:
-            policy.load_state_dict(state)
-            logp, row = evaluate(policy, ref, prompts, logp_ref, rewards, cfg["kl_samples"], gen)
-            rows.append(dict(method=method, setting=setting, step=step, **row))
-            if method == "DPO":
-                panel[float(setting.split("=")[1])] = logp
-    for n in cfg["best_of"]:
-        reward, kl = exact_reward_and_kl(best_of_n_logprobs(logp_ref, rewards, n), logp_ref, rewards)
-        rows.append(dict(method="Best-of-N", setting=f"N={n}", step=0, reward=reward, kl=kl, kl_per_token=math.nan,
-                         kl_per_token_se=math.nan, kl_log_ratio=math.nan, kl_log_ratio_se=math.nan))
-        print(f"   Best-of-{n}: exact KL = {kl:.3f} ≤ log N − (N−1)/N = {math.log(n) - (n - 1) / n:.3f} "
-              f"(equal when no two responses tie)")
+    offline = [Sweep("DPO", f"beta={b}", args.seed, partial(dpo_batch_loss, beta=b), keep_logp=True)
+               for b in cfg["dpo_betas"]]
+    offline += [Sweep("Preferred-FT", f"seed={s}", args.seed + s, sft_loss) for s in cfg["pft_seeds"]]
+    offline += [Sweep("Unlikelihood", f"alpha={a}", args.seed, partial(unlikelihood_loss, alpha=a)) for a in cfg["ul_alphas"]]
+    with_r_star = [Sweep("PPO-GT", f"beta={b}", args.seed, beta=b) for b in cfg["ppo_betas"]]
+    shared = dict(cfg=cfg, ref=ref, data=data, prompts=prompts, logp_ref=logp_ref, rewards=rewards)
+    with SweepPool(shared, args.workers) as pool:  # independent sweeps, side by side; sampled KLs in order, here
+        offline_results, with_r_star_results = pool.run(offline), pool.run(with_r_star)
+        for sweep, results in tqdm(zip(offline, offline_results), total=len(offline), desc="offline sweeps", leave=False):
+            rows += sampled_rows(sweep, results, ref, prompts, cfg["kl_samples"], gen)
+            if sweep.keep_logp:
+                panel[float(sweep.setting.split("=")[1])] = torch.from_numpy(results[-1].logp)
+        for n in cfg["best_of"]:
+            reward, kl = exact_reward_and_kl(best_of_n_logprobs(logp_ref, rewards, n), logp_ref, rewards)
+            rows.append(dict(method="Best-of-N", setting=f"N={n}", step=0, reward=reward, kl=kl, kl_per_token=math.nan,
+                             kl_per_token_se=math.nan, kl_log_ratio=math.nan, kl_log_ratio_se=math.nan))
+            print(f"   Best-of-{n}: exact KL = {kl:.3f} ≤ log N − (N−1)/N = {math.log(n) - (n - 1) / n:.3f} "
+                  f"(equal when no two responses tie)")
 
-    print("\n   the reward model: ch2's RewardModel on a copy of π_ref, fitted to the same pairs (eq. (26))")
-    rm = learn_reward_model(ref, data, cfg["rm_steps"], gen)
-    rm_scores = score_all(rm, prompts, responses)  # (P, Y)
-    centred = lambda v: (v - v.mean(-1, keepdim=True)).flatten().numpy()  # noqa: E731  (r_φ is free up to f(x))
-    print(f"   pair accuracy {rm.train_accuracy:.3f} (r* itself: {((gap > 0) + 0.5 * (gap == 0)).double().mean():.3f}); "
-          f"corr(r_φ, r*) over all responses, centred per prompt: {np.corrcoef(centred(rm_scores), centred(rewards))[0, 1]:.3f}")
-    for n in cfg["best_of"]:
-        reward, kl = exact_reward_and_kl(best_of_n_logprobs(logp_ref, rm_scores, n), logp_ref, rewards)
-        rows.append(dict(method="Best-of-N (RM)", setting=f"N={n}", step=0, reward=reward, kl=kl,
-                         kl_per_token=math.nan, kl_per_token_se=math.nan, kl_log_ratio=math.nan,
-                         kl_log_ratio_se=math.nan))
-    rm_fn = lambda ids, mask, response_mask: rm(ids, mask)  # noqa: E731
-    for method, reward_fn in (("PPO", rm_fn), ("PPO-GT", true_reward_fn)):
-        for beta in cfg["ppo_betas"]:
-            for step, policy in ppo_checkpoints(ref, reward_fn, prompts, beta, cfg["ppo_checkpoints"], args.seed,
-                                                f"{method} beta={beta}"):
-                _, row = evaluate(policy, ref, prompts, logp_ref, rewards, cfg["kl_samples"], gen)
-                rows.append(dict(method=method, setting=f"beta={beta}", step=step, **row))
+        print("\n   the reward model: ch2's RewardModel on a copy of π_ref, fitted to the same pairs (eq. (26))")
+        rm = learn_reward_model(ref, data, cfg["rm_steps"], gen)
+        with_rm = [Sweep("PPO", f"beta={b}", args.seed, beta=b, rm_state=reward_model_state(rm)) for b in cfg["ppo_betas"]]
+        with_rm_results = pool.run(with_rm)
+        rm_scores = score_all(rm, prompts, responses)  # (P, Y)
+        centred = lambda v: (v - v.mean(-1, keepdim=True)).flatten().numpy()  # noqa: E731  (r_φ is free up to f(x))
+        print(f"   pair accuracy {rm.train_accuracy:.3f} (r* itself: {((gap > 0) + 0.5 * (gap == 0)).double().mean():.3f}); "
+              f"corr(r_φ, r*) over all responses, centred per prompt: {np.corrcoef(centred(rm_scores), centred(rewards))[0, 1]:.3f}")
+        for n in cfg["best_of"]:
+            reward, kl = exact_reward_and_kl(best_of_n_logprobs(logp_ref, rm_scores, n), logp_ref, rewards)
+            rows.append(dict(method="Best-of-N (RM)", setting=f"N={n}", step=0, reward=reward, kl=kl,
+                             kl_per_token=math.nan, kl_per_token_se=math.nan, kl_log_ratio=math.nan,
+                             kl_log_ratio_se=math.nan))
+        for sweep, results in tqdm(zip(with_rm + with_r_star, itertools.chain(with_rm_results, with_r_star_results)),
+                                   total=len(with_rm) + len(with_r_star), desc="PPO sweeps", leave=False):
+            rows += sampled_rows(sweep, results, ref, prompts, cfg["kl_samples"], gen)
 
     for r in rows:  # gap ≥ 0 for every policy; efficiency: the share of the frontier's gain over π_ref at this KL
         r["gap"] = frontier_reward(r["kl"], front_r, front_kl) - r["reward"]

@@ -1,18 +1,16 @@
 """Chapter 10 on chapter 7's miniature: each DPO variant fine-tuned from π_ref on the same pairs with the same budget,
 every checkpoint placed on the exact reward–KL frontier by enumeration (`chapters.frontier_task`).
 """
-import copy
 import csv
-import multiprocessing
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from chapters.family_optima import Frontier
-from chapters.frontier_task import RESPONSE_LEN, enumerate_logprobs, exact_reward_and_kl, logprob
+from chapters.frontier_sweeps import Sweep, SweepPool
+from chapters.frontier_task import RESPONSE_LEN, logprob
 from chapters.plotting import atomic_open, plots_dir, plt, save
-from chapters.training import finetune
 
 
 def add_mismatched(data: dict, ref, generator: torch.Generator) -> dict:
@@ -61,45 +59,23 @@ def family_batch_loss(kind: str, losses: dict, policy, batch: dict, beta: float,
     return losses["preference"](kind, pc, pr, batch["ref_chosen"], batch["ref_rejected"], beta, **kw).mean()
 
 
-_JOB = {}  # what the worker processes read: set just before they fork
-
-
-def _place(i: int) -> list:
-    """Run i of _JOB["runs"]: fine-tune a copy of π_ref with its loss, evaluate each checkpoint exactly; its rows."""
-    torch.set_num_threads(1)
-    setup, cfg, front = _JOB["setup"], _JOB["cfg"], _JOB["front"]
-    variant, setting, loss_fn = _JOB["runs"][i]
-    policy = copy.deepcopy(setup["ref"]).requires_grad_(True)
-    _, saved = finetune(policy, loss_fn, setup["data"], cfg["steps"], cfg["batch_size"], cfg["lr"],
-                        torch.Generator().manual_seed(_JOB["seed"]), checkpoints=cfg["checkpoints"], progress=False)
-    rows = []
-    for step, state in saved:
-        policy.load_state_dict(state)
-        reward, kl = exact_reward_and_kl(enumerate_logprobs(policy, setup["prompts"]), setup["logp_ref"], setup["rewards"])
-        rows.append(dict(variant=variant, setting=setting, step=step, reward=reward, kl=kl,
-                         efficiency=front.efficiency(reward, kl)))
-    return rows
-
-
 def train_and_place(setup: dict, runs, cfg: dict, seed: int, workers: int = 1) -> tuple:
     """Fine-tune a copy of π_ref with each run's loss and evaluate every checkpoint exactly, one row per checkpoint.
 
     runs: [(variant, setting, loss_fn(policy, batch))]. Every run starts from the same π_ref with the same
     minibatch seed, so variants differ only in their loss. Row: variant, setting, step, reward, kl, efficiency.
-    The runs are independent: with workers > 1 they share out over that many forked processes (one thread
-    each), which changes no number. Returns (rows in the order of `runs`, the exact frontier over cfg["frontier"]).
+    The runs are independent: `chapters.frontier_sweeps` shares them out over `workers` forked processes, which
+    changes no number. Returns (rows in the order of `runs`, the exact frontier over cfg["frontier"]).
     """
     front = Frontier(setup["logp_ref"], setup["rewards"], cfg["frontier"])
-    _JOB.update(setup=setup, runs=runs, cfg=cfg, seed=seed, front=front)
-    try:
-        if workers > 1:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                per_run = pool.map(_place, range(len(runs)), chunksize=1)
-        else:
-            per_run = [_place(i) for i in tqdm(range(len(runs)), desc="runs", leave=False)]
-    finally:
-        _JOB.clear()
-    return [row for rows in per_run for row in rows], front
+    sweeps = [Sweep(variant, setting, seed, loss_fn) for variant, setting, loss_fn in runs]
+    shared = dict(cfg=cfg, **{k: setup[k] for k in ("ref", "data", "prompts", "logp_ref", "rewards")})
+    with SweepPool(shared, workers) as pool:
+        per_run = list(tqdm(pool.run(sweeps), total=len(sweeps), desc="runs", leave=False))
+    rows = [dict(variant=sweep.method, setting=sweep.setting, step=c.step, reward=c.reward, kl=c.kl,
+                 efficiency=front.efficiency(c.reward, c.kl)) for sweep, checkpoints in zip(sweeps, per_run)
+            for c in checkpoints]
+    return rows, front
 
 
 def write_rows(rows, name: str):

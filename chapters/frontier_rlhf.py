@@ -32,7 +32,8 @@ def score_all(rm: RewardModel, prompts: torch.Tensor, responses: torch.Tensor) -
                                    for chunk in responses.split(8192)]) for x in prompts])
 
 
-def ppo_checkpoints(ref: GPT, reward_fn, prompts: torch.Tensor, beta: float, checkpoints, seed: int, desc: str):
+def ppo_checkpoints(ref: GPT, reward_fn, prompts: torch.Tensor, beta: float, checkpoints, seed: int, desc: str,
+                    progress: bool = True):
     """PPO-based RLHF with KL coefficient β (eqs. (1)–(5), (28)) via `chapters.ppo_trainer.PPOTrainer`, from π_ref.
 
     Yields (iteration, policy) at each iteration count in `checkpoints`; the policy is trained in place.
@@ -40,7 +41,7 @@ def ppo_checkpoints(ref: GPT, reward_fn, prompts: torch.Tensor, beta: float, che
     policy = copy.deepcopy(ref).requires_grad_(True)
     config = PPOConfig(beta=beta, lr=1e-3, response_length=RESPONSE_LEN, batch_size=64, seed=seed)
     trainer = PPOTrainer(policy, ref, reward_fn, list(prompts), config)
-    bar = tqdm(total=max(checkpoints), desc=desc, leave=False)
+    bar = tqdm(total=max(checkpoints), desc=desc, leave=False, disable=not progress)
     for iteration in range(1, max(checkpoints) + 1):
         log = trainer.step()
         bar.update()

@@ -1,8 +1,10 @@
 """Chapter 7: exact evaluation by enumeration, the exact reward–KL frontier and a point's distance to it (efficiency),
 Best-of-N, and the --quick run."""
+import copy
 import csv
 import itertools
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -10,6 +12,9 @@ import torch
 
 from chapters import ch7_frontier as ch7
 from chapters import frontier_task as task
+from chapters.frontier_rlhf import learn_reward_model, ppo_checkpoints
+from chapters.frontier_sweeps import Sweep, SweepPool, reward_model_state, sampled_rows
+from chapters.training import finetune
 from chapters.ch3_kl_optimum import log_partition_function
 
 
@@ -194,6 +199,62 @@ def test_bad_sizes_fail_with_one_line():
         task.task_prompts(0)
     with pytest.raises(ValueError, match="N must be >= 1"):
         ch7.best_of_n_logprobs(*random_problem(), 0)
+
+
+def trained_checkpoints(sweep, start, cfg, rm):
+    """(step, policy) at each checkpoint of one sweep, trained here in this process as chapter 7 did before `SweepPool`."""
+    ref = start["ref"]
+    if sweep.loss_fn is None:
+        reward_fn = (lambda ids, mask, response_mask: rm(ids, mask)) if sweep.rm_state else task.true_reward_fn  # noqa: E731
+        yield from ppo_checkpoints(ref, reward_fn, start["prompts"], sweep.beta, cfg["ppo_checkpoints"], sweep.seed, "PPO")
+        return
+    policy = copy.deepcopy(ref).requires_grad_(True)
+    _, saved = finetune(policy, sweep.loss_fn, start["data"], cfg["steps"], cfg["batch_size"], cfg["lr"],
+                        torch.Generator().manual_seed(sweep.seed), checkpoints=cfg["checkpoints"], progress=False)
+    for step, state in saved:
+        policy.load_state_dict(state)
+        yield step, policy
+
+
+def serial_rows(sweeps, start, cfg, rm, generator):
+    """The rows of a plain serial loop: each sweep trained, each checkpoint evaluated (`evaluate`) with the one
+    generator, in order; and the last checkpoint's log π of the sweep that keeps it."""
+    rows, kept = [], None
+    for sweep in sweeps:
+        for step, policy in trained_checkpoints(sweep, start, cfg, rm):
+            logp, row = task.evaluate(policy, start["ref"], start["prompts"], start["logp_ref"], start["rewards"], 4,
+                                      generator)
+            rows.append(dict(method=sweep.method, setting=sweep.setting, step=step, **row))
+        kept = logp if sweep.keep_logp else kept
+    return rows, kept
+
+
+def test_sweeps_on_one_or_two_processes_give_exactly_the_numbers_of_a_serial_loop():
+    """SweepPool + sampled_rows, on 1 and on 2 processes: the rows of `serial_rows` bit for bit (exact E[r*] and
+    KL, sampled KLs drawn in the serial order), the kept log π, and the same weights at every checkpoint."""
+    cfg = dict(task.QUICK, prompts=1, sft_sequences=400, sft_steps=5, draws=2, steps=4, checkpoints=(2, 4),
+               ppo_checkpoints=(1, 2), rm_steps=3)
+    start = task.reference_and_pairs(cfg, 0)
+    shared = dict(cfg=cfg, **{k: start[k] for k in ("ref", "data", "prompts", "logp_ref", "rewards")})
+    rm = learn_reward_model(start["ref"], start["data"], cfg["rm_steps"], torch.Generator().manual_seed(1))
+    sweeps = [Sweep("DPO", "beta=1.0", 0, partial(ch7.dpo_batch_loss, beta=1.0), keep_logp=True),
+              Sweep("Unlikelihood", "alpha=0.5", 1, partial(ch7.unlikelihood_loss, alpha=0.5)),
+              Sweep("PPO-GT", "beta=1.0", 0, beta=1.0), Sweep("PPO", "beta=1.0", 0, beta=1.0, rm_state=reward_model_state(rm))]
+    expected, expected_logp = serial_rows(sweeps, start, cfg, rm, torch.Generator().manual_seed(2))
+    runs = {}
+    for workers in (1, 2):
+        with SweepPool(shared, workers) as pool:
+            results = list(pool.run(sweeps))
+        gen = torch.Generator().manual_seed(2)
+        rows = [row for sw, res in zip(sweeps, results) for row in sampled_rows(sw, res, start["ref"], start["prompts"], 4, gen)]
+        assert rows == expected, workers
+        assert np.array_equal(results[0][-1].logp, expected_logp.numpy()) and results[0][0].logp is None
+        runs[workers] = results
+    for a, b in zip(itertools.chain(*runs[1]), itertools.chain(*runs[2])):
+        assert all(np.array_equal(a.state[k], b.state[k]) for k in a.state)  # the checkpoint's weights
+    assert expected[4]["reward"] != expected[6]["reward"]  # PPO on r* and on r_φ are different runs
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        SweepPool(shared, 0)
 
 
 @pytest.fixture(scope="module")
