@@ -335,8 +335,11 @@ def _run_drivers(tmp, groups):
 
 def _ctrl_c(tmp, name, argv):
     env = {**os.environ, **_case_env(tmp, name), "PYTHONUNBUFFERED": "1"}
+    # SIGINT's default action in the child: a shell's background job (`pytest &`) starts with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler, so the signal would be lost and the test would wrongly fail
     proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.readline()  # the work has started
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
