@@ -351,9 +351,9 @@ def _main(args, scale):
     if longest + args.max_new_tokens > context:
         raise ValueError(f"the longest test prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
                          f"the model's context of {context}; lower --max-new-tokens or --max-length")
-    sbert = load_sbert(args.sbert, args.device) if scale.dist.main else None  # now, not after hours of training
-    plotting.check_writable()
+    plotting.check_writable()  # the cheap checks first: a wrong folder is told before SBERT's seconds of loading
     plotting.check_writable(args.out, "tables")
+    sbert = load_sbert(args.sbert, args.device) if scale.dist.main else None  # now, not after hours of training
     scale.begin()
     if args.miniature:  # stage 1: the base model, from random weights, on the training split's texts
         model, base_history = miniature.pretrain_base(
