@@ -13,7 +13,6 @@ checkpoint placed on the exact reward–KL frontier, with chapter 7's efficiency
 """
 import argparse
 import math
-import os
 import time
 from functools import partial
 
@@ -30,6 +29,7 @@ from chapters.family_optima import (Frontier, deterministic_labels, flip_labels,
                                     minimise_pairs, newton_minimise, one_row_per_pair, pair_table_loss, policy_summary,
                                     population_minimisers, tabular_problem, unpaired)
 from chapters.family_plots import deterministic_figure, tabular_figure
+from chapters.frontier_sweeps import available_cores
 from chapters.frontier_task import FULL, QUICK, reference_and_pairs
 from gpt.cli import run
 
@@ -344,7 +344,7 @@ def _miniature_section(cfg, betas, seed, name):
     losses = dict(preference=preference_loss, orpo=orpo_loss, kto=kto_loss, reference_point=kto_reference_point)
     runs = [(kind, f"β={b:g}", partial(family_batch_loss, kind, losses, beta=b, **kw)) for kind, kw in MINIATURE
             for b in betas]
-    rows, frontier = train_and_place(setup, runs, cfg, seed, workers=min(2, os.cpu_count() or 1))
+    rows, frontier = train_and_place(setup, runs, cfg, seed, workers=available_cores())
     last = max(r["step"] for r in rows)
     print(f"{'variant':8s} " + " ".join(f"{'β=' + format(b, 'g') + ': E[r*], KL, eff.':>26s}" for b in betas)
           + f" {'mean efficiency':>16s}")
