@@ -246,7 +246,7 @@ def experiment(args, base, data: dict, setup: au.AuthorsSetup, sbert, temperatur
     if setup.reference_grad:
         reference = copy.deepcopy(reference).requires_grad_(True)  # their reference is run without no_grad
     caches = scale.reference_caches(reference, {k: pairs[k] for k in ("train", "validation")}, eos, args.batch_size,
-                                    args.max_length)
+                                    args.max_length, seed=args.seed)  # the train cache in DPO's first-epoch batches
     step = au.make_dpo_step(setup, reference)
     indices = au.evaluation_indices(len(entries), [p.index for p in pairs["test"]], setup, args.seed)
     evaluated = pairs["test"] if not setup.eval_whole_data else pdata.tokenize(entries, indices, tok, eos, args.max_length)

@@ -8,7 +8,8 @@ and takes log-softmax over the full (B, T, vocab) logits. The fast step:
   rejected tokens skip the chosen ones in attention and restart their positions after the prompt: the shared
   prompt runs once, not twice;
 - applies the tied output head only at the positions that predict a response token;
-- takes batches grouped by length (`preference_data.length_grouped_batches`), and bf16 autocast on a GPU.
+- takes batches grouped by length (`preference_data.length_grouped_batches`, `dpo_batches`), and bf16 autocast
+  on a GPU.
 """
 import torch
 
@@ -47,6 +48,24 @@ def sequence_logprobs(model, batch: TokenBatch):
     return plan_logprobs(h, model.lm_head.weight, batch)
 
 
+def dpo_batches(pairs, batch_size: int, seed: int):
+    """`train_dpo`'s global batches: epoch -> lists of indices into `pairs`, grouped by packed length and shuffled
+    with seed + epoch (epochs 1-based, as `chapters.train_loop.train_epochs` counts them). The training split's
+    reference cache is built in epoch 1's batches (`first_epoch_batches`) through this same function."""
+    lengths = [p.packed_length for p in pairs]
+    return lambda epoch: length_grouped_batches(lengths, batch_size, seed + epoch)
+
+
+def evaluation_batches(pairs, batch_size: int) -> list:
+    """The batches `dpo_evaluate` reads a split in, sorted by packed length: a reference cache's default order."""
+    return length_grouped_batches([p.packed_length for p in pairs], batch_size, 0, shuffle=False)
+
+
+def first_epoch_batches(pairs, batch_size: int, seed: int) -> list:
+    """The batches of `train_dpo`'s first epoch: its first step packs exactly the rows of the first of them."""
+    return dpo_batches(pairs, batch_size, seed)(1)
+
+
 def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Report §6.2, Fig. 3 right: token-level KL(π‖π_ref) = Σ_v π(v|·) (log π(v|·) − log π_ref(v|·)), per position: (N,)."""
     return (logp.exp() * (logp - ref_logp)).sum(-1)
@@ -57,17 +76,30 @@ class ReferenceCache:
 
     Built once, without gradients. `get(ids)` returns ref chosen (B,), ref rejected (B,) log-probs and the hidden
     states (N, C) in the order of a TokenBatch of those pairs; `head_weight` turns them into π_ref's distributions.
+
+    `batches` (lists of indices covering every pair once): the packed batches it is computed in; default, sorted by
+    length (the order `dpo_evaluate` reads a split in). Why it matters: a pair's float32 sums depend on the rows
+    packed beside it (the padding, the kernels' blocking), by ~1e-6. At DPO's first step the policy is the reference,
+    so every reward margin of eq. (38) is 0 only if the policy's log-probs are the cache's bit for bit; for the
+    training split, pass `first_epoch_batches(pairs, batch_size, seed)`, and the first step (one process, one
+    micro-batch) packs the identical tensor the cache did: loss ln 2 and accuracy 0 exactly. Under torchrun or with
+    --grad-accum K each rank packs its share of a batch, in pieces: those steps are equal up to rounding only.
     """
 
-    def __init__(self, reference, pairs, pad_id: int, batch_size: int = 8, keep_hidden: bool = True):
+    def __init__(self, reference, pairs, pad_id: int, batch_size: int = 8, keep_hidden: bool = True, batches=None):
         self.head_weight = reference.lm_head.weight.detach()
         n = len(pairs)
+        if batches is None:
+            batches = evaluation_batches(pairs, batch_size)
+        elif sorted(i for idx in batches for i in idx) != list(range(n)):
+            raise ValueError(f"ReferenceCache: the batches must hold each of the {n} pairs' indices once; pass "
+                             "first_epoch_batches(pairs, ...) or leave batches out (by length)")
         dtype = torch.promote_types(self.head_weight.dtype, torch.float32)
         self.chosen, self.rejected = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
         self.hidden_chosen, self.hidden_rejected = [None] * n, [None] * n
         device = self.head_weight.device
         with torch.no_grad():
-            for idx in length_grouped_batches([p.packed_length for p in pairs], batch_size, 0, shuffle=False):
+            for idx in batches:
                 batch = packed_pairs_batch([pairs[i] for i in idx], pad_id).to(device)
                 with autocast(device):
                     h = batch_hidden_states(reference, batch)[batch.rows, batch.cols]  # (N, C)

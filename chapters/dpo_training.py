@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from chapters.distributed import Dist, call, in_batch_order, rank_share, unwrapped, wrap
-from chapters.dpo_step import autocast, fast_dpo_loss, sequence_logprobs
+from chapters.dpo_step import autocast, dpo_batches, evaluation_batches, fast_dpo_loss, sequence_logprobs
 from chapters.preference_data import length_grouped_batches
 from chapters.reference_store import pairs_sha256
 from chapters.rows import packed_pairs_batch, rows_batch
@@ -157,7 +157,7 @@ def dpo_evaluate(policy, pairs, cache, beta: float, *, batch_size: int, device, 
     every N-th batch and the sums run over the gathered batches in their order."""
     d = dist or Dist()
     policy.eval()
-    batches = length_grouped_batches([p.packed_length for p in pairs], batch_size, 0, shuffle=False)
+    batches = evaluation_batches(pairs, batch_size)  # a default-built cache's order: epoch 0 is exact too
     with torch.no_grad():
         mine = [(len(idx), call(policy, step, pairs, idx, cache, beta, device, pad_id)[1], kept)
                 for idx, kept in rank_share(batches, d)]
@@ -173,7 +173,10 @@ def dpo_evaluate(policy, pairs, cache, beta: float, *, batch_size: int, device, 
 def train_dpo(sft_model, train, val, caches, beta: float, *, epochs: int, lr: float, batch_size: int, seed: int,
               device, pad_id: int, step=dpo_step, scale: Scale = None):
     """Report eq. (38) minimised from π_θ = π_SFT with π_ref = π_SFT frozen (`caches` "train" and "validation" hold
-    it); returns the policy, one row per step and rows per epoch (epoch 0: validation before training)."""
+    it); returns the policy, one row per step and rows per epoch (epoch 0: validation before training).
+
+    A train cache built in `first_epoch_batches(train, batch_size, seed)` (`Scale.reference_caches(..., seed=)`)
+    makes the first step exact when the policy starts at the reference: loss ln 2, every margin 0."""
     scale, phase = scale or Scale(), f"dpo_beta_{beta:g}"
     fingerprint = _fingerprint(scale, phase, sft_model, train, beta=beta, lr=lr, epochs=epochs, seed=seed,
                                step=_name(step))
@@ -183,8 +186,7 @@ def train_dpo(sft_model, train, val, caches, beta: float, *, epochs: int, lr: fl
         print(f"DPO β={beta}: finished by an earlier run; policy from {scale.model_folder(phase)}/")
         return load_gpt2(scale.model_folder(phase)).to(device), done["steps"], done["epochs"]
     policy = copy.deepcopy(sft_model).requires_grad_(True)  # every β starts from the same SFT weights
-    lengths = [p.packed_length for p in train]
-    batches = lambda epoch: length_grouped_batches(lengths, batch_size, seed + epoch)
+    batches = dpo_batches(train, batch_size, seed)  # the train cache's order too (`first_epoch_batches`)
     engine, opt, schedule, run = _run(scale, phase, policy, fingerprint, lr=lr, weight_decay=0.0, device=device,
                                       epochs=epochs, batches=batches)
     settings = dict(batch_size=batch_size, device=device, pad_id=pad_id, step=step, dist=scale.dist)

@@ -6,10 +6,11 @@
 The file holds `chapters.dpo_step.ReferenceCache`'s tensors (log π_ref of each chosen and rejected response and
 the reference's final hidden states at the response positions) and, in its metadata, a fingerprint: the reference
 weights' sha256, the tokenizer, the data split (every pair's tokens), --max-length, the row layout and how it was
-computed (device type, autocast dtype, batch size). A file whose fingerprint differs is refused with one line,
+computed (device type, autocast dtype, batch size, the order of its batches: "by length", or the training split's
+"training epoch 1 of seed S", see `ReferenceCache`). A file whose fingerprint differs is refused with one line,
 and rebuilt when asked (`rebuild=True`, --rebuild-reference-cache) or when the run is a fresh one (`rebuild_stale`:
 a run without --resume recomputes what it cannot reuse). Under torchrun each rank builds the cache of its share of
-the pairs; the parts are gathered in memory, rank 0 alone writes the one file.
+the pairs, by length; the parts are gathered in memory, rank 0 alone writes the one file.
 """
 import hashlib
 import json
@@ -18,11 +19,24 @@ from pathlib import Path
 import torch
 
 from chapters.distributed import Dist
-from chapters.dpo_step import ReferenceCache
+from chapters.dpo_step import ReferenceCache, first_epoch_batches
 from chapters.plotting import atomic_open
 from chapters.train_state import fingerprint_difference, tensors_sha256
 
 LAYOUT = "packed prompt+chosen+rejected rows (chapters.rows.packed_pairs_batch), v1"
+BY_LENGTH = "by length"
+
+
+def build_order(pairs, batch_size: int, seed: int = None, dist: Dist = None):
+    """(the order's name for the fingerprint, `ReferenceCache`'s batches) of a cache of `pairs`.
+
+    `seed` (the training split's, one process): the batches of `train_dpo`'s first epoch, so that its first step
+    reads the policy's log-probs exactly as the cache did. Else, or under torchrun (each rank builds its share of the
+    pairs), by length: equal up to rounding only.
+    """
+    if seed is None or (dist is not None and dist.active):
+        return BY_LENGTH, None
+    return f"training epoch 1 of seed {seed}", first_epoch_batches(pairs, batch_size, seed)
 
 
 def pairs_sha256(pairs) -> str:
@@ -33,15 +47,16 @@ def pairs_sha256(pairs) -> str:
     return h.hexdigest()
 
 
-def reference_fingerprint(reference, pairs, *, max_length: int, batch_size: int) -> dict:
-    """What a saved cache must have been computed from to be reused."""
+def reference_fingerprint(reference, pairs, *, max_length: int, batch_size: int, order: str = BY_LENGTH) -> dict:
+    """What a saved cache must have been computed from to be reused (`order`: `build_order`'s name; `cached_reference`
+    puts in the one it builds in)."""
     from gpt.tokenizer import BPE_FILES
     device = reference.lm_head.weight.device
     return {"reference_sha256": tensors_sha256(reference.state_dict()),
             "tokenizer": "gpt2 BPE " + " ".join(sha for _, sha in BPE_FILES.values()),
             "pairs_sha256": pairs_sha256(pairs), "n_pairs": len(pairs), "max_length": max_length, "layout": LAYOUT,
             "device_type": device.type, "autocast": "bfloat16" if device.type == "cuda" else "none",
-            "batch_size": batch_size}
+            "batch_size": batch_size, "order": order}
 
 
 def _tensors(cache: ReferenceCache) -> dict:
@@ -101,13 +116,18 @@ def _join(parts: list, order: list) -> dict:
 
 
 def cached_reference(path, reference, pairs, pad_id: int, *, batch_size: int, fingerprint: dict, dist: Dist = None,
-                     rebuild: bool = False, rebuild_stale: bool = False, verbose: bool = True) -> ReferenceCache:
+                     seed: int = None, rebuild: bool = False, rebuild_stale: bool = False,
+                     verbose: bool = True) -> ReferenceCache:
     """The ReferenceCache of `pairs`: read from `path` when its fingerprint matches, else built and saved there.
 
-    A file with another fingerprint, or not a cache at all, is refused (ValueError, one line) unless `rebuild`
-    (build without reading) or `rebuild_stale` (build instead of refusing, and say so).
+    `seed`: build it in `train_dpo`'s first-epoch batches of that seed (`build_order`); the fingerprint's "order"
+    says which order, so a file built in another one is stale. A file with another fingerprint, or not a cache at
+    all, is refused (ValueError, one line) unless `rebuild` (build without reading) or `rebuild_stale` (build instead
+    of refusing, and say so).
     """
     path, dist = Path(path), dist or Dist()
+    order, batches = build_order(pairs, batch_size, seed, dist)
+    fingerprint = {**fingerprint, "order": order}
     if path.is_file() and not rebuild:
         try:
             saved, tensors = _read(path)
@@ -125,7 +145,7 @@ def cached_reference(path, reference, pairs, pad_id: int, *, batch_size: int, fi
                 print(f"reference cache: {path} (fingerprint matches; reused)")
             return from_tensors(tensors, reference.lm_head.weight)
     mine = list(range(dist.rank, len(pairs), dist.world))
-    cache = ReferenceCache(reference, [pairs[i] for i in mine], pad_id, batch_size)
+    cache = ReferenceCache(reference, [pairs[i] for i in mine], pad_id, batch_size, batches=batches)
     if dist.active:  # every rank gets every part (no file but rank 0's), and joins them
         tensors = _join(dist.gather(_tensors(cache)), [list(range(r, len(pairs), dist.world)) for r in range(dist.world)])
         cache = from_tensors(tensors, reference.lm_head.weight)

@@ -28,7 +28,7 @@ from pathlib import Path
 from chapters import distributed
 from chapters.dpo_step import ReferenceCache
 from chapters.plotting import atomic_open
-from chapters.reference_store import cached_reference, reference_fingerprint
+from chapters.reference_store import build_order, cached_reference, reference_fingerprint
 from chapters.train_state import DECAYS, fingerprint_difference, save_gpt2
 from gpt.cli import nonnegative_int, positive_int
 
@@ -115,16 +115,24 @@ class Scale:
                       "there no longer count (to continue a run, give --resume)")
         self.dist.barrier()
 
-    def reference_caches(self, reference, pairs: dict, pad_id: int, batch_size: int, max_length: int) -> dict:
-        """ReferenceCache of each split in `pairs`: built in memory without a folder, else through the disk."""
+    def reference_caches(self, reference, pairs: dict, pad_id: int, batch_size: int, max_length: int,
+                         seed: int = None) -> dict:
+        """ReferenceCache of each split in `pairs`: built in memory without a folder, else through the disk.
+
+        `seed` (train_dpo's): the "train" split's cache is built in the batches of its first epoch, so that the first
+        step, with the policy at the reference, gives eq. (38)'s ln 2 and margins of exactly 0 (one process, one
+        micro-batch; `chapters.reference_store.build_order`). Other splits stay by length, as `dpo_evaluate` reads them.
+        """
         caches = {}
         for split, ps in pairs.items():
+            split_seed = seed if split == "train" else None
             if self.folder is None:
-                caches[split] = ReferenceCache(reference, ps, pad_id, batch_size)
+                _, batches = build_order(ps, batch_size, split_seed, self.dist)
+                caches[split] = ReferenceCache(reference, ps, pad_id, batch_size, batches=batches)
                 continue
             fp = reference_fingerprint(reference, ps, max_length=max_length, batch_size=batch_size)
             caches[split] = cached_reference(self.folder / f"reference_{split}.safetensors", reference, ps, pad_id,
-                                             batch_size=batch_size, fingerprint=fp, dist=self.dist,
+                                             batch_size=batch_size, fingerprint=fp, dist=self.dist, seed=split_seed,
                                              rebuild=self.rebuild_reference, rebuild_stale=not self.resume)
         return caches
 

@@ -263,6 +263,77 @@ def test_dpo_training_keeps_the_reference_frozen_and_each_beta_starts_from_sft(p
     assert np.allclose(firsts, math.log(2), atol=1e-6)  # the second β did not continue from the first's policy
 
 
+V_SMALL = 512  # the tests below fold GPT-2's token ids into a 512-token vocabulary: a head 100× cheaper
+
+
+@pytest.fixture(scope="module")
+def many_pairs(entries):
+    """200 training pairs: at 8 pairs a batch, two shuffled windows of 16 batches (`length_grouped_batches`), so
+    training's batches are not the sorted ones; token ids folded below V_SMALL."""
+    if entries is None:
+        pytest.skip("data set missing")
+    fold = lambda ids: [t % V_SMALL for t in ids]
+    return [pdata.Pair(p.index, fold(p.prompt), fold(p.chosen), fold(p.rejected))
+            for p in pdata.tokenize(entries, pdata.split(len(entries))["train"][:200], get_tokenizer(), EOS_ID)]
+
+
+def _sft_like(seed):
+    """A float32 model in the state DPO starts from: dropout trained with, then switched off (`disable_dropout`)."""
+    from chapters.miniature import disable_dropout
+    torch.manual_seed(seed)
+    config = GPTConfig.tiny(vocab_size=V_SMALL, n_positions=512, n_embd=64, n_layer=1, n_head=1, dropout=0.1)
+    return disable_dropout(GPT(config).eval()).requires_grad_(False)
+
+
+@needs_data
+def test_train_cache_in_the_first_epochs_batches_makes_the_first_step_exactly_ln2_with_zero_margins(many_pairs):
+    """At the first step the policy is the reference: a margin is 0 only if the policy's float32 log-probs are the
+    cache's bit for bit, i.e. computed on the same packed rows (attention's sums over a row depend on its padding).
+    The control: for a training seed whose first batch a cache in sorted order rounds otherwise (a few % of the
+    pairs are, here), the cache in the first epoch's batches still gives exactly ln 2 and margins of 0."""
+    from chapters.dpo_step import evaluation_batches, first_epoch_batches
+    from chapters.scaled_run import Scale
+    ps, size, pad, val = many_pairs, 8, EOS_ID % V_SMALL, many_pairs[:16]
+    sft = _sft_like(8)
+    policy = copy.deepcopy(sft).requires_grad_(True).train()  # as train_dpo's first step runs it
+
+    def margins(cache, idx):  # eq. (38)'s reward margins / β of the batch idx, per pair
+        logps, _ = sequence_logprobs(policy, packed_pairs_batch([ps[i] for i in idx], pad))
+        ref_c, ref_r, _ = cache.get(idx)
+        return (logps[:len(idx)] - ref_c) - (logps[len(idx):] - ref_r)
+    by_length = ReferenceCache(sft, ps, pad, size)  # the order caches were built in before
+    seed = next((s for s in range(60) if margins(by_length, first_epoch_batches(ps, size, s)[0]).abs().max() > 0), None)
+    assert seed is not None, "no seed in 0..59 whose first batch a cache in sorted order rounds otherwise"
+    first = first_epoch_batches(ps, size, seed)[0]
+    assert first not in evaluation_batches(ps, size)  # not the rows of any sorted batch
+    caches = Scale().reference_caches(sft, {"train": ps, "validation": val}, pad, size, 512, seed=seed)
+    assert torch.equal(margins(caches["train"], first), torch.zeros(size))
+    _, steps, epochs = train_dpo(sft, ps, val, caches, 0.1, epochs=1, lr=1e-3, batch_size=size, seed=seed,
+                                 device="cpu", pad_id=pad)
+    ln2 = torch.log(torch.tensor(2.0)).item()  # float32's ln 2
+    assert steps[0]["loss"] == ln2 and steps[0]["rewards/margins"] == 0.0 and steps[0]["rewards/accuracies"] == 0.0
+    # epoch 0's validation reads the split in sorted batches, the validation cache's order: exact as well
+    assert epochs[0]["loss"] == ln2 and epochs[0]["rewards/margins"] == 0.0 and epochs[0]["rewards/accuracies"] == 0.0
+
+
+@needs_data
+def test_a_cache_built_in_another_order_is_stale(many_pairs, tmp_path):
+    from chapters import reference_store
+    sft, path = _sft_like(9), tmp_path / "reference_train.safetensors"
+    fp = reference_store.reference_fingerprint(sft, many_pairs, max_length=512, batch_size=8)
+    build = lambda seed: reference_store.cached_reference(path, sft, many_pairs, 0, batch_size=8, fingerprint=fp,
+                                                          seed=seed, verbose=False)
+    by_seed = build(0)
+    with pytest.raises(ValueError, match=r"stale \(order: 'training epoch 1 of seed 0' there, 'by length' here\)"):
+        build(None)
+    with pytest.raises(ValueError, match=r"stale \(order: 'training epoch 1 of seed 0' there, 'training epoch 1 of "
+                                         r"seed 1' here\)"):
+        build(1)
+    assert torch.equal(build(0).get([3])[0], by_seed.get([3])[0])  # the same order: reused
+    with pytest.raises(ValueError, match="must hold each of the 200 pairs' indices once"):
+        ReferenceCache(sft, many_pairs, 0, 8, batches=[[0, 1]])
+
+
 # ---------------------------------------------------------------- win rates
 
 def test_win_rate_counts_ties_as_half():
