@@ -67,8 +67,8 @@ class Linear(nn.Linear):
     Decoding multiplies one row per sequence by every weight matrix. For a single row PyTorch's CPU kernel (a
     matrix-vector product) uses one core, and for a few rows its matrix product is far from what the cores can
     stream. Cut into one slice of output rows per thread, the same sums run on all cores as a batched product over
-    views of the same weights (no copy; bench/bench_gpt2.py measures it). Training's products have many rows and
-    take nn.Linear's path.
+    views of the same weights (no copy), the bias added inside it (`baddbmm`); bench/bench_gpt2.py measures it.
+    Training's products have many rows and take nn.Linear's path.
     """
     DECODE_ROWS = 32  # at most this many rows take the sliced path
 
@@ -78,11 +78,15 @@ class Linear(nn.Linear):
             return super().forward(x)
         k = self.out_features // n  # outputs per thread; the few left over get a product of their own
         sliced = self.weight[: n * k].view(n, k, self.in_features)  # (n, k, in): a view, no copy
-        x2 = x.reshape(1, rows, self.in_features)  # (1, r, in)
-        y = torch.bmm(x2.expand(n, -1, -1), sliced.transpose(1, 2))  # (n, r, k)
-        y = torch.cat([y.transpose(0, 1).reshape(rows, n * k), x2[0] @ self.weight[n * k:].t()], dim=1)  # (r, out)
-        if self.bias is not None:
-            y = y + self.bias
+        x2 = x.reshape(1, rows, self.in_features).expand(n, -1, -1)  # (n, r, in)
+        if self.bias is None:
+            y = torch.bmm(x2, sliced.transpose(1, 2))  # (n, r, k)
+        else:
+            y = torch.baddbmm(self.bias[: n * k].view(n, 1, k), x2, sliced.transpose(1, 2))  # (n, r, k)
+        y = y.transpose(0, 1).reshape(rows, n * k)  # (r, n·k)
+        if n * k < self.out_features:
+            bias = None if self.bias is None else self.bias[n * k:]
+            y = torch.cat([y, F.linear(x2[0], self.weight[n * k:], bias)], dim=1)  # (r, out)
         return y.view(*x.shape[:-1], self.out_features)
 
 
