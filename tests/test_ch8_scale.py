@@ -106,13 +106,16 @@ def _worker(rank, world, port, out, pairs):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """One spawn of 2 gloo processes over loopback: a DDP run (K = 2 micro-batches a rank), an FSDP2 run, a cache."""
+    """2 gloo processes over loopback: a DDP run (K = 2 micro-batches a rank), an FSDP2 run, a cache. Forked, not
+    spawned: a spawned child imports torch, transformers and this module again (~5-10 s of the suite on 2 cores).
+    No process group exists before the fork, and each child runs torch on one thread (as chapter 7's forked sweep
+    workers do), so it never enters the thread pool the parent may have used."""
     out = tmp_path_factory.mktemp("two")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     pairs = tiny_pairs()
-    mp.spawn(_worker, args=(2, port, str(out), pairs), nprocs=2, join=True)
+    mp.start_processes(_worker, args=(2, port, str(out), pairs), nprocs=2, join=True, start_method="fork")
     return pairs, torch.load(out / "results.pt", weights_only=False)
 
 
