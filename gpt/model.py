@@ -62,32 +62,25 @@ class Unpadded(NamedTuple):
 
 
 class Linear(nn.Linear):
-    """nn.Linear, except that a product with a few rows (decoding's) runs as one batched product of output slices.
+    """nn.Linear, except that a CPU product needing no gradient runs on oneDNN's inner product.
 
-    Decoding multiplies one row per sequence by every weight matrix. For a single row PyTorch's CPU kernel (a
-    matrix-vector product) uses one core, and for a few rows its matrix product is far from what the cores can
-    stream. Cut into one slice of output rows per thread, the same sums run on all cores as a batched product over
-    views of the same weights (no copy), the bias added inside it (`baddbmm`); bench/bench_gpt2.py measures it.
-    Training's products have many rows and take nn.Linear's path.
+    PyTorch's CPU matrix products go to MKL. For GPT-2's shapes oneDNN's inner product (the kernel torch.compile
+    picks for a CPU linear layer, `torch.ops.mkldnn._linear_pointwise`) is faster: decoding's single row runs on
+    every core (MKL's matrix-vector product uses one), and a forward pass's many rows run nearer the cores' peak
+    (on the AMD EPYC this project is measured on, about twice MKL's speed). It has no backward, so products that
+    need a gradient keep nn.Linear's path, and so do small ones, where its fixed cost of some 20 µs a call is more
+    than it saves. Same sums in another order: values agree to float32 rounding. bench/bench_gpt2.py measures it.
     """
-    DECODE_ROWS = 32  # at most this many rows take the sliced path
+    ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ONEDNN_MIN_WEIGHT = 2 ** 19  # weights this large pay its fixed cost (GPT-2's smallest is 768 x 768)
 
     def forward(self, x):
-        n, rows = torch.get_num_threads(), x.shape[:-1].numel()
-        if x.device.type != "cpu" or rows > self.DECODE_ROWS or n == 1:
-            return super().forward(x)
-        k = self.out_features // n  # outputs per thread; the few left over get a product of their own
-        sliced = self.weight[: n * k].view(n, k, self.in_features)  # (n, k, in): a view, no copy
-        x2 = x.reshape(1, rows, self.in_features).expand(n, -1, -1)  # (n, r, in)
-        if self.bias is None:
-            y = torch.bmm(x2, sliced.transpose(1, 2))  # (n, r, k)
-        else:
-            y = torch.baddbmm(self.bias[: n * k].view(n, 1, k), x2, sliced.transpose(1, 2))  # (n, r, k)
-        y = y.transpose(0, 1).reshape(rows, n * k)  # (r, n·k)
-        if n * k < self.out_features:
-            bias = None if self.bias is None else self.bias[n * k:]
-            y = torch.cat([y, F.linear(x2[0], self.weight[n * k:], bias)], dim=1)  # (r, out)
-        return y.view(*x.shape[:-1], self.out_features)
+        if (self.ONEDNN and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+                and self.weight.numel() >= self.ONEDNN_MIN_WEIGHT and not torch.is_autocast_enabled("cpu")
+                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                         for t in (x, self.weight, self.bias)))):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
 
 
 class CausalSelfAttention(nn.Module):

@@ -101,21 +101,35 @@ def test_kv_cache_refuses_to_overflow(tiny):
         tiny(torch.zeros(1, 5, dtype=torch.long), cache=cache)
 
 
-@pytest.mark.parametrize("rows, out_features, bias", [(1, 96, True), (1, 97, False), (16, 97, True), (32, 96, False),
-                                                      (33, 96, True)])  # 97: outputs left over; 33: nn.Linear's path
-def test_few_row_product_equals_nn_linear_in_value_and_gradient(rows, out_features, bias):
-    """gpt.model.Linear computes up to DECODE_ROWS rows as a batched product of output slices (decoding's path)."""
-    layer = Linear(32, out_features, bias=bias)
-    x = torch.randn(rows, 1, 32, requires_grad=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the sliced path needs more than one thread
-    try:
-        y = layer(x)
-    finally:
-        torch.set_num_threads(threads)
-    y_ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=0)
-    grads = torch.autograd.grad(y.square().sum(), [x, layer.weight])
-    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, layer.weight])
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=0)
+def ops_run(fn):
+    """(fn's result, the names of the operators it ran), from torch.profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, {event.name for event in prof.events()}
+
+
+@pytest.mark.skipif(not Linear.ONEDNN, reason="this torch build has no oneDNN inner product")
+@pytest.mark.parametrize("rows, bias", [(1, True), (16, False), (300, True)])  # decoding, batched decoding, a forward
+def test_product_without_gradient_runs_on_onednn_and_equals_nn_linear(rows, bias):
+    """gpt.model.Linear's inference path: oneDNN's inner product, same values as nn.Linear to float32 rounding
+    (768-term sums of terms of size ~1 summed in another order: 1e-5 is some 50 roundings of 2e-7)."""
+    layer = Linear(768, 768, bias=bias)  # 589,824 weights: GPT-2's smallest product, over ONEDNN_MIN_WEIGHT
+    x = torch.randn(rows, 1, 768)
+    with torch.no_grad():
+        y, ops = ops_run(lambda: layer(x))
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=0)
+    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops
+
+
+@pytest.mark.parametrize("size, grad", [(768, True), (32, False)])
+def test_product_needing_a_gradient_or_small_takes_nn_linear_and_its_gradient(size, grad):
+    """oneDNN's inner product has no backward, and a small product costs less than its fixed set-up."""
+    layer = Linear(size, size)
+    x = torch.randn(4, size, requires_grad=True)
+    with torch.set_grad_enabled(grad):
+        y, ops = ops_run(lambda: layer(x))
+    assert "mkldnn::_linear_pointwise" not in ops
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
+    if grad:
+        torch.testing.assert_close(torch.autograd.grad(y.sum(), layer.weight)[0], x.sum(0).detach().expand(size, -1),
+                                   atol=1e-5, rtol=0)
