@@ -17,7 +17,12 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from chapters.ch10_dpo_family import kto_loss, kto_reference_point, orpo_loss, preference_loss  # noqa: E402
+from chapters.ch10_dpo_family.losses import (  # noqa: E402
+    kto_loss,
+    kto_reference_point,
+    orpo_loss,
+    preference_loss,
+)
 from gpt.cli import positive_int, run  # noqa: E402
 
 PROMPT = 3  # prompt tokens in every stand-in row

@@ -23,11 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chapters import preference_data as pdata  # noqa: E402
-from chapters.dpo_step import ReferenceCache, autocast, fast_dpo_loss, plain_dpo_loss  # noqa: E402
-from chapters.rows import packed_pairs_batch, unpacked_pairs_batch  # noqa: E402
-from gpt.cli import nonnegative_int, positive_float, positive_int, run  # noqa: E402
+from chapters.ch8_instruction_dpo import data as pdata  # noqa: E402
+from chapters.ch8_instruction_dpo.dpo_step import (  # noqa: E402
+    ReferenceCache,
+    autocast,
+    fast_dpo_loss,
+    plain_dpo_loss,
+)
+from chapters.common.rows import packed_pairs_batch, unpacked_pairs_batch  # noqa: E402
 from gpt import get_tokenizer, load_gpt2  # noqa: E402
+from gpt.cli import nonnegative_int, positive_float, positive_int, run  # noqa: E402
 from gpt.config import PRESETS  # noqa: E402
 from gpt.tokenizer import EOS_ID, bpe_files_dir  # noqa: E402
 

@@ -31,12 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_dpo_step as cpu_bench  # noqa: E402 (its helpers import transformers and trl only when called)
-from chapters import distributed  # noqa: E402
-from chapters import preference_data as pdata  # noqa: E402
-from chapters.dpo_step import ReferenceCache, autocast, fast_dpo_loss, plain_dpo_loss  # noqa: E402
-from chapters.plotting import atomic_open  # noqa: E402
-from chapters.rows import packed_pairs_batch  # noqa: E402
-from chapters.train_loop import _step  # noqa: E402
+
+from chapters.ch8_instruction_dpo import data as pdata  # noqa: E402
+from chapters.ch8_instruction_dpo.dpo_step import (  # noqa: E402
+    ReferenceCache,
+    autocast,
+    fast_dpo_loss,
+    plain_dpo_loss,
+)
+from chapters.common.files import atomic_open  # noqa: E402
+from chapters.common.rows import packed_pairs_batch  # noqa: E402
+from chapters.training import distributed  # noqa: E402
+from chapters.training.loop import _step  # noqa: E402
 from gpt import GPT, GPTConfig, get_tokenizer  # noqa: E402
 from gpt.cli import Unavailable, positive_float, positive_int, run  # noqa: E402
 from gpt.config import PRESETS  # noqa: E402

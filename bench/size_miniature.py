@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from chapters import miniature as mini  # noqa: E402
-from chapters import preference_data as pdata  # noqa: E402
-from chapters.dpo_training import sft_evaluate, train_sft  # noqa: E402
+from chapters.ch8_instruction_dpo import data as pdata  # noqa: E402
+from chapters.ch8_instruction_dpo import miniature as mini  # noqa: E402
+from chapters.ch8_instruction_dpo.trainers import sft_evaluate, train_sft  # noqa: E402
 from gpt import get_tokenizer  # noqa: E402
 from gpt.cli import nonnegative_float, positive_float, positive_int, run  # noqa: E402
 from gpt.tokenizer import EOS_ID  # noqa: E402

@@ -1,10 +1,4 @@
 """The report's argument as code, one module per step, run in this order by `python -m chapters`."""
-from contextlib import contextmanager
-
-import torch
-
-from gpt.cli import Unavailable
-
 CHAPTERS = [
     "ch1_preference_models",
     "ch2_reward_model",
@@ -26,22 +20,3 @@ LONG_CHAPTERS = {
     "ch8_instruction_dpo": "no short form (minutes with --miniature, hours on GPT-2's weights); "
                            "python -m chapters.ch8_instruction_dpo --smoke runs its whole pipeline in under a minute",
 }
-
-
-class ChapterSkipped(Unavailable):
-    """Raised by a chapter's `main` when this machine lacks what it needs; the message is one line saying what to do."""
-
-
-@contextmanager
-def one_thread():
-    """Run torch on one thread inside the block, then restore the setting.
-
-    The chapters' models are tiny: a second thread only adds synchronisation (measured 10-30x slower on
-    a busy 2-core machine), and one thread also makes float sums repeatable whatever the core count.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -21,9 +21,10 @@ import tempfile
 import time
 import traceback
 
-from chapters import CHAPTERS, LONG_CHAPTERS, QUICK_CHAPTERS, ChapterSkipped
-from chapters.frontier_sweeps import available_cores
-from chapters.plotting import check_writable
+from chapters import CHAPTERS, LONG_CHAPTERS, QUICK_CHAPTERS
+from chapters.ch8_instruction_dpo.miniature import weights_cached
+from chapters.common.files import check_writable
+from chapters.common.runtime import ChapterSkipped, available_cores
 from gpt.cli import run
 
 ONE_THREAD = "ch8_instruction_dpo"  # on one thread whenever it runs the miniature (no GPT-2 weights cached)
@@ -34,7 +35,7 @@ def run_chapter(name, quick):
     chapter_args = ["--quick"] if quick and name in QUICK_CHAPTERS else []
     print(f"\n=== {name} {' '.join(chapter_args)}".rstrip(), flush=True)
     try:
-        importlib.import_module(f"chapters.{name}").main(chapter_args)
+        importlib.import_module(f"chapters.{name}.__main__").main(chapter_args)
         return "ok", ""
     except ChapterSkipped as e:
         return "skipped", str(e)
@@ -87,7 +88,6 @@ def runs_beside(names, args) -> list:
     chapters are to run meanwhile, and this machine has a core to spare."""
     if args.serial or args.quick or ONE_THREAD not in names or len(names) < 2 or available_cores() < 2:
         return []
-    from chapters.miniature import weights_cached
     return [] if weights_cached("gpt2-medium") else [ONE_THREAD]
 
 

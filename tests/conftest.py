@@ -5,7 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import chapters  # noqa: E402
+from chapters.common.runtime import one_thread as _one_thread  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +18,6 @@ def _seed_and_plots_dir(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models run on one thread (see chapters.one_thread), for the rest of the test module."""
-    with chapters.one_thread():
+    """Tiny models run on one thread (see chapters.common.runtime.one_thread), for the rest of the test module."""
+    with _one_thread():
         yield

@@ -424,20 +424,20 @@ def test_argparse_types_accept_their_range_and_refuse_the_rest(name, good, bad):
 
 
 def test_interrupted_figure_leaves_neither_the_png_nor_a_temporary_file(tmp_path, monkeypatch):
-    from chapters import plotting
-    fig, _ = plotting.plt.subplots()
+    from chapters.common.figures import plt, save_figure
+    fig, _ = plt.subplots()
 
     def interrupted_savefig(f, **kw):
         f.write(b"\x89PNG half a figure")
         raise KeyboardInterrupt
     monkeypatch.setattr(fig, "savefig", interrupted_savefig)
     with pytest.raises(KeyboardInterrupt):
-        plotting.save_figure(fig, tmp_path / "fig.png")
+        save_figure(fig, tmp_path / "fig.png")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_table_write_keeps_the_previous_table_whole(tmp_path):
-    from chapters.plotting import atomic_open
+    from chapters.common.files import atomic_open
     table = tmp_path / "table.csv"
     table.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="bad row"), atomic_open(table) as f:

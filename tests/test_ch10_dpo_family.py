@@ -11,13 +11,29 @@ import numpy as np
 import pytest
 import torch
 
-from chapters.ch10_dpo_family import kto_loss, kto_reference_point, orpo_loss, preference_loss, simpo_optimal_policy
-from chapters.ch4_dpo import dpo_loss, preference_probabilities
-from chapters.ch7_frontier import dpo_batch_loss
-from chapters.family_frontier import add_mismatched, family_batch_loss, train_and_place
-from chapters.family_optima import (deterministic_labels, flip_labels, hinge_minimiser, kto_minimiser, kto_table_loss,
-                                    minimise_pairs, newton_minimise, pair_table_loss, tabular_problem, unpaired)
-from chapters.frontier_task import frontier_reward, logprob, reference_and_pairs
+from chapters.ch4_dpo.loss import dpo_loss, preference_probabilities
+from chapters.ch7_frontier.methods import dpo_batch_loss
+from chapters.ch7_frontier.task import frontier_reward, logprob, reference_and_pairs
+from chapters.ch10_dpo_family.frontier import add_mismatched, family_batch_loss, train_and_place
+from chapters.ch10_dpo_family.losses import (
+    kto_loss,
+    kto_reference_point,
+    orpo_loss,
+    preference_loss,
+    simpo_optimal_policy,
+)
+from chapters.ch10_dpo_family.optima import (
+    deterministic_labels,
+    flip_labels,
+    hinge_minimiser,
+    kto_minimiser,
+    kto_table_loss,
+    minimise_pairs,
+    newton_minimise,
+    pair_table_loss,
+    tabular_problem,
+    unpaired,
+)
 
 F64 = dict(dtype=torch.float64)
 pytestmark = pytest.mark.usefixtures("one_thread")

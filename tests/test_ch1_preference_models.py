@@ -7,13 +7,12 @@ import pytest
 import torch
 from scipy import stats
 
-from chapters import plotting
-from chapters.ch1_preference_models import (
+from chapters.ch1_preference_models.__main__ import main
+from chapters.ch1_preference_models.probabilities import (
     bradley_terry,
     bt_from_plackett_luce_steps,
     christiano_loss,
     christiano_predictor,
-    main,
     plackett_eq10_steps,
     plackett_luce,
     plackett_luce_logprob,
@@ -23,6 +22,7 @@ from chapters.ch1_preference_models import (
     preference_database,
     sample_rankings,
 )
+from chapters.common.files import plots_dir
 
 F64 = torch.float64
 
@@ -250,6 +250,6 @@ def test_script_prints_claims_and_writes_figures(capsys):
     out = capsys.readouterr().out
     assert "chi-square vs eq. (11)" in out and "eq. (16) bradley_terry" in out
     for name in ("ch1_bradley_terry_and_loss", "ch1_plackett_luce_frequencies"):
-        assert (plotting.plots_dir() / f"{name}.png").stat().st_size > 10_000
+        assert (plots_dir() / f"{name}.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="error: --samples"):
         main(["--samples", "5"])

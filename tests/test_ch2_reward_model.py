@@ -6,12 +6,11 @@ import pytest
 import torch
 
 import gpt
-from chapters import plotting
-from chapters.ch2_reward_model import (
+from chapters.ch2_reward_model.__main__ import main
+from chapters.ch2_reward_model.bradley_terry import (
     bt_probability,
     bt_sigmoid_steps,
     fit_bt_rewards,
-    main,
     normalize_rewards,
     preference_likelihood,
     preference_nll,
@@ -20,7 +19,7 @@ from chapters.ch2_reward_model import (
     sample_bt_comparisons,
     sigmoid,
 )
-from chapters.reward_model import (
+from chapters.ch2_reward_model.reward_head import (
     PreferencePairs,
     RewardModel,
     count_task_pairs,
@@ -28,6 +27,7 @@ from chapters.reward_model import (
     pair_rewards,
     train_reward_model,
 )
+from chapters.common.files import plots_dir
 
 F64 = torch.float64
 
@@ -210,7 +210,7 @@ def test_script_prints_claims_and_writes_figures(capsys):
     out = capsys.readouterr().out
     assert "eq. (23) vs chapter 1's eq. (16)" in out and "centred RMSE" in out and "held-out pairs" in out
     for name in ("ch2_mle_recovery", "ch2_reward_model"):
-        assert (plotting.plots_dir() / f"{name}_quick.png").stat().st_size > 10_000
+        assert (plots_dir() / f"{name}_quick.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["--rm-steps", "0"])
     assert "--rm-steps: must be at least 1, got 0" in capsys.readouterr().err

@@ -7,13 +7,13 @@ import pytest
 import torch
 from scipy.optimize import brentq
 
-from chapters.ch4_dpo import (
+from chapters.ch4_dpo.__main__ import main
+from chapters.ch4_dpo.loss import (
     dpo_gradient,
     dpo_loss,
     dpo_metrics,
     fit_tabular_dpo,
     implicit_reward,
-    main,
     plackett_luce_dpo_loss,
     preference_counts,
     preference_probabilities,
@@ -22,7 +22,7 @@ from chapters.ch4_dpo import (
     tabular_dpo_loss,
     unshifted_logprobs,
 )
-from chapters.rows import prompt_response_rows
+from chapters.common.rows import prompt_response_rows
 
 LN2 = math.log(2)
 F64 = dict(dtype=torch.float64)

@@ -5,9 +5,20 @@ import pytest
 import torch
 
 import gpt
-from chapters import ch6_ppo, markov_task, ppo_trainer
-from chapters.ch4_dpo import response_logprobs
-from chapters.ch6_ppo import clipped_surrogate, entropy, gae, kl_k1, kl_k3, ppo_objective, value_loss, whiten
+from chapters.ch4_dpo.loss import response_logprobs
+from chapters.ch6_ppo import markov_task
+from chapters.ch6_ppo import trainer as ppo_trainer
+from chapters.ch6_ppo.__main__ import main
+from chapters.ch6_ppo.objective import (
+    clipped_surrogate,
+    entropy,
+    gae,
+    kl_k1,
+    kl_k3,
+    ppo_objective,
+    value_loss,
+    whiten,
+)
 
 F64 = dict(dtype=torch.float64)
 TOL = 1e-12  # float64 sums of ~10 terms of order 1
@@ -305,7 +316,7 @@ def test_config_rejects_bad_values_in_one_line():
 
 
 def test_quick_run_raises_reward_with_bounded_kl(one_thread):
-    out = ch6_ppo.main(["--quick"])
+    out = main(["--quick"])
     before, after = out["before"], out["after"]
     gain, se = after["reward"] - before["reward"], math.hypot(before["reward_se"], after["reward_se"])
     assert gain > 5 * se and gain > 0.1

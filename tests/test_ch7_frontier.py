@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from chapters import ch7_frontier as ch7
-from chapters import frontier_task as task
-from chapters.frontier_rlhf import learn_reward_model, ppo_checkpoints
-from chapters.frontier_sweeps import Sweep, SweepPool, reward_model_state, sampled_rows
+from chapters.ch3_kl_optimum.optimum import log_partition_function
+from chapters.ch7_frontier import task
+from chapters.ch7_frontier.__main__ import main
+from chapters.ch7_frontier.methods import best_of_n_logprobs, dpo_batch_loss, unlikelihood_loss
+from chapters.ch7_frontier.rlhf import learn_reward_model, ppo_checkpoints
+from chapters.ch7_frontier.sweeps import Sweep, SweepPool, reward_model_state, sampled_rows
 from chapters.training import finetune
-from chapters.ch3_kl_optimum import log_partition_function
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.one_thread
 
@@ -152,7 +152,7 @@ def best_of_n_by_brute_force(p_ref, scores, n):
 def test_best_of_n_distribution_matches_brute_force_with_ties(n):
     p_ref = np.array([0.1, 0.25, 0.05, 0.3, 0.2, 0.1])
     scores = np.array([1.0, 0.0, 2.0, 1.0, 0.0, 2.0])  # three levels, two responses each
-    logp = ch7.best_of_n_logprobs(torch.tensor(np.log(p_ref))[None], torch.tensor(scores)[None], n)[0]
+    logp = best_of_n_logprobs(torch.tensor(np.log(p_ref))[None], torch.tensor(scores)[None], n)[0]
     np.testing.assert_allclose(logp.exp().numpy(), best_of_n_by_brute_force(p_ref, scores, n), atol=1e-14)
 
 
@@ -160,7 +160,7 @@ def test_best_of_n_distribution_matches_brute_force_with_ties(n):
 def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n_without_ties(n):
     """With distinct scores KL(best-of-N ‖ π_ref) = log N − (N−1)/N exactly (Stiennon et al.'s closed form)."""
     logp_ref, rewards = random_problem(responses=20_000, spread=0.5)  # no response holds much mass
-    logp = ch7.best_of_n_logprobs(logp_ref, rewards, n)
+    logp = best_of_n_logprobs(logp_ref, rewards, n)
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-12, rtol=0)
     _, kl = task.exact_reward_and_kl(logp, logp_ref, rewards)
     closed_form = math.log(n) - (n - 1) / n  # the continuous limit; a discrete π_ref sits just below it
@@ -184,7 +184,7 @@ def test_unlikelihood_loss_by_hand():
     x, yw, yl = torch.tensor([[0, 5]]), torch.tensor([[1, 2, 3, 4, 5]]), torch.tensor([[2, 2, 6, 7, 0]])
     alpha = 0.3
     with torch.no_grad():
-        loss = ch7.unlikelihood_loss(policy, dict(prompt=x, chosen=yw, rejected=yl), alpha).item()
+        loss = unlikelihood_loss(policy, dict(prompt=x, chosen=yw, rejected=yl), alpha).item()
         by_hand = 0.0
         for y, sign in ((yw, "w"), (yl, "l")):
             ids = torch.cat([x, y], 1)[0]
@@ -198,7 +198,7 @@ def test_bad_sizes_fail_with_one_line():
     with pytest.raises(ValueError, match="number of prompts must be in 1..64"):
         task.task_prompts(0)
     with pytest.raises(ValueError, match="N must be >= 1"):
-        ch7.best_of_n_logprobs(*random_problem(), 0)
+        best_of_n_logprobs(*random_problem(), 0)
 
 
 def trained_checkpoints(sweep, start, cfg, rm):
@@ -237,8 +237,8 @@ def test_sweeps_on_one_or_two_processes_give_exactly_the_numbers_of_a_serial_loo
     start = task.reference_and_pairs(cfg, 0)
     shared = dict(cfg=cfg, **{k: start[k] for k in ("ref", "data", "prompts", "logp_ref", "rewards")})
     rm = learn_reward_model(start["ref"], start["data"], cfg["rm_steps"], torch.Generator().manual_seed(1))
-    sweeps = [Sweep("DPO", "beta=1.0", 0, partial(ch7.dpo_batch_loss, beta=1.0), keep_logp=True),
-              Sweep("Unlikelihood", "alpha=0.5", 1, partial(ch7.unlikelihood_loss, alpha=0.5)),
+    sweeps = [Sweep("DPO", "beta=1.0", 0, partial(dpo_batch_loss, beta=1.0), keep_logp=True),
+              Sweep("Unlikelihood", "alpha=0.5", 1, partial(unlikelihood_loss, alpha=0.5)),
               Sweep("PPO-GT", "beta=1.0", 0, beta=1.0), Sweep("PPO", "beta=1.0", 0, beta=1.0, rm_state=reward_model_state(rm))]
     expected, expected_logp = serial_rows(sweeps, start, cfg, rm, torch.Generator().manual_seed(2))
     runs = {}
@@ -263,7 +263,7 @@ def quick_run(tmp_path_factory):
         out = tmp_path_factory.mktemp("ch7_plots")
         mp.setenv("DPO_PLOTS_DIR", str(out))
         torch.manual_seed(0)
-        return ch7.main(["--quick"]), out
+        return main(["--quick"]), out
 
 
 def test_quick_run_writes_the_table_and_the_figure(quick_run):

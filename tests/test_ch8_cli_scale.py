@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import chapters.ch8_instruction_dpo.__main__ as ch8
 import gpt
-from chapters import authors_setup as au
-from chapters import ch8_instruction_dpo as ch8
-from chapters import preference_data as pdata
-from chapters.dpo_training import dpo_step
+from chapters.ch8_instruction_dpo import authors_setup as au
+from chapters.ch8_instruction_dpo import data as pdata
+from chapters.ch8_instruction_dpo.trainers import dpo_step
 
 pytestmark = pytest.mark.skipif(not pdata.CACHE.is_file(), reason=f"data set not at {pdata.CACHE} (CI copies it there)")
 REPO = Path(__file__).resolve().parent.parent

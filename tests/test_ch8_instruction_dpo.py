@@ -11,17 +11,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import chapters.ch8_instruction_dpo.__main__ as ch8
 import gpt
 import gpt.download
-from chapters import ChapterSkipped, plotting
-from chapters import ch8_instruction_dpo as ch8
-from chapters import preference_data as pdata
-from chapters import win_rates
-from chapters.ch3_kl_optimum import optimal_policy
-from chapters.ch4_dpo import response_logprobs
-from chapters.dpo_step import ReferenceCache, fast_dpo_loss, plain_dpo_loss, sequence_logprobs, token_kl
-from chapters.dpo_training import sft_batch, sft_loss, train_dpo
-from chapters.rows import packed_pairs_batch, pair_rows, prompt_response_rows, unpacked_pairs_batch
+from chapters.ch3_kl_optimum.optimum import optimal_policy
+from chapters.ch4_dpo.loss import response_logprobs
+from chapters.ch8_instruction_dpo import data as pdata
+from chapters.ch8_instruction_dpo import win_rates
+from chapters.ch8_instruction_dpo.dpo_step import (
+    ReferenceCache,
+    fast_dpo_loss,
+    plain_dpo_loss,
+    sequence_logprobs,
+    token_kl,
+)
+from chapters.ch8_instruction_dpo.trainers import sft_batch, sft_loss, train_dpo
+from chapters.common.files import plots_path
+from chapters.common.rows import (
+    packed_pairs_batch,
+    pair_rows,
+    prompt_response_rows,
+    unpacked_pairs_batch,
+)
+from chapters.common.runtime import ChapterSkipped
 from gpt import GPT, GPTConfig, get_tokenizer
 from gpt.tokenizer import EOS_ID
 
@@ -279,7 +291,7 @@ def many_pairs(entries):
 
 def _sft_like(seed):
     """A float32 model in the state DPO starts from: dropout trained with, then switched off (`disable_dropout`)."""
-    from chapters.miniature import disable_dropout
+    from chapters.ch8_instruction_dpo.miniature import disable_dropout
     torch.manual_seed(seed)
     config = GPTConfig.tiny(vocab_size=V_SMALL, n_positions=512, n_embd=64, n_layer=1, n_head=1, dropout=0.1)
     return disable_dropout(GPT(config).eval()).requires_grad_(False)
@@ -291,8 +303,8 @@ def test_train_cache_in_the_first_epochs_batches_makes_the_first_step_exactly_ln
     cache's bit for bit, i.e. computed on the same packed rows (attention's sums over a row depend on its padding).
     The control: for a training seed whose first batch a cache in sorted order rounds otherwise (a few % of the
     pairs are, here), the cache in the first epoch's batches still gives exactly ln 2 and margins of 0."""
-    from chapters.dpo_step import evaluation_batches, first_epoch_batches
-    from chapters.scaled_run import Scale
+    from chapters.ch8_instruction_dpo.dpo_step import evaluation_batches, first_epoch_batches
+    from chapters.ch8_instruction_dpo.scaled_run import Scale
     ps, size, pad, val = many_pairs, 8, EOS_ID % V_SMALL, many_pairs[:16]
     sft = _sft_like(8)
     policy = copy.deepcopy(sft).requires_grad_(True).train()  # as train_dpo's first step runs it
@@ -318,7 +330,7 @@ def test_train_cache_in_the_first_epochs_batches_makes_the_first_step_exactly_ln
 
 @needs_data
 def test_a_cache_built_in_another_order_is_stale(many_pairs, tmp_path):
-    from chapters import reference_store
+    from chapters.ch8_instruction_dpo import reference_store
     sft, path = _sft_like(9), tmp_path / "reference_train.safetensors"
     fp = reference_store.reference_fingerprint(sft, many_pairs, max_length=512, batch_size=8)
     build = lambda seed: reference_store.cached_reference(path, sft, many_pairs, 0, batch_size=8, fingerprint=fp,
@@ -386,7 +398,7 @@ def test_smoke_runs_end_to_end_and_writes_every_figure_and_table(tmp_path, capsy
                  "examples.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     for name in ("ch8_dpo_training_smoke.png", "ch8_win_rates_smoke.png"):  # the plots folder, never over real figures
-        assert (plotting.plots_path() / name).stat().st_size > 0, name
+        assert (plots_path() / name).stat().st_size > 0, name
     assert out.index("tables: ") < out.index("figure: ")  # tables first: a figure that fails loses no table
     wins = list(csv.DictReader(open(tmp_path / "win_rates.csv")))
     models = ["SFT"] + [f"DPO β={b}" for b in ch8.BETAS]

@@ -7,17 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from chapters import authors_setup as au
-from chapters import length_control as lc
-from chapters import miniature as mini
-from chapters import preference_data as pdata
-from chapters.ch4_dpo import response_logprobs, unshifted_logprobs
-from chapters.dpo_step import ReferenceCache
-from chapters.dpo_training import dpo_step, sft_batch, sft_loss
-from chapters.rows import pair_rows
-from chapters.win_rates import win_scores
+from chapters.ch4_dpo.loss import response_logprobs, unshifted_logprobs
+from chapters.ch8_instruction_dpo import authors_setup as au
+from chapters.ch8_instruction_dpo import data as pdata
+from chapters.ch8_instruction_dpo import length_control as lc
+from chapters.ch8_instruction_dpo import miniature as mini
+from chapters.ch8_instruction_dpo.dpo_step import ReferenceCache
+from chapters.ch8_instruction_dpo.trainers import dpo_step, sft_batch, sft_loss
+from chapters.ch8_instruction_dpo.win_rates import win_scores
+from chapters.common.rows import pair_rows
 from gpt import GPT, GPTConfig, get_tokenizer
 from gpt.tokenizer import EOS_ID
 
@@ -251,7 +250,7 @@ class LetterSbert:
 def run_tiny(tmp, *extra, setup=None):
     """ch8.main on the first N_ENTRIES entries with a tiny miniature; returns the output folder. Records the entry
     indices every trainer saw in `seen` (stage -> set)."""
-    from chapters import ch8_instruction_dpo as ch8
+    import chapters.ch8_instruction_dpo.__main__ as ch8
     seen = {}
 
     def spy(stage, fn, pos):
@@ -353,7 +352,7 @@ def test_continue_beta_switch_starts_the_second_beta_where_the_first_ended(tmp_p
 
 
 def test_no_model_named_and_no_weights_cached_runs_the_miniature(monkeypatch):
-    from chapters import ch8_instruction_dpo as ch8
+    import chapters.ch8_instruction_dpo.__main__ as ch8
     monkeypatch.setattr(mini, "weights_cached", lambda name: False)
     args = ch8.parse_args([])
     assert args.miniature and args.model is None and args.tag == "miniature" and args.suffix == "_miniature"

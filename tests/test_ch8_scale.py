@@ -7,21 +7,23 @@ reassociation error), float32 where they must agree exactly.
 """
 import math
 import os
-from pathlib import Path
 import signal
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import gpt
-from chapters import distributed, reference_store, train_state
-from chapters.ch4_dpo import dpo_loss, response_logprobs
-from chapters.dpo_step import ReferenceCache
-from chapters.preference_data import Pair, length_grouped_batches
-from chapters.rows import pair_rows
-from chapters.train_loop import Run, _step, train_epochs
+from chapters.ch4_dpo.loss import dpo_loss, response_logprobs
+from chapters.ch8_instruction_dpo import reference_store
+from chapters.ch8_instruction_dpo.data import Pair, length_grouped_batches
+from chapters.ch8_instruction_dpo.dpo_step import ReferenceCache
+from chapters.common.rows import pair_rows
+from chapters.training import checkpoints as train_state
+from chapters.training import distributed
+from chapters.training.loop import Run, _step, train_epochs
 
 BETA, LR, BATCH, EPOCHS = 0.5, 1e-2, 4, 2
 
@@ -97,7 +99,7 @@ def _worker(rank, world, port, out, pairs):
     cache = reference_store.cached_reference(os.path.join(out, "ref.safetensors"), reference, pairs, 0, batch_size=3,
                                              fingerprint={"test": 1}, dist=d, verbose=False)
     results["cache"] = cache.get(list(range(len(pairs))))
-    from chapters.scaled_run import Scale  # chapter 8's SFT and DPO trainers under FSDP2, with a run folder
+    from chapters.ch8_instruction_dpo.scaled_run import Scale
     results["pipeline"] = _pipeline(tiny_pairs(10), Scale(dist=d, fsdp=True, folder=Path(out) / "run"))[:3]
     if d.main:
         torch.save(results, os.path.join(out, "results.pt"))
@@ -148,7 +150,7 @@ def test_two_ranks_with_two_micro_batches_each_give_the_gradient_of_the_whole_ba
 def test_ch8_trainers_under_fsdp_on_two_ranks_log_the_rows_of_one_process(two_processes, tmp_path, one_thread):
     # float32: SFT and DPO rows (losses, rewards, accuracies, token-level KL) within 1e-5 (measured 1.4e-6). A KL
     # weighted by pairs instead of tokens moved a row by 1.5e-2; unequal eval forwards per rank stopped FSDP2.
-    from chapters.scaled_run import Scale
+    from chapters.ch8_instruction_dpo.scaled_run import Scale
     one = _pipeline(tiny_pairs(10), Scale(folder=tmp_path))
     for rows_1, rows_2 in zip(one[:3], two_processes[1]["pipeline"]):
         assert len(rows_1) == len(rows_2)
@@ -310,7 +312,7 @@ def test_reference_cache_on_disk_is_reused_refused_when_stale_and_rebuilt_on_req
 
 def _pipeline(pairs, scale, stop_at_dpo_step=None):
     """train_sft then train_dpo (chapter 8's fast step, the reference cache through the disk), as ch8 runs them."""
-    from chapters.dpo_training import dpo_step, train_dpo, train_sft
+    from chapters.ch8_instruction_dpo.trainers import dpo_step, train_dpo, train_sft
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig.tiny())
     loop = dict(batch_size=4, seed=0, device="cpu", pad_id=0, scale=scale)
@@ -330,7 +332,7 @@ def _pipeline(pairs, scale, stop_at_dpo_step=None):
 
 
 def test_ch8_trainers_save_each_phase_and_a_sigterm_then_resume_gives_the_same_rows(tmp_path, one_thread, capsys):
-    from chapters.scaled_run import Scale
+    from chapters.ch8_instruction_dpo.scaled_run import Scale
     pairs = tiny_pairs(10)
     whole = _pipeline(pairs, Scale(folder=tmp_path / "whole", fingerprint={"run": 1}))
     with pytest.raises(KeyboardInterrupt, match="SIGTERM after batch 1 of 3 in epoch 2 of DPO β=0.5"):
@@ -352,7 +354,7 @@ def test_ch8_trainers_save_each_phase_and_a_sigterm_then_resume_gives_the_same_r
 def test_resume_without_a_run_and_too_small_a_batch_are_one_line_each(tmp_path):
     from types import SimpleNamespace
 
-    from chapters.scaled_run import start
+    from chapters.ch8_instruction_dpo.scaled_run import start
     args = SimpleNamespace(out=tmp_path, resume=True, device="cpu", fsdp=False, batch_size=2, grad_accum=4, tag="t",
                            seed=0, max_length=8, warmup_steps=0, lr_schedule="constant", save_every=0,
                            rebuild_reference_cache=False)

@@ -5,13 +5,32 @@ import math
 import pytest
 import torch
 
-from chapters.ch3_kl_optimum import optimal_policy
-from chapters.ch9_dpo_vs_ppo import (dpo_flat_directions, dpo_minimiser, logit_hessian, loglinear_flat_directions, main,
-                                     unseen_shift)
-from chapters.tabular_problem import DT, comparison_graph, data_reward_loss, empirical_dpo_loss, make_problem, unseen_mask
-from chapters.tabular_training import (Autoregressive, LogLinear, Tabular, fit_reward_model, minimise_dpo_lbfgs, train_dpo,
-                                       train_ppo)
-
+from chapters.ch3_kl_optimum.optimum import optimal_policy
+from chapters.ch9_dpo_vs_ppo.__main__ import main
+from chapters.ch9_dpo_vs_ppo.minimisers import (
+    dpo_flat_directions,
+    dpo_minimiser,
+    logit_hessian,
+    loglinear_flat_directions,
+    unseen_shift,
+)
+from chapters.ch9_dpo_vs_ppo.problem import (
+    DT,
+    comparison_graph,
+    data_reward_loss,
+    empirical_dpo_loss,
+    make_problem,
+    unseen_mask,
+)
+from chapters.ch9_dpo_vs_ppo.training import (
+    Autoregressive,
+    LogLinear,
+    Tabular,
+    fit_reward_model,
+    minimise_dpo_lbfgs,
+    train_dpo,
+    train_ppo,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.one_thread
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gpt
-from chapters.training import finetune, next_token_loss
+from chapters.training.finetune import finetune, next_token_loss
 
 
 def plain_adam_loop(model, loss_fn, data, steps, batch_size, lr, generator, checkpoints):
