@@ -1,4 +1,5 @@
 """GPT-2 hyper-parameters: the four published sizes and small ones for tests and toy experiments."""
+
 from dataclasses import dataclass, replace
 
 PRESETS = {
@@ -21,7 +22,10 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick sizes that divide")
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick sizes that "
+                f"divide"
+            )
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPTConfig":
@@ -32,5 +36,7 @@ class GPTConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "GPTConfig":
-        """A GPT-2 small enough for tests and toy experiments (about 0.1M parameters with vocab 64)."""
-        return replace(cls(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4), **overrides)
+        """A GPT-2 small enough for tests and toy experiments (~0.1M parameters at vocab 64)."""
+        return replace(
+            cls(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4), **overrides
+        )

@@ -18,6 +18,7 @@ def _seed_and_plots_dir(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models run on one thread (see chapters.common.runtime.one_thread), for the rest of the test module."""
+    """Tiny models run on one thread (see chapters.common.runtime.one_thread), for the rest of the
+    test module."""
     with _one_thread():
         yield

@@ -1,17 +1,25 @@
-"""What each bad input gets: one line saying what is wrong and what to do, never a traceback or a partial file.
+"""What each bad input gets: one line saying what is wrong and what to do, never a traceback or a
+partial file.
 
-The tables below are the documentation: each row is what a user types (a command line, or a call of a library
+The tables below are the documentation: each row is what a user types (a command line, or a call of
+a library
 function) and a piece of the one line they get back.
 
-Command lines run as `python -m ...` would run them, in a few driver subprocesses (torch is imported once per
-driver; each case runs its module's `__main__` through runpy, with its own environment). For each: a non-zero
-exit, one short line on stderr (after argparse's usage block, for argparse errors), no traceback, nothing
-written, renamed, made or removed under plots/, runs/ or data/ (an audit hook in the driver sees what the case
+Command lines run as `python -m ...` would run them, in a few driver subprocesses (torch is imported
+once per
+driver; each case runs its module's `__main__` through runpy, with its own environment). For each: a
+non-zero
+exit, one short line on stderr (after argparse's usage block, for argparse errors), no traceback,
+nothing
+written, renamed, made or removed under plots/, runs/ or data/ (an audit hook in the driver sees
+what the case
 itself does there), and nothing new or changed under the case's own $DPO_PLOTS_DIR and $DPO_CACHE.
-Ctrl-C runs in real subprocesses that get SIGINT once they have started their work: exit 130, one line, and
+Ctrl-C runs in real subprocesses that get SIGINT once they have started their work: exit 130, one
+line, and
 every file in their $DPO_PLOTS_DIR a whole PNG.
 Library calls run here: each raises ValueError with one short line.
 """
+
 import contextlib
 import io
 import json
@@ -32,133 +40,562 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 WATCHED = [REPO / "plots", REPO / "runs", REPO / "data"]
 CASE_SECONDS = 60  # a case still running after this has started real work: a missing up-front check
-SHORT = 400  # characters, the test's folder written {tmp}: the longest "one short line" (offline: URL, files, folder)
+# characters, the test's folder written {tmp}: the longest "one short line" (offline: URL, files,
+# folder)
+SHORT = 400
 
 
-UNWRITABLE = {"DPO_PLOTS_DIR": "{tmp}/a_file/plots"}  # a folder under a file: not writable even for root
+UNWRITABLE = {
+    "DPO_PLOTS_DIR": "{tmp}/a_file/plots"
+}  # a folder under a file: not writable even for root
 NO_FOLDER = r"\({tmp}/a_file is a file, not a folder\)"
 CH8 = "chapters.ch8_instruction_dpo"
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
-# (id, module or script, arguments, environment, what the one line says (a regex; {tmp} is the test's folder), marks)
+# (id, module or script, arguments, environment, what the one line says (a regex; {tmp} is the
+# test's folder), marks)
 CLI = [
     # python -m chapters
-    ("chapters-unknown-chapter", "chapters", ["--only", "ch99"], {}, r"argument --only: invalid choice: 'ch99'", ()),
+    (
+        "chapters-unknown-chapter",
+        "chapters",
+        ["--only", "ch99"],
+        {},
+        r"argument --only: invalid choice: 'ch99'",
+        (),
+    ),
     ("chapters-misspelt-flag", "chapters", ["--quik"], {}, r"unrecognized arguments: --quik", ()),
-    ("chapters-plots-unwritable", "chapters", ["--quick"], UNWRITABLE,
-     rf"^error: cannot write figures to {{tmp}}/a_file/plots {NO_FOLDER}; set \$DPO_PLOTS_DIR to a folder you can write$", ()),
+    (
+        "chapters-plots-unwritable",
+        "chapters",
+        ["--quick"],
+        UNWRITABLE,
+        rf"^error: cannot write figures to {{tmp}}/a_file/plots {NO_FOLDER}; set \$DPO_PLOTS_DIR "
+        rf"to a folder you can write$",
+        (),
+    ),
     # the chapters
-    ("ch1-samples-too-few", "chapters.ch1_preference_models", ["--samples", "10"], {},
-     r"^error: --samples must be at least 100 for a chi-square test; pass a larger number$", ()),
-    ("ch1-seed-not-int", "chapters.ch1_preference_models", ["--seed", "one"], {}, r"argument --seed: invalid int value: 'one'$", ()),
-    ("ch1-plots-unwritable", "chapters.ch1_preference_models", [], UNWRITABLE, r"^error: cannot write figures to {tmp}/a_file/plots ", ()),
-    ("ch2-rm-steps-0", "chapters.ch2_reward_model", ["--rm-steps", "0"], {}, r"argument --rm-steps: must be at least 1, got 0$", ()),
-    ("ch3-responses-1", "chapters.ch3_kl_optimum", ["--responses", "1"], {}, r"^error: --responses must be between 2 and 50, got 1$", ()),
-    ("ch3-plots-unwritable", "chapters.ch3_kl_optimum", [], UNWRITABLE, r"^error: cannot write figures to {tmp}/a_file/plots ", ()),
-    ("ch4-beta-0", "chapters.ch4_dpo", ["--beta", "0"], {}, r"argument --beta: must be > 0, got 0$", ()),
-    ("ch4-beta-nan", "chapters.ch4_dpo", ["--beta", "nan"], {}, r"argument --beta: 'nan' is not a finite number$", ()),
-    ("ch4-repeats-0", "chapters.ch4_dpo", ["--repeats", "0"], {}, r"argument --repeats: must be at least 1, got 0$", ()),
-    ("ch5-samples-too-few", "chapters.ch5_theory", ["--samples", "5"], {}, r"^error: --samples must be at least 100 to measure", ()),
-    ("ch5-plots-unwritable", "chapters.ch5_theory", [], UNWRITABLE, r"^error: cannot write figures to {tmp}/a_file/plots ", ()),
-    ("ch6-iterations-0", "chapters.ch6_ppo", ["--iterations", "0"], {}, r"argument --iterations: must be at least 1, got 0$", ()),
-    ("ch6-beta-negative", "chapters.ch6_ppo", ["--beta", "-1"], {}, r"argument --beta: must be > 0, got -1$", ()),
-    ("ch7-seed-not-int", "chapters.ch7_frontier", ["--seed", "1.5"], {}, r"argument --seed: invalid int value: '1.5'$", ()),
-    ("ch7-plots-unwritable", "chapters.ch7_frontier", [], UNWRITABLE, r"^error: cannot write figures to {tmp}/a_file/plots ", ()),
-    ("ch9-beta-0", "chapters.ch9_dpo_vs_ppo", ["--beta", "0"], {}, r"argument --beta: must be > 0, got 0$", ()),
-    ("ch9-sweep-negative", "chapters.ch9_dpo_vs_ppo", ["--sweep", "-1"], {}, r"argument --sweep: must be 0 or more, got -1$", ()),
-    ("ch10-seed-not-int", "chapters.ch10_dpo_family", ["--seed", "x"], {}, r"argument --seed: invalid int value: 'x'$", ()),
-    ("ch10-plots-unwritable", "chapters.ch10_dpo_family", ["--quick"], UNWRITABLE,
-     r"^error: cannot write figures to {tmp}/a_file/plots ", ()),
+    (
+        "ch1-samples-too-few",
+        "chapters.ch1_preference_models",
+        ["--samples", "10"],
+        {},
+        r"^error: --samples must be at least 100 for a chi-square test; pass a larger number$",
+        (),
+    ),
+    (
+        "ch1-seed-not-int",
+        "chapters.ch1_preference_models",
+        ["--seed", "one"],
+        {},
+        r"argument --seed: invalid int value: 'one'$",
+        (),
+    ),
+    (
+        "ch1-plots-unwritable",
+        "chapters.ch1_preference_models",
+        [],
+        UNWRITABLE,
+        r"^error: cannot write figures to {tmp}/a_file/plots ",
+        (),
+    ),
+    (
+        "ch2-rm-steps-0",
+        "chapters.ch2_reward_model",
+        ["--rm-steps", "0"],
+        {},
+        r"argument --rm-steps: must be at least 1, got 0$",
+        (),
+    ),
+    (
+        "ch3-responses-1",
+        "chapters.ch3_kl_optimum",
+        ["--responses", "1"],
+        {},
+        r"^error: --responses must be between 2 and 50, got 1$",
+        (),
+    ),
+    (
+        "ch3-plots-unwritable",
+        "chapters.ch3_kl_optimum",
+        [],
+        UNWRITABLE,
+        r"^error: cannot write figures to {tmp}/a_file/plots ",
+        (),
+    ),
+    (
+        "ch4-beta-0",
+        "chapters.ch4_dpo",
+        ["--beta", "0"],
+        {},
+        r"argument --beta: must be > 0, got 0$",
+        (),
+    ),
+    (
+        "ch4-beta-nan",
+        "chapters.ch4_dpo",
+        ["--beta", "nan"],
+        {},
+        r"argument --beta: 'nan' is not a finite number$",
+        (),
+    ),
+    (
+        "ch4-repeats-0",
+        "chapters.ch4_dpo",
+        ["--repeats", "0"],
+        {},
+        r"argument --repeats: must be at least 1, got 0$",
+        (),
+    ),
+    (
+        "ch5-samples-too-few",
+        "chapters.ch5_theory",
+        ["--samples", "5"],
+        {},
+        r"^error: --samples must be at least 100 to measure",
+        (),
+    ),
+    (
+        "ch5-plots-unwritable",
+        "chapters.ch5_theory",
+        [],
+        UNWRITABLE,
+        r"^error: cannot write figures to {tmp}/a_file/plots ",
+        (),
+    ),
+    (
+        "ch6-iterations-0",
+        "chapters.ch6_ppo",
+        ["--iterations", "0"],
+        {},
+        r"argument --iterations: must be at least 1, got 0$",
+        (),
+    ),
+    (
+        "ch6-beta-negative",
+        "chapters.ch6_ppo",
+        ["--beta", "-1"],
+        {},
+        r"argument --beta: must be > 0, got -1$",
+        (),
+    ),
+    (
+        "ch7-seed-not-int",
+        "chapters.ch7_frontier",
+        ["--seed", "1.5"],
+        {},
+        r"argument --seed: invalid int value: '1.5'$",
+        (),
+    ),
+    (
+        "ch7-plots-unwritable",
+        "chapters.ch7_frontier",
+        [],
+        UNWRITABLE,
+        r"^error: cannot write figures to {tmp}/a_file/plots ",
+        (),
+    ),
+    (
+        "ch9-beta-0",
+        "chapters.ch9_dpo_vs_ppo",
+        ["--beta", "0"],
+        {},
+        r"argument --beta: must be > 0, got 0$",
+        (),
+    ),
+    (
+        "ch9-sweep-negative",
+        "chapters.ch9_dpo_vs_ppo",
+        ["--sweep", "-1"],
+        {},
+        r"argument --sweep: must be 0 or more, got -1$",
+        (),
+    ),
+    (
+        "ch10-seed-not-int",
+        "chapters.ch10_dpo_family",
+        ["--seed", "x"],
+        {},
+        r"argument --seed: invalid int value: 'x'$",
+        (),
+    ),
+    (
+        "ch10-plots-unwritable",
+        "chapters.ch10_dpo_family",
+        ["--quick"],
+        UNWRITABLE,
+        r"^error: cannot write figures to {tmp}/a_file/plots ",
+        (),
+    ),
     # chapter 8 (arguments, then the data set, then the folders: all before any training)
     ("ch8-beta-0", CH8, ["--betas", "0.1", "0"], {}, r"argument --betas: must be > 0, got 0$", ()),
-    ("ch8-batch-size-0", CH8, ["--batch-size", "0"], {}, r"argument --batch-size: must be at least 1, got 0$", ()),
-    ("ch8-temperature-negative", CH8, ["--temperatures", "0", "-1"], {}, r"argument --temperatures: must be >= 0, got -1$", ()),
-    ("ch8-unknown-model", CH8, ["--model", "gpt3"], {}, r"argument --model: invalid choice: 'gpt3'", ()),
-    ("ch8-device-unknown", CH8, ["--smoke", "--device", "toaster"], {}, r"--device 'toaster' is not a torch device", ()),
-    ("ch8-device-cuda-missing", CH8, ["--smoke", "--device", "cuda"], {}, r"--device cuda: this machine has no CUDA GPU", NO_CUDA),
-    ("ch8-max-length-past-context", CH8, ["--smoke", "--max-length", "300"], {},
-     r"^error: --max-length 300 exceeds the model's context of 256 tokens; give at most 256$", ()),
-    ("ch8-checkpoint-missing", CH8, ["--checkpoint", "{tmp}/no/such/ckpt"], {},
-     r"^error: checkpoint {tmp}/no/such/ckpt: no such file or folder$", ()),
-    ("ch8-data-missing", CH8, ["--smoke", "--data", "{tmp}/no.json"], {},
-     r"^error: no data file at {tmp}/no\.json; give the path of instruction-data-with-preference\.json$", ()),
-    ("ch8-data-malformed", CH8, ["--smoke", "--data", "{tmp}/malformed.json"], {},
-     r"^error: 1 bad entry in the data set: entry 0: missing key\(s\) rejected$", ()),
-    ("ch8-data-empty", CH8, ["--smoke", "--data", "{tmp}/empty.json"], {},
-     r"^error: no usable preference pair in the train and validation and test split: of 0 entries .* at least 11 entries", ()),
-    ("ch8-data-all-identical", CH8, ["--smoke", "--data", "{tmp}/identical.json"], {},
-     r"^error: no usable preference pair .* have chosen == rejected and 0 are longer than --max-length 256 tokens", ()),
-    ("ch8-out-unwritable", CH8, ["--smoke", "--out", "{tmp}/a_file/out"], {},
-     rf"^error: cannot write tables to {{tmp}}/a_file/out {NO_FOLDER}; pass another folder$", ()),
+    (
+        "ch8-batch-size-0",
+        CH8,
+        ["--batch-size", "0"],
+        {},
+        r"argument --batch-size: must be at least 1, got 0$",
+        (),
+    ),
+    (
+        "ch8-temperature-negative",
+        CH8,
+        ["--temperatures", "0", "-1"],
+        {},
+        r"argument --temperatures: must be >= 0, got -1$",
+        (),
+    ),
+    (
+        "ch8-unknown-model",
+        CH8,
+        ["--model", "gpt3"],
+        {},
+        r"argument --model: invalid choice: 'gpt3'",
+        (),
+    ),
+    (
+        "ch8-device-unknown",
+        CH8,
+        ["--smoke", "--device", "toaster"],
+        {},
+        r"--device 'toaster' is not a torch device",
+        (),
+    ),
+    (
+        "ch8-device-cuda-missing",
+        CH8,
+        ["--smoke", "--device", "cuda"],
+        {},
+        r"--device cuda: this machine has no CUDA GPU",
+        NO_CUDA,
+    ),
+    (
+        "ch8-max-length-past-context",
+        CH8,
+        ["--smoke", "--max-length", "300"],
+        {},
+        r"^error: --max-length 300 exceeds the model's context of 256 tokens; give at most 256$",
+        (),
+    ),
+    (
+        "ch8-checkpoint-missing",
+        CH8,
+        ["--checkpoint", "{tmp}/no/such/ckpt"],
+        {},
+        r"^error: checkpoint {tmp}/no/such/ckpt: no such file or folder$",
+        (),
+    ),
+    (
+        "ch8-data-missing",
+        CH8,
+        ["--smoke", "--data", "{tmp}/no.json"],
+        {},
+        r"^error: no data file at {tmp}/no\.json; give the path of "
+        r"instruction-data-with-preference\.json$",
+        (),
+    ),
+    (
+        "ch8-data-malformed",
+        CH8,
+        ["--smoke", "--data", "{tmp}/malformed.json"],
+        {},
+        r"^error: 1 bad entry in the data set: entry 0: missing key\(s\) rejected$",
+        (),
+    ),
+    (
+        "ch8-data-empty",
+        CH8,
+        ["--smoke", "--data", "{tmp}/empty.json"],
+        {},
+        r"^error: no usable preference pair in the train and validation and test split: of 0 "
+        r"entries .* at least 11 entries",
+        (),
+    ),
+    (
+        "ch8-data-all-identical",
+        CH8,
+        ["--smoke", "--data", "{tmp}/identical.json"],
+        {},
+        r"^error: no usable preference pair .* have chosen == rejected and 0 are longer than "
+        r"--max-length 256 tokens",
+        (),
+    ),
+    (
+        "ch8-out-unwritable",
+        CH8,
+        ["--smoke", "--out", "{tmp}/a_file/out"],
+        {},
+        rf"^error: cannot write tables to {{tmp}}/a_file/out {NO_FOLDER}; pass another folder$",
+        (),
+    ),
     # chapter 8's scale flags (chapters.scaled_run): refused before the model or the data are read
-    ("ch8-fsdp-without-torchrun", CH8, ["--smoke", "--fsdp", "--out", "{tmp}/out"], {},
-     r"^error: --fsdp shards the model over the processes torchrun starts; run: torchrun --standalone ", ()),
-    ("ch8-resume-nothing", CH8, ["--smoke", "--resume", "--out", "{tmp}/out"], {},
-     r"^error: --resume: nothing to resume in {tmp}/out \(no checkpoints/ or models/ there\); run without --resume", ()),
-    ("ch8-grad-accum-past-batch", CH8, ["--smoke", "--batch-size", "2", "--grad-accum", "4", "--out", "{tmp}/out"], {},
-     r"^error: --batch-size 2 is fewer pairs than the 1 process\(es\) × --grad-accum 4 micro-batches", ()),
-    ("ch8-ladder-resume", CH8, ["--smoke", "--ladder", "--resume", "--out", "{tmp}/out"], {},
-     r"^error: --ladder runs in one process and saves no models, .*; leave out --resume, or run without --ladder$", ()),
-    ("ch8-authors-fsdp", CH8, ["--smoke", "--authors-setup", "--fsdp", "--out", "{tmp}/out"], {},
-     r"^error: --authors-setup runs in one process .*; leave out --fsdp, or run without --authors-setup$", ()),
-    ("ch8-lr-schedule-unknown", CH8, ["--smoke", "--lr-schedule", "step"], {},
-     r"argument --lr-schedule: invalid choice: 'step' \(choose from", ()),
-    ("ch8-warmup-negative", CH8, ["--smoke", "--warmup-steps", "-1"], {}, r"argument --warmup-steps: must be 0 or more, got -1$", ()),
+    (
+        "ch8-fsdp-without-torchrun",
+        CH8,
+        ["--smoke", "--fsdp", "--out", "{tmp}/out"],
+        {},
+        r"^error: --fsdp shards the model over the processes torchrun starts; run: torchrun "
+        r"--standalone ",
+        (),
+    ),
+    (
+        "ch8-resume-nothing",
+        CH8,
+        ["--smoke", "--resume", "--out", "{tmp}/out"],
+        {},
+        r"^error: --resume: nothing to resume in {tmp}/out \(no checkpoints/ or models/ there\); "
+        r"run without --resume",
+        (),
+    ),
+    (
+        "ch8-grad-accum-past-batch",
+        CH8,
+        ["--smoke", "--batch-size", "2", "--grad-accum", "4", "--out", "{tmp}/out"],
+        {},
+        r"^error: --batch-size 2 is fewer pairs than the 1 process\(es\) × --grad-accum 4 "
+        r"micro-batches",
+        (),
+    ),
+    (
+        "ch8-ladder-resume",
+        CH8,
+        ["--smoke", "--ladder", "--resume", "--out", "{tmp}/out"],
+        {},
+        r"^error: --ladder runs in one process and saves no models, .*; leave out --resume, or run "
+        r"without --ladder$",
+        (),
+    ),
+    (
+        "ch8-authors-fsdp",
+        CH8,
+        ["--smoke", "--authors-setup", "--fsdp", "--out", "{tmp}/out"],
+        {},
+        r"^error: --authors-setup runs in one process .*; leave out --fsdp, or run without "
+        r"--authors-setup$",
+        (),
+    ),
+    (
+        "ch8-lr-schedule-unknown",
+        CH8,
+        ["--smoke", "--lr-schedule", "step"],
+        {},
+        r"argument --lr-schedule: invalid choice: 'step' \(choose from",
+        (),
+    ),
+    (
+        "ch8-warmup-negative",
+        CH8,
+        ["--smoke", "--warmup-steps", "-1"],
+        {},
+        r"argument --warmup-steps: must be 0 or more, got -1$",
+        (),
+    ),
     # gpt: generation and download
-    ("generation-no-prompt", "gpt.generation", [], {}, r"the following arguments are required: --prompt$", ()),
-    ("generation-top-k-negative", "gpt.generation", ["--prompt", "Hi", "--top-k", "-1"], {},
-     r"argument --top-k: must be 0 or more, got -1$", ()),
-    ("generation-top-k-not-int", "gpt.generation", ["--prompt", "Hi", "--top-k", "2.5"], {},
-     r"argument --top-k: '2.5' is not an integer$", ()),
-    ("generation-top-p-0", "gpt.generation", ["--prompt", "Hi", "--top-p", "0"], {}, r"argument --top-p: must be in \(0, 1\], got 0$", ()),
-    ("generation-top-p-above-1", "gpt.generation", ["--prompt", "Hi", "--top-p", "1.5"], {},
-     r"argument --top-p: must be in \(0, 1\], got 1.5$", ()),
-    ("generation-temperature-nan", "gpt.generation", ["--prompt", "Hi", "--temperature", "nan"], {},
-     r"argument --temperature: 'nan' is not a finite number$", ()),
-    ("generation-temperature-negative", "gpt.generation", ["--prompt", "Hi", "--temperature", "-1"], {},
-     r"argument --temperature: must be >= 0, got -1$", ()),
-    ("generation-max-new-tokens-negative", "gpt.generation", ["--prompt", "Hi", "--max-new-tokens", "-1"], {},
-     r"argument --max-new-tokens: must be at least 1, got -1$", ()),
-    ("generation-empty-prompt", "gpt.generation", ["--prompt", ""], {}, r"argument --prompt: is empty; give some text to continue$", ()),
-    ("generation-checkpoint-missing", "gpt.generation", ["--prompt", "Hi", "--checkpoint", "{tmp}/no/such/ckpt"], {},
-     r"^error: checkpoint {tmp}/no/such/ckpt: no such file or folder$", ()),
-    ("generation-unknown-model", "gpt.generation", ["--prompt", "Hi", "--model", "gpt3"], {},
-     r"argument --model: invalid choice: 'gpt3' \(choose from 'gpt2', ", ()),
-    ("download-unknown-model", "gpt.download", ["gpt3"], {}, r"argument NAME: invalid choice: 'gpt3' \(choose from 'gpt2', ", ()),
-    ("download-unknown-source", "gpt.download", ["gpt2", "--source", "tf"], {},
-     r"argument --source: invalid choice: 'tf' \(choose from 'openai', 'hf'\)$", ()),
-    ("download-cache-unwritable", "gpt.download", ["gpt2", "--cache-dir", "{tmp}/a_file/cache"], {},
-     rf"^error: cannot write the cache folder {{tmp}}/a_file/cache/gpt2/openai {NO_FOLDER}; pass --cache-dir DIR", ()),
-    ("download-offline", "gpt.download", ["gpt2"], {},
-     r"^error: could not download https://.*/124M/checkpoint \(.*\)\. Run the command again; offline, put hparams\.json, "
-     r"model\.ckpt\.index, model\.ckpt\.data-00000-of-00001 .* into {tmp}/download-offline/cache/gpt2/openai/ by hand", ()),
+    (
+        "generation-no-prompt",
+        "gpt.generation",
+        [],
+        {},
+        r"the following arguments are required: --prompt$",
+        (),
+    ),
+    (
+        "generation-top-k-negative",
+        "gpt.generation",
+        ["--prompt", "Hi", "--top-k", "-1"],
+        {},
+        r"argument --top-k: must be 0 or more, got -1$",
+        (),
+    ),
+    (
+        "generation-top-k-not-int",
+        "gpt.generation",
+        ["--prompt", "Hi", "--top-k", "2.5"],
+        {},
+        r"argument --top-k: '2.5' is not an integer$",
+        (),
+    ),
+    (
+        "generation-top-p-0",
+        "gpt.generation",
+        ["--prompt", "Hi", "--top-p", "0"],
+        {},
+        r"argument --top-p: must be in \(0, 1\], got 0$",
+        (),
+    ),
+    (
+        "generation-top-p-above-1",
+        "gpt.generation",
+        ["--prompt", "Hi", "--top-p", "1.5"],
+        {},
+        r"argument --top-p: must be in \(0, 1\], got 1.5$",
+        (),
+    ),
+    (
+        "generation-temperature-nan",
+        "gpt.generation",
+        ["--prompt", "Hi", "--temperature", "nan"],
+        {},
+        r"argument --temperature: 'nan' is not a finite number$",
+        (),
+    ),
+    (
+        "generation-temperature-negative",
+        "gpt.generation",
+        ["--prompt", "Hi", "--temperature", "-1"],
+        {},
+        r"argument --temperature: must be >= 0, got -1$",
+        (),
+    ),
+    (
+        "generation-max-new-tokens-negative",
+        "gpt.generation",
+        ["--prompt", "Hi", "--max-new-tokens", "-1"],
+        {},
+        r"argument --max-new-tokens: must be at least 1, got -1$",
+        (),
+    ),
+    (
+        "generation-empty-prompt",
+        "gpt.generation",
+        ["--prompt", ""],
+        {},
+        r"argument --prompt: is empty; give some text to continue$",
+        (),
+    ),
+    (
+        "generation-checkpoint-missing",
+        "gpt.generation",
+        ["--prompt", "Hi", "--checkpoint", "{tmp}/no/such/ckpt"],
+        {},
+        r"^error: checkpoint {tmp}/no/such/ckpt: no such file or folder$",
+        (),
+    ),
+    (
+        "generation-unknown-model",
+        "gpt.generation",
+        ["--prompt", "Hi", "--model", "gpt3"],
+        {},
+        r"argument --model: invalid choice: 'gpt3' \(choose from 'gpt2', ",
+        (),
+    ),
+    (
+        "download-unknown-model",
+        "gpt.download",
+        ["gpt3"],
+        {},
+        r"argument NAME: invalid choice: 'gpt3' \(choose from 'gpt2', ",
+        (),
+    ),
+    (
+        "download-unknown-source",
+        "gpt.download",
+        ["gpt2", "--source", "tf"],
+        {},
+        r"argument --source: invalid choice: 'tf' \(choose from 'openai', 'hf'\)$",
+        (),
+    ),
+    (
+        "download-cache-unwritable",
+        "gpt.download",
+        ["gpt2", "--cache-dir", "{tmp}/a_file/cache"],
+        {},
+        rf"^error: cannot write the cache folder {{tmp}}/a_file/cache/gpt2/openai {NO_FOLDER}; "
+        rf"pass --cache-dir DIR",
+        (),
+    ),
+    (
+        "download-offline",
+        "gpt.download",
+        ["gpt2"],
+        {},
+        r"^error: could not download https://.*/124M/checkpoint \(.*\)\. Run the command again; "
+        r"offline, put hparams\.json, "
+        r"model\.ckpt\.index, model\.ckpt\.data-00000-of-00001 .* into "
+        r"{tmp}/download-offline/cache/gpt2/openai/ by hand",
+        (),
+    ),
     # the benchmarks
-    ("bench-gpt2-repeats-0", "bench/bench_gpt2.py", ["--repeats", "0"], {}, r"argument --repeats: must be at least 1, got 0$", ()),
-    ("bench-dpo-step-steps-0", "bench/bench_dpo_step.py", ["--steps", "0"], {}, r"argument --steps: must be at least 1, got 0$", ()),
-    ("bench-dpo-step-shape", "bench/bench_dpo_step.py", ["--shape", "gpt5"], {}, r"argument --shape: invalid choice: 'gpt5'", ()),
-    ("bench-dpo-step-cuda-missing", "bench/bench_dpo_step.py", ["--device", "cuda"], {}, r"--device cuda: this machine has no CUDA GPU",
-     NO_CUDA),
-    ("bench-dpo-family-pairs-0", "bench/bench_dpo_family.py", ["--pairs", "0"], {}, r"argument --pairs: must be at least 1, got 0$", ()),
+    (
+        "bench-gpt2-repeats-0",
+        "bench/bench_gpt2.py",
+        ["--repeats", "0"],
+        {},
+        r"argument --repeats: must be at least 1, got 0$",
+        (),
+    ),
+    (
+        "bench-dpo-step-steps-0",
+        "bench/bench_dpo_step.py",
+        ["--steps", "0"],
+        {},
+        r"argument --steps: must be at least 1, got 0$",
+        (),
+    ),
+    (
+        "bench-dpo-step-shape",
+        "bench/bench_dpo_step.py",
+        ["--shape", "gpt5"],
+        {},
+        r"argument --shape: invalid choice: 'gpt5'",
+        (),
+    ),
+    (
+        "bench-dpo-step-cuda-missing",
+        "bench/bench_dpo_step.py",
+        ["--device", "cuda"],
+        {},
+        r"--device cuda: this machine has no CUDA GPU",
+        NO_CUDA,
+    ),
+    (
+        "bench-dpo-family-pairs-0",
+        "bench/bench_dpo_family.py",
+        ["--pairs", "0"],
+        {},
+        r"argument --pairs: must be at least 1, got 0$",
+        (),
+    ),
 ]
-SLOW = {"download-offline"}  # waits for the name lookup to fail: its own driver, so it waits beside the others
+SLOW = {
+    "download-offline"
+}  # waits for the name lookup to fail: its own driver, so it waits beside the others
 
-# Ctrl-C: (id, command after `python -u -m`, what the one line says, marks); SIGINT once its first line is out
+# Ctrl-C: (id, command after `python -u -m`, what the one line says, marks); SIGINT once its first
+# line is out
 CTRL_C = [
-    ("ctrl-c-chapters", ["chapters", "--only", "ch1_preference_models"],
-     r"^interrupted: stopped by Ctrl-C in ch1_preference_models \(0 of 1 chapters done\); files already written are whole$", ()),
-    ("ctrl-c-ch4", ["chapters.ch4_dpo"], r"^interrupted: stopped by Ctrl-C; files already written are whole$", ()),
-    ("ctrl-c-ch1", ["chapters.ch1_preference_models"], r"^interrupted: stopped by Ctrl-C; files already written are whole$", ()),
+    (
+        "ctrl-c-chapters",
+        ["chapters", "--only", "ch1_preference_models"],
+        r"^interrupted: stopped by Ctrl-C in ch1_preference_models \(0 of 1 chapters done\); files "
+        r"already written are whole$",
+        (),
+    ),
+    (
+        "ctrl-c-ch4",
+        ["chapters.ch4_dpo"],
+        r"^interrupted: stopped by Ctrl-C; files already written are whole$",
+        (),
+    ),
+    (
+        "ctrl-c-ch1",
+        ["chapters.ch1_preference_models"],
+        r"^interrupted: stopped by Ctrl-C; files already written are whole$",
+        (),
+    ),
 ]
 
 
 def _tiny_gpt():
     from gpt import GPT, GPTConfig
+
     torch.manual_seed(0)
     return GPT(GPTConfig.tiny())
 
 
 def _gen(**kw):
     from gpt import generate
+
     model = _tiny_gpt()
     ids = kw.pop("ids", torch.tensor([[1, 2, 3]]))
     return generate(model, ids, kw.pop("max_new_tokens", 4), **kw)
@@ -166,6 +603,7 @@ def _gen(**kw):
 
 def _sample(**kw):
     from gpt.generation import sample_next
+
     return sample_next(torch.randn(2, 10), **kw)
 
 
@@ -175,63 +613,217 @@ def _t(*values):
 
 def _call(module, name, *args, **kw):
     import importlib
+
     return getattr(importlib.import_module(module), name)(*args, **kw)
 
 
 # (id, the call, what its ValueError says (a regex), marks)
 LIBRARY = [
-    ("generate-temperature-negative", lambda: _gen(temperature=-1), r"temperature must be a finite number >= 0 \(0 = greedy\)", ()),
-    ("generate-temperature-nan", lambda: _gen(temperature=float("nan")), r"temperature must be a finite number >= 0 .*got nan", ()),
-    ("generate-top-k-negative", lambda: _gen(top_k=-1), r"top_k must be an integer >= 1 \(None or 0: off", ()),
-    ("generate-top-p-0", lambda: _gen(top_p=0.0), r"top_p must be a number in \(0, 1\] .*got 0.0", ()),
-    ("generate-top-p-above-1", lambda: _gen(top_p=1.5), r"top_p must be a number in \(0, 1\] .*got 1.5", ()),
-    ("generate-max-new-tokens-negative", lambda: _gen(max_new_tokens=-1), r"max_new_tokens must be an integer >= 1, got -1", ()),
-    ("generate-token-beyond-vocab", lambda: _gen(ids=_t(64).long()[None]),
-     r"token id 64, outside the model's vocabulary 0..63; encode with the tokenizer", ()),
-    ("generate-empty-prompt", lambda: _gen(ids=_t().long()[None]), r"the prompt is empty .*give at least one token", ()),
-    ("generate-one-row-not-a-batch", lambda: _gen(ids=_t(1, 2).long()), r"input_ids must be a \(batch, tokens\) tensor", ()),
-    ("generate-past-context", lambda: _gen(max_new_tokens=10**6), r"exceeds the context of 64; shorten the prompt", ()),
+    (
+        "generate-temperature-negative",
+        lambda: _gen(temperature=-1),
+        r"temperature must be a finite number >= 0 \(0 = greedy\)",
+        (),
+    ),
+    (
+        "generate-temperature-nan",
+        lambda: _gen(temperature=float("nan")),
+        r"temperature must be a finite number >= 0 .*got nan",
+        (),
+    ),
+    (
+        "generate-top-k-negative",
+        lambda: _gen(top_k=-1),
+        r"top_k must be an integer >= 1 \(None or 0: off",
+        (),
+    ),
+    (
+        "generate-top-p-0",
+        lambda: _gen(top_p=0.0),
+        r"top_p must be a number in \(0, 1\] .*got 0.0",
+        (),
+    ),
+    (
+        "generate-top-p-above-1",
+        lambda: _gen(top_p=1.5),
+        r"top_p must be a number in \(0, 1\] .*got 1.5",
+        (),
+    ),
+    (
+        "generate-max-new-tokens-negative",
+        lambda: _gen(max_new_tokens=-1),
+        r"max_new_tokens must be an integer >= 1, got -1",
+        (),
+    ),
+    (
+        "generate-token-beyond-vocab",
+        lambda: _gen(ids=_t(64).long()[None]),
+        r"token id 64, outside the model's vocabulary 0..63; encode with the tokenizer",
+        (),
+    ),
+    (
+        "generate-empty-prompt",
+        lambda: _gen(ids=_t().long()[None]),
+        r"the prompt is empty .*give at least one token",
+        (),
+    ),
+    (
+        "generate-one-row-not-a-batch",
+        lambda: _gen(ids=_t(1, 2).long()),
+        r"input_ids must be a \(batch, tokens\) tensor",
+        (),
+    ),
+    (
+        "generate-past-context",
+        lambda: _gen(max_new_tokens=10**6),
+        r"exceeds the context of 64; shorten the prompt",
+        (),
+    ),
     ("sample-next-top-k-negative", lambda: _sample(top_k=-1), r"top_k must be an integer >= 1", ()),
     ("sample-next-top-p-0", lambda: _sample(top_p=0.0), r"top_p must be a number in \(0, 1\]", ()),
-    ("sample-next-temperature-negative", lambda: _sample(temperature=-1.0), r"temperature must be a finite number >= 0", ()),
-    ("generate-eos-beyond-vocab", lambda: _gen(eos_id=64), r"eos_id 64 is outside the model's vocabulary 0..63", ()),
-    ("sample-next-one-row-of-logits", lambda: _call("gpt.generation", "sample_next", torch.randn(10)),
-     r"logits must be \(batch, vocab\), got shape \(10,\)", ()),
-    ("load-gpt2-not-a-name", lambda: _call("gpt", "load_gpt2", 123), r"load_gpt2 takes a model name .* or a checkpoint path, got 123", ()),
-    ("load-gpt2-unknown-source", lambda: _call("gpt", "load_gpt2", "gpt2", source="tf"), r"unknown source 'tf'; valid sources: openai, hf", ()),
-    ("dpo-loss-beta-nan", lambda: _call("chapters.ch4_dpo", "dpo_loss", _t(0), _t(0), _t(0), _t(0), float("nan")),
-     r"beta must be a finite number > 0", ()),
-    ("response-logprobs-float-ids", lambda: _call("chapters.ch4_dpo", "response_logprobs", _t(0).expand(1, 4, 5),
-                                                  _t(0, 0, 0, 0)[None], _t(1, 1, 1, 1).bool()[None]),
-     r"input_ids must be token ids of dtype torch.long, got torch.float64", ()),
-    ("optimal-policy-beta-nan", lambda: _call("chapters.ch3_kl_optimum", "optimal_policy", _t(0.5, 0.5), _t(0, 1), float("nan")),
-     r"beta must be > 0 and finite", ()),
-    ("load-gpt2-unknown-name", lambda: _call("gpt", "load_gpt2", "gpt3"), r"unknown model name 'gpt3'", ()),
-    ("load-gpt2-missing-path", lambda: _call("gpt", "load_gpt2", "/no/such/ckpt"), r"no such file or folder", ()),
-    ("dpo-loss-beta-0", lambda: _call("chapters.ch4_dpo", "dpo_loss", _t(0), _t(0), _t(0), _t(0), 0.0), r"beta must be .*> 0", ()),
-    ("dpo-loss-shapes", lambda: _call("chapters.ch4_dpo", "dpo_loss", _t(0, 0), _t(0, 0, 0), _t(0, 0), _t(0, 0), 0.1),
-     r"do not broadcast", ()),
-    ("response-logprobs-shapes", lambda: _call("chapters.ch4_dpo", "response_logprobs", _t(0).expand(1, 3, 5),
-                                               _t(0, 0, 0, 0).long()[None], _t(1, 1, 1, 1).bool()[None]),
-     r"shapes disagree", ()),
-    ("optimal-policy-beta-0", lambda: _call("chapters.ch3_kl_optimum", "optimal_policy", _t(0.5, 0.5), _t(0, 1), 0.0),
-     r"beta must be > 0", ()),
-    ("optimal-policy-negative-reference", lambda: _call("chapters.ch3_kl_optimum", "optimal_policy", _t(-0.5, 1.5),
-                                                        _t(0, 1), 1.0), r"pi_ref must be a distribution .* every entry >= 0", ()),
-    ("optimal-policy-shapes", lambda: _call("chapters.ch3_kl_optimum", "optimal_policy", _t(0.5, 0.5), _t(0, 1, 2), 1.0),
-     r"pi_ref \(2,\) and rewards \(3,\) do not broadcast; give one reward per response", ()),
-    ("plackett-luce-repeated-option", lambda: _call("chapters.ch1_preference_models", "plackett_luce", _t(0, 0, 0),
-                                                    [0, 0, 1]), r"ranking repeats an option", ()),
-    ("gae-gamma-above-1", lambda: _call("chapters.ch6_ppo", "gae", _t(0, 0), _t(0, 0), 2.0, 0.9),
-     r"gamma and lam must be in \[0, 1\], got 2.0 and 0.9", ()),
-    ("gae-shapes", lambda: _call("chapters.ch6_ppo", "gae", _t(0, 0), _t(0, 0, 0), 0.9, 0.9),
-     r"rewards \(2,\), values \(3,\) .*must have one shape", ()),
-    ("preference-loss-unknown-kind", lambda: _call("chapters.ch10_dpo_family", "preference_loss", "dpoo", _t(0), _t(0),
-                                                   _t(0), _t(0), 0.1), r"unknown kind 'dpoo'; use one of dpo, ", ()),
+    (
+        "sample-next-temperature-negative",
+        lambda: _sample(temperature=-1.0),
+        r"temperature must be a finite number >= 0",
+        (),
+    ),
+    (
+        "generate-eos-beyond-vocab",
+        lambda: _gen(eos_id=64),
+        r"eos_id 64 is outside the model's vocabulary 0..63",
+        (),
+    ),
+    (
+        "sample-next-one-row-of-logits",
+        lambda: _call("gpt.generation", "sample_next", torch.randn(10)),
+        r"logits must be \(batch, vocab\), got shape \(10,\)",
+        (),
+    ),
+    (
+        "load-gpt2-not-a-name",
+        lambda: _call("gpt", "load_gpt2", 123),
+        r"load_gpt2 takes a model name .* or a checkpoint path, got 123",
+        (),
+    ),
+    (
+        "load-gpt2-unknown-source",
+        lambda: _call("gpt", "load_gpt2", "gpt2", source="tf"),
+        r"unknown source 'tf'; valid sources: openai, hf",
+        (),
+    ),
+    (
+        "dpo-loss-beta-nan",
+        lambda: _call("chapters.ch4_dpo", "dpo_loss", _t(0), _t(0), _t(0), _t(0), float("nan")),
+        r"beta must be a finite number > 0",
+        (),
+    ),
+    (
+        "response-logprobs-float-ids",
+        lambda: _call(
+            "chapters.ch4_dpo",
+            "response_logprobs",
+            _t(0).expand(1, 4, 5),
+            _t(0, 0, 0, 0)[None],
+            _t(1, 1, 1, 1).bool()[None],
+        ),
+        r"input_ids must be token ids of dtype torch.long, got torch.float64",
+        (),
+    ),
+    (
+        "optimal-policy-beta-nan",
+        lambda: _call(
+            "chapters.ch3_kl_optimum", "optimal_policy", _t(0.5, 0.5), _t(0, 1), float("nan")
+        ),
+        r"beta must be > 0 and finite",
+        (),
+    ),
+    (
+        "load-gpt2-unknown-name",
+        lambda: _call("gpt", "load_gpt2", "gpt3"),
+        r"unknown model name 'gpt3'",
+        (),
+    ),
+    (
+        "load-gpt2-missing-path",
+        lambda: _call("gpt", "load_gpt2", "/no/such/ckpt"),
+        r"no such file or folder",
+        (),
+    ),
+    (
+        "dpo-loss-beta-0",
+        lambda: _call("chapters.ch4_dpo", "dpo_loss", _t(0), _t(0), _t(0), _t(0), 0.0),
+        r"beta must be .*> 0",
+        (),
+    ),
+    (
+        "dpo-loss-shapes",
+        lambda: _call(
+            "chapters.ch4_dpo", "dpo_loss", _t(0, 0), _t(0, 0, 0), _t(0, 0), _t(0, 0), 0.1
+        ),
+        r"do not broadcast",
+        (),
+    ),
+    (
+        "response-logprobs-shapes",
+        lambda: _call(
+            "chapters.ch4_dpo",
+            "response_logprobs",
+            _t(0).expand(1, 3, 5),
+            _t(0, 0, 0, 0).long()[None],
+            _t(1, 1, 1, 1).bool()[None],
+        ),
+        r"shapes disagree",
+        (),
+    ),
+    (
+        "optimal-policy-beta-0",
+        lambda: _call("chapters.ch3_kl_optimum", "optimal_policy", _t(0.5, 0.5), _t(0, 1), 0.0),
+        r"beta must be > 0",
+        (),
+    ),
+    (
+        "optimal-policy-negative-reference",
+        lambda: _call("chapters.ch3_kl_optimum", "optimal_policy", _t(-0.5, 1.5), _t(0, 1), 1.0),
+        r"pi_ref must be a distribution .* every entry >= 0",
+        (),
+    ),
+    (
+        "optimal-policy-shapes",
+        lambda: _call("chapters.ch3_kl_optimum", "optimal_policy", _t(0.5, 0.5), _t(0, 1, 2), 1.0),
+        r"pi_ref \(2,\) and rewards \(3,\) do not broadcast; give one reward per response",
+        (),
+    ),
+    (
+        "plackett-luce-repeated-option",
+        lambda: _call("chapters.ch1_preference_models", "plackett_luce", _t(0, 0, 0), [0, 0, 1]),
+        r"ranking repeats an option",
+        (),
+    ),
+    (
+        "gae-gamma-above-1",
+        lambda: _call("chapters.ch6_ppo", "gae", _t(0, 0), _t(0, 0), 2.0, 0.9),
+        r"gamma and lam must be in \[0, 1\], got 2.0 and 0.9",
+        (),
+    ),
+    (
+        "gae-shapes",
+        lambda: _call("chapters.ch6_ppo", "gae", _t(0, 0), _t(0, 0, 0), 0.9, 0.9),
+        r"rewards \(2,\), values \(3,\) .*must have one shape",
+        (),
+    ),
+    (
+        "preference-loss-unknown-kind",
+        lambda: _call(
+            "chapters.ch10_dpo_family", "preference_loss", "dpoo", _t(0), _t(0), _t(0), _t(0), 0.1
+        ),
+        r"unknown kind 'dpoo'; use one of dpo, ",
+        (),
+    ),
 ]
 
 
 # ---------------------------------------------------------------- the driver (runs in a subprocess)
+
 
 class _CaseTimeout(BaseException):
     pass
@@ -247,17 +839,24 @@ def _snapshot(roots):
 
 
 def _changes(before, after):
-    return sorted({p for p in before.keys() | after.keys() if before.get(p, "gone") != after.get(p, "gone")})
+    return sorted(
+        {p for p in before.keys() | after.keys() if before.get(p, "gone") != after.get(p, "gone")}
+    )
 
 
-_WRITES = []  # paths under WATCHED that the running case opened for writing, renamed to, made or removed
+# paths under WATCHED that the running case opened for writing, renamed to, made or removed
+_WRITES = []
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
 def _audit(event, args):
     """Audit hook: the repository's folders are watched by what this process does to them, so other
     processes writing there at the same time (a shared checkout) are not blamed on a case."""
-    if event == "open" and isinstance(args[0], (str, os.PathLike)) and (args[2] or 0) & _WRITE_FLAGS:
+    if (
+        event == "open"
+        and isinstance(args[0], (str, os.PathLike))
+        and (args[2] or 0) & _WRITE_FLAGS
+    ):
         path = args[0]
     elif event in ("os.rename", "os.replace"):
         path = args[1]
@@ -289,7 +888,11 @@ def _run_case(case):
                     runpy.run_module(case["target"], run_name="__main__", alter_sys=True)
                 code = 0
             except SystemExit as e:  # what the interpreter does with it
-                code = e.code if isinstance(e.code, int) or e.code is None else (print(e.code, file=sys.stderr), 1)[1]
+                code = (
+                    e.code
+                    if isinstance(e.code, int) or e.code is None
+                    else (print(e.code, file=sys.stderr), 1)[1]
+                )
             except _CaseTimeout:
                 code = f"still running after {CASE_SECONDS} s"
             except BaseException:
@@ -299,16 +902,24 @@ def _run_case(case):
         signal.alarm(0)
         os.environ.clear()
         os.environ.update(saved_env)
-    return {"code": code or 0, "stdout": out.getvalue(), "stderr": err.getvalue(), "seconds": time.perf_counter() - start,
-            "changed": sorted(set(_WRITES)) + _changes(before, _snapshot(roots))}
+    return {
+        "code": code or 0,
+        "stdout": out.getvalue(),
+        "stderr": err.getvalue(),
+        "seconds": time.perf_counter() - start,
+        "changed": sorted(set(_WRITES)) + _changes(before, _snapshot(roots)),
+    }
 
 
 def _drive(cases_file, results_file):
     sys.path.insert(0, str(REPO))
-    warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)  # runpy, module reruns
+    warnings.filterwarnings(
+        "ignore", message=".*found in sys.modules", category=RuntimeWarning
+    )  # runpy, module reruns
     signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(_CaseTimeout()))
     sys.addaudithook(_audit)
     import torch
+
     torch.set_num_threads(1)
     cases = json.loads(Path(cases_file).read_text())
     Path(results_file).write_text(json.dumps([_run_case(c) for c in cases]))
@@ -316,9 +927,14 @@ def _drive(cases_file, results_file):
 
 # ---------------------------------------------------------------- running the tables
 
+
 def _case_env(tmp, name):
-    return {"DPO_PLOTS_DIR": str(tmp / name / "plots"), "DPO_CACHE": str(tmp / name / "cache"),
-            "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+    return {
+        "DPO_PLOTS_DIR": str(tmp / name / "plots"),
+        "DPO_CACHE": str(tmp / name / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONHASHSEED": "0",
+    }
 
 
 def _run_drivers(tmp, groups):
@@ -326,26 +942,43 @@ def _run_drivers(tmp, groups):
         i, cases = i_cases
         cases_file, results_file = tmp / f"cases{i}.json", tmp / f"results{i}.json"
         cases_file.write_text(json.dumps(cases))
-        subprocess.run([sys.executable, __file__, str(cases_file), str(results_file)], cwd=REPO, check=True,
-                       timeout=CASE_SECONDS * (len(cases) + 1))
+        subprocess.run(
+            [sys.executable, __file__, str(cases_file), str(results_file)],
+            cwd=REPO,
+            check=True,
+            timeout=CASE_SECONDS * (len(cases) + 1),
+        )
         return json.loads(results_file.read_text())
+
     with ThreadPoolExecutor(len(groups)) as pool:
         return list(pool.map(one, enumerate(groups)))
 
 
 def _ctrl_c(tmp, name, argv):
     env = {**os.environ, **_case_env(tmp, name), "PYTHONUNBUFFERED": "1"}
-    # SIGINT's default action in the child: a shell's background job (`pytest &`) starts with SIGINT ignored, and
-    # Python then installs no KeyboardInterrupt handler, so the signal would be lost and the test would wrongly fail
-    proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIGINT's default action in the child: a shell's background job (`pytest &`) starts with SIGINT
+    # ignored, and
+    # Python then installs no KeyboardInterrupt handler, so the signal would be lost and the test
+    # would wrongly fail
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *argv],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     first = proc.stdout.readline()  # the work has started
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     plots = Path(env["DPO_PLOTS_DIR"])
-    partial = [p.name for p in plots.glob("*") if p.suffix != ".png" or not p.read_bytes().endswith(b"IEND\xaeB`\x82")]
+    partial = [
+        p.name
+        for p in plots.glob("*")
+        if p.suffix != ".png" or not p.read_bytes().endswith(b"IEND\xaeB`\x82")
+    ]
     return {"code": proc.returncode, "stdout": first + stdout, "stderr": stderr, "changed": partial}
 
 
@@ -355,20 +988,36 @@ def outcomes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_inputs")
     (tmp / "a_file").write_text("a file where a folder is expected\n")
     (tmp / "empty.json").write_text("[]")
-    (tmp / "malformed.json").write_text(json.dumps([{"instruction": "x", "input": "", "output": "", "chosen": "a"}]))
-    pair = {"instruction": "Say hi.", "input": "", "output": "Hi.", "chosen": "Hi.", "rejected": "Hi."}
+    (tmp / "malformed.json").write_text(
+        json.dumps([{"instruction": "x", "input": "", "output": "", "chosen": "a"}])
+    )
+    pair = {
+        "instruction": "Say hi.",
+        "input": "",
+        "output": "Hi.",
+        "chosen": "Hi.",
+        "rejected": "Hi.",
+    }
     (tmp / "identical.json").write_text(json.dumps([pair] * 40))
-    cases = [{"id": i, "target": t, "args": [a.format(tmp=tmp) for a in args],
-              "env": {**_case_env(tmp, i), **{k: v.format(tmp=tmp) for k, v in env.items()}}}
-             for i, t, args, env, _, _ in CLI]
+    cases = [
+        {
+            "id": i,
+            "target": t,
+            "args": [a.format(tmp=tmp) for a in args],
+            "env": {**_case_env(tmp, i), **{k: v.format(tmp=tmp) for k, v in env.items()}},
+        }
+        for i, t, args, env, _, _ in CLI
+    ]
     fast = [c for c in cases if c["id"] not in SLOW]
     groups = [fast[0::2], fast[1::2], [c for c in cases if c["id"] in SLOW]]
     with ThreadPoolExecutor(2) as pool:
         drivers = pool.submit(_run_drivers, tmp, groups)
         ctrl_c = {i: pool.submit(_ctrl_c, tmp, i, argv) for i, argv, _, _ in CTRL_C}
         results = [r for group in drivers.result() for r in group]
-        outcomes = {**{c["id"]: r for c, r in zip([c for g in groups for c in g], results)},
-                    **{i: f.result() for i, f in ctrl_c.items()}}
+        outcomes = {
+            **{c["id"]: r for c, r in zip([c for g in groups for c in g], results)},
+            **{i: f.result() for i, f in ctrl_c.items()},
+        }
     for o in outcomes.values():
         o["stdout"], o["stderr"] = (o[k].replace(str(tmp), "{tmp}") for k in ("stdout", "stderr"))
     return outcomes
@@ -378,7 +1027,9 @@ def _assert_one_line(outcome, expected):
     assert outcome["code"] != 0, f"exit code 0; stdout ends {outcome['stdout'][-300:]!r}"
     both = outcome["stdout"] + outcome["stderr"]
     assert "Traceback" not in both, both[-2000:]
-    lines = [line for line in outcome["stderr"].split("\n") if line.strip() and "\r" not in line]  # "\r": a progress bar
+    lines = [
+        line for line in outcome["stderr"].split("\n") if line.strip() and "\r" not in line
+    ]  # "\r": a progress bar
     if lines and lines[0].startswith("usage:"):  # argparse: its usage block, then one error line
         lines = lines[-1:]
     assert len(lines) == 1, f"want one line on stderr, got {lines}"
@@ -387,35 +1038,45 @@ def _assert_one_line(outcome, expected):
     assert outcome["changed"] == [], f"files written, changed or removed: {outcome['changed']}"
 
 
-@pytest.mark.parametrize("name, expected", [pytest.param(i, e, id=i, marks=m) for i, _, _, _, e, m in CLI])
+@pytest.mark.parametrize(
+    "name, expected", [pytest.param(i, e, id=i, marks=m) for i, _, _, _, e, m in CLI]
+)
 def test_bad_command_line_gets_one_line_and_writes_nothing(outcomes, name, expected):
     _assert_one_line(outcomes[name], expected)
 
 
-@pytest.mark.parametrize("name, expected", [pytest.param(i, e, id=i, marks=m) for i, _, e, m in CTRL_C])
+@pytest.mark.parametrize(
+    "name, expected", [pytest.param(i, e, id=i, marks=m) for i, _, e, m in CTRL_C]
+)
 def test_ctrl_c_gets_one_line_exit_130_and_no_partial_file(outcomes, name, expected):
     assert outcomes[name]["code"] == 130, outcomes[name]
     _assert_one_line(outcomes[name], expected)
 
 
-@pytest.mark.parametrize("call, expected", [pytest.param(c, e, id=i, marks=m) for i, c, e, m in LIBRARY])
+@pytest.mark.parametrize(
+    "call, expected", [pytest.param(c, e, id=i, marks=m) for i, c, e, m in LIBRARY]
+)
 def test_bad_library_call_raises_value_error_with_one_line(call, expected):
     with pytest.raises(ValueError, match=expected) as err:
         call()
     assert "\n" not in str(err.value) and len(str(err.value)) <= SHORT, str(err.value)
 
 
-@pytest.mark.parametrize("name, good, bad", [
-    ("positive_int", {"1": 1, "7": 7}, ["0", "-3", "1.5", "x"]),
-    ("nonnegative_int", {"0": 0, "7": 7}, ["-1", "2.0"]),
-    ("positive_float", {"1e-3": 1e-3, "2": 2.0}, ["0", "-1", "nan", "inf"]),
-    ("nonnegative_float", {"0": 0.0, "0.7": 0.7}, ["-0.1", "nan", "-inf"]),
-    ("probability", {"1": 1.0, "0.95": 0.95}, ["0", "1.5", "nan"]),
-])
+@pytest.mark.parametrize(
+    "name, good, bad",
+    [
+        ("positive_int", {"1": 1, "7": 7}, ["0", "-3", "1.5", "x"]),
+        ("nonnegative_int", {"0": 0, "7": 7}, ["-1", "2.0"]),
+        ("positive_float", {"1e-3": 1e-3, "2": 2.0}, ["0", "-1", "nan", "inf"]),
+        ("nonnegative_float", {"0": 0.0, "0.7": 0.7}, ["-0.1", "nan", "-inf"]),
+        ("probability", {"1": 1.0, "0.95": 0.95}, ["0", "1.5", "nan"]),
+    ],
+)
 def test_argparse_types_accept_their_range_and_refuse_the_rest(name, good, bad):
     import argparse
 
     from gpt import cli
+
     kind = getattr(cli, name)
     assert {text: kind(text) for text in good} == good
     for text in bad:
@@ -425,11 +1086,13 @@ def test_argparse_types_accept_their_range_and_refuse_the_rest(name, good, bad):
 
 def test_interrupted_figure_leaves_neither_the_png_nor_a_temporary_file(tmp_path, monkeypatch):
     from chapters.common.figures import plt, save_figure
+
     fig, _ = plt.subplots()
 
     def interrupted_savefig(f, **kw):
         f.write(b"\x89PNG half a figure")
         raise KeyboardInterrupt
+
     monkeypatch.setattr(fig, "savefig", interrupted_savefig)
     with pytest.raises(KeyboardInterrupt):
         save_figure(fig, tmp_path / "fig.png")
@@ -438,6 +1101,7 @@ def test_interrupted_figure_leaves_neither_the_png_nor_a_temporary_file(tmp_path
 
 def test_failed_table_write_keeps_the_previous_table_whole(tmp_path):
     from chapters.common.files import atomic_open
+
     table = tmp_path / "table.csv"
     table.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="bad row"), atomic_open(table) as f:

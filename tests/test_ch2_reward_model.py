@@ -1,5 +1,7 @@
-"""Chapter 2: BT as a sigmoid (eqs. (17)–(23)), the reward-model NLL and its gradient (eqs. (24)–(26)),
+"""Chapter 2: BT as a sigmoid (eqs. (17)–(23)), the reward-model NLL and its gradient (eqs.
+(24)–(26)),
 reward normalisation, maximum likelihood on synthetic data, and the GPT-2 reward model."""
+
 import math
 
 import pytest
@@ -56,7 +58,9 @@ def test_eq20_ratio_of_exponentials_is_exponential_of_the_difference():
 
 def test_eq22_sigmoid_hand_values_and_symmetry():
     z = torch.tensor([0.0, math.log(3), -math.log(3)], dtype=F64)
-    torch.testing.assert_close(sigmoid(z), torch.tensor([0.5, 0.75, 0.25], dtype=F64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        sigmoid(z), torch.tensor([0.5, 0.75, 0.25], dtype=F64), rtol=1e-14, atol=0
+    )
     z = torch.linspace(-20, 20, 81, dtype=F64)
     torch.testing.assert_close(sigmoid(-z), 1 - sigmoid(z), rtol=0, atol=1e-15)
 
@@ -77,15 +81,23 @@ def test_eq25_nll_is_minus_mean_log_of_eq24():
     p = [0.9, 0.6, 0.75, 0.2]
     expected = -(math.log(0.9) + math.log(0.6) + math.log(0.75) + math.log(0.2)) / 4
     assert preference_nll(p).item() == pytest.approx(expected, rel=1e-14)
-    assert preference_nll(p).item() == pytest.approx(-math.log(preference_likelihood(p).item()) / 4, rel=1e-13)
+    assert preference_nll(p).item() == pytest.approx(
+        -math.log(preference_likelihood(p).item()) / 4, rel=1e-13
+    )
 
 
 def test_eq26_loss_is_eq25_with_bt_substituted():
     r_w, r_l = (torch.tensor(v, dtype=F64) for v in zip(*PAIRS))
     expected = -sum(math.log(hand_bt(a, b)) for a, b in PAIRS) / len(PAIRS)
     assert reward_model_loss(r_w, r_l).item() == pytest.approx(expected, rel=1e-13)
-    assert reward_model_loss(torch.tensor([800.0], dtype=F64), torch.tensor([0.0], dtype=F64)).item() == 0.0
-    assert reward_model_loss(torch.tensor([0.0], dtype=F64), torch.tensor([800.0], dtype=F64)).item() == 800.0
+    assert (
+        reward_model_loss(torch.tensor([800.0], dtype=F64), torch.tensor([0.0], dtype=F64)).item()
+        == 0.0
+    )
+    assert (
+        reward_model_loss(torch.tensor([0.0], dtype=F64), torch.tensor([800.0], dtype=F64)).item()
+        == 800.0
+    )
 
 
 def test_eq26_gradient_autograd_equals_closed_form():
@@ -96,13 +108,16 @@ def test_eq26_gradient_autograd_equals_closed_form():
     torch.testing.assert_close(r_w.grad, g_w, rtol=1e-12, atol=1e-18)
     torch.testing.assert_close(r_l.grad, g_l, rtol=1e-12, atol=1e-18)
     # and by hand for one pair: ∂/∂r_w of −log σ(r_w − r_l) = −(1 − σ(r_w − r_l)) = −σ(r_l − r_w)
-    g_w1, g_l1 = reward_model_loss_grad(torch.tensor([1.0], dtype=F64), torch.tensor([0.0], dtype=F64))
+    g_w1, g_l1 = reward_model_loss_grad(
+        torch.tensor([1.0], dtype=F64), torch.tensor([0.0], dtype=F64)
+    )
     assert g_w1.item() == pytest.approx(-1 / (1 + math.e), rel=1e-14)
     assert g_l1.item() == pytest.approx(1 / (1 + math.e), rel=1e-14)
 
 
 def test_sec33_descent_on_eq26_raises_the_probability_of_y_w_not_y_l():
-    """Erratum: §3.3 says training 'increases the probability of answering … with answer y_l'; it is y_w."""
+    """Erratum: §3.3 says training 'increases the probability of answering … with answer y_l'; it is
+    y_w."""
     r_w = torch.zeros(8, dtype=F64, requires_grad=True)
     r_l = torch.zeros(8, dtype=F64, requires_grad=True)
     opt = torch.optim.SGD([r_w, r_l], lr=1.0)
@@ -119,13 +134,21 @@ def test_normalisation_centres_each_prompt_and_keeps_bt_probabilities():
     for row, out in zip(table.tolist(), centred.tolist()):
         mean = sum(row) / len(row)
         assert out == pytest.approx([v - mean for v in row], rel=1e-12, abs=1e-13)
-    torch.testing.assert_close(bt_probability(centred[:, :1], centred), bt_probability(table[:, :1], table),
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        bt_probability(centred[:, :1], centred),
+        bt_probability(table[:, :1], table),
+        rtol=1e-12,
+        atol=1e-15,
+    )
     # the flat form: rewards (N,) with the prompt of each
     rewards = torch.tensor([1.0, 3.0, 10.0, 20.0, 30.0, -4.0], dtype=F64)
     prompt = torch.tensor([0, 0, 1, 1, 1, 2])
-    torch.testing.assert_close(normalize_rewards(rewards, prompt),
-                               torch.tensor([-1.0, 1.0, -10.0, 0.0, 10.0, 0.0], dtype=F64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        normalize_rewards(rewards, prompt),
+        torch.tensor([-1.0, 1.0, -10.0, 0.0, 10.0, 0.0], dtype=F64),
+        rtol=0,
+        atol=1e-14,
+    )
 
 
 def test_bt_samples_follow_eq23():
@@ -138,7 +161,9 @@ def test_bt_samples_follow_eq23():
 
 def test_mle_recovers_true_rewards_up_to_a_per_prompt_constant():
     gen = torch.Generator().manual_seed(0)
-    true = torch.randn(10, 5, generator=gen, dtype=F64) + 5 * torch.randn(10, 1, generator=gen, dtype=F64)
+    true = torch.randn(10, 5, generator=gen, dtype=F64) + 5 * torch.randn(
+        10, 1, generator=gen, dtype=F64
+    )
     truth = true - true.mean(-1, keepdim=True)
     errors = {}
     for n in (50, 3000):
@@ -169,10 +194,14 @@ def test_reward_head_reads_the_last_real_token_under_padding():
         torch.testing.assert_close(rm(left, left_mask), alone, rtol=0, atol=1e-5)
         # by hand: the head on the hidden state at index len − 1
         hidden = rm.backbone.hidden_states(right, right_mask)  # (B, T, C)
-        by_hand = torch.stack([rm.head(hidden[b, len(s) - 1]).squeeze() for b, s in enumerate(seqs)])
+        by_hand = torch.stack(
+            [rm.head(hidden[b, len(s) - 1]).squeeze() for b, s in enumerate(seqs)]
+        )
         torch.testing.assert_close(rm(right, right_mask), by_hand, rtol=0, atol=1e-6)
         # pad ids do not matter; the last real token does
-        torch.testing.assert_close(rm(right.masked_fill(right_mask == 0, 13), right_mask), alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            rm(right.masked_fill(right_mask == 0, 13), right_mask), alone, rtol=0, atol=1e-5
+        )
         changed = right.clone()
         changed[0, len(seqs[0]) - 1] = 11
         assert (rm(changed, right_mask)[0] - alone[0]).abs() > 1e-4
@@ -196,19 +225,27 @@ def test_training_on_eq26_learns_the_count_reward(one_thread):
     train, _, _ = count_task_pairs(1500, gen)
     test, t_w, t_l = count_task_pairs(500, gen)
     rm = tiny_reward_model()
-    losses = train_reward_model(rm, train, steps=150, batch_size=32, lr=3e-3, generator=gen, progress=False)
+    losses = train_reward_model(
+        rm, train, steps=150, batch_size=32, lr=3e-3, generator=gen, progress=False
+    )
     assert sum(losses[-20:]) / 20 < 0.6 < losses[0]
     with torch.no_grad():
         s_w, s_l = pair_rewards(rm, test)
     distinct = t_w != t_l
-    assert ((s_w > s_l) == (t_w > t_l))[distinct].double().mean() > 0.9  # orders held-out pairs as r* does
+    assert ((s_w > s_l) == (t_w > t_l))[
+        distinct
+    ].double().mean() > 0.9  # orders held-out pairs as r* does
     assert pair_accuracy(rm, test) > 0.65  # agreement with BT-noisy labels (at most ~0.76 here)
 
 
 def test_script_prints_claims_and_writes_figures(capsys):
     main(["--quick", "--rm-steps", "30"])
     out = capsys.readouterr().out
-    assert "eq. (23) vs chapter 1's eq. (16)" in out and "centred RMSE" in out and "held-out pairs" in out
+    assert (
+        "eq. (23) vs chapter 1's eq. (16)" in out
+        and "centred RMSE" in out
+        and "held-out pairs" in out
+    )
     for name in ("ch2_mle_recovery", "ch2_reward_model"):
         assert (plots_dir() / f"{name}_quick.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):

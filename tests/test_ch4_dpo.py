@@ -1,5 +1,7 @@
-"""Chapter 4 (report §4.2–§4.4, eqs. (38)–(41)): each check computes its closed form independently, by hand or by
+"""Chapter 4 (report §4.2–§4.4, eqs. (38)–(41)): each check computes its closed form independently,
+by hand or by
 enumeration, in float64 (tabular) or float32 (the tiny GPT-2)."""
+
 import itertools
 import math
 
@@ -36,10 +38,13 @@ def sigmoid(z):
 
 
 def by_prefixes(model, prompt, response):
-    """Σ_t log π(y_t | x, y_<t), one unpadded forward pass per prefix: the definition, independent of response_logprobs."""
+    """Σ_t log π(y_t | x, y_<t), one unpadded forward pass per prefix: the definition, independent
+    of response_logprobs."""
     total = 0.0
     for t in range(len(response)):
-        logits = model(torch.cat([prompt, response[:t]])[None])[0, -1]  # (V,): next token after the prefix
+        logits = model(torch.cat([prompt, response[:t]])[None])[
+            0, -1
+        ]  # (V,): next token after the prefix
         total = total + torch.log_softmax(logits, -1)[response[t]]
     return total
 
@@ -68,7 +73,9 @@ def test_eq38_large_margins_give_finite_loss_and_gradients():
     loss = dpo_loss(margin, zeros, zeros, zeros, beta=1.0)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(margin.grad).all()
-    assert loss.tolist() == pytest.approx([0.0, 1e4], abs=1e-3)  # −log σ(z): → 0 as z → ∞, → −z as z → −∞
+    assert loss.tolist() == pytest.approx(
+        [0.0, 1e4], abs=1e-3
+    )  # −log σ(z): → 0 as z → ∞, → −z as z → −∞
     assert margin.grad.tolist() == pytest.approx([0.0, -1.0], abs=1e-6)  # d/dz −log σ(z) = −σ(−z)
     naive = -torch.log(torch.sigmoid(margin.detach()))  # what the stable form avoids
     assert torch.isinf(naive[1])
@@ -80,7 +87,9 @@ def test_eq38_depends_on_the_policy_only_through_the_two_log_ratios():
     a, b = torch.randn(8, generator=g, **F64) * 5, torch.randn(8, generator=g, **F64) * 5
     base = dpo_loss(pc, pr, rc, rr, beta=0.5)
     # the same ratios π/π_ref for y_w and y_l, from other policies and references: the same loss
-    assert torch.allclose(dpo_loss(pc + a, pr + b, rc + a, rr + b, beta=0.5), base, atol=1e-14, rtol=0)
+    assert torch.allclose(
+        dpo_loss(pc + a, pr + b, rc + a, rr + b, beta=0.5), base, atol=1e-14, rtol=0
+    )
     # a different ratio: a different loss (so the check above can fail)
     assert not torch.allclose(dpo_loss(pc + a, pr, rc, rr, beta=0.5), base, atol=1e-3)
 
@@ -90,7 +99,9 @@ def test_eq38_tabular_policies_differing_off_the_pair_give_the_same_loss():
     ref = torch.softmax(torch.randn(6, generator=g, **F64), -1)
     pi1 = torch.softmax(torch.randn(6, generator=g, **F64), -1)
     pi2 = pi1.clone()
-    rest = torch.tensor([2, 3, 4, 5])  # y_w = 0, y_l = 1 keep their probabilities; the others are reshuffled
+    rest = torch.tensor(
+        [2, 3, 4, 5]
+    )  # y_w = 0, y_l = 1 keep their probabilities; the others are reshuffled
     pi2[rest] = pi1[rest].sum() * torch.softmax(torch.randn(4, generator=g, **F64), -1)
     assert not torch.allclose(pi1, pi2)
     losses = [dpo_loss(p[0].log(), p[1].log(), ref[0].log(), ref[1].log(), 0.2) for p in (pi1, pi2)]
@@ -108,17 +119,24 @@ def test_implicit_reward_and_trainer_metrics_by_hand():
     assert m["rewards/rejected"] == pytest.approx(0.0, abs=1e-15)
     assert m["rewards/margins"] == pytest.approx(0.25, abs=1e-15)
     assert m["rewards/accuracies"] == 0.5
-    assert m["loss"] == pytest.approx((-math.log(sigmoid(1.0)) - math.log(sigmoid(-0.5))) / 2, abs=1e-15)
-    tie = dpo_metrics(pc, pc, rc, rc, beta)  # policy = reference: margins 0, counted as not yet right (as TRL does)
+    assert m["loss"] == pytest.approx(
+        (-math.log(sigmoid(1.0)) - math.log(sigmoid(-0.5))) / 2, abs=1e-15
+    )
+    tie = dpo_metrics(
+        pc, pc, rc, rc, beta
+    )  # policy = reference: margins 0, counted as not yet right (as TRL does)
     assert tie["rewards/accuracies"] == 0.0 and tie["loss"] == pytest.approx(LN2, abs=1e-15)
 
 
-# ------------------------------------------------------------------------------------- eqs. (39)–(40)
+# ------------------------------------------------------------------------------------- eqs.
+# (39)–(40)
 def pl_probability_by_hand(scores, ranking):
     """Plackett–Luce: Π_k exp(s_τ(k)) / Σ_{j≥k} exp(s_τ(j)), float64 by enumeration of the sums."""
     p = 1.0
     for k in range(len(ranking)):
-        p *= math.exp(scores[ranking[k]]) / sum(math.exp(scores[ranking[j]]) for j in range(k, len(ranking)))
+        p *= math.exp(scores[ranking[k]]) / sum(
+            math.exp(scores[ranking[j]]) for j in range(k, len(ranking))
+        )
     return p
 
 
@@ -149,11 +167,17 @@ def test_eq39_partition_function_cancels():
     r = torch.randn(K, generator=g, **F64)
     Z = (pi_ref * torch.exp(r / beta)).sum()
     pi_star = pi_ref * torch.exp(r / beta) / Z  # eq. (36), by hand
-    assert torch.allclose(beta * torch.log(pi_star / pi_ref) + beta * torch.log(Z), r, atol=1e-14)  # eq. (37)
+    assert torch.allclose(
+        beta * torch.log(pi_star / pi_ref) + beta * torch.log(Z), r, atol=1e-14
+    )  # eq. (37)
     for tau in itertools.permutations(range(K)):
         # first line of (39) with exp(r*), against its second line (β·log π*/π_ref, no Z)
         order = list(tau)
-        second_line = math.exp(-plackett_luce_dpo_loss(pi_star.log()[order][None], pi_ref.log()[order][None], beta).item())
+        second_line = math.exp(
+            -plackett_luce_dpo_loss(
+                pi_star.log()[order][None], pi_ref.log()[order][None], beta
+            ).item()
+        )
         assert second_line == pytest.approx(pl_probability_by_hand(r.tolist(), tau), abs=1e-13)
 
 
@@ -169,8 +193,11 @@ def test_eq39_as_printed_without_exp_is_not_a_ranking_distribution():
     # the step to the second line needs invariance to r + β·log Z(x); the printed form lacks it
     shifted = [v + 1.0 for v in r]
     assert printed((0, 1, 2)) != pytest.approx(
-        math.prod(shifted[k] / sum(shifted[j] for j in range(k, 3)) for k in range(3)), abs=1e-3)
-    assert pl_probability_by_hand(r, (0, 1, 2)) == pytest.approx(pl_probability_by_hand(shifted, (0, 1, 2)), abs=1e-15)
+        math.prod(shifted[k] / sum(shifted[j] for j in range(k, 3)) for k in range(3)), abs=1e-3
+    )
+    assert pl_probability_by_hand(r, (0, 1, 2)) == pytest.approx(
+        pl_probability_by_hand(shifted, (0, 1, 2)), abs=1e-15
+    )
 
 
 # ----------------------------------------------------------------------------------------- eq. (41)
@@ -182,7 +209,8 @@ def test_eq41_autograd_equals_closed_form_tabular():
     x, w, l = tokens(0, 1, 2, 2, 0), tokens(0, 3, 1, 4, 2), tokens(2, 1, 0, 3, 4)
     logp = torch.log_softmax(theta, -1)
     dpo_loss(logp[x, w], logp[x, l], log_ref[x, w], log_ref[x, l], beta).mean().backward()
-    # by hand: ∇_θ log π(y|x) = e_{x,y} − π(·|x) e_x, so ∇log π(y_w) − ∇log π(y_l) = e_{x,w} − e_{x,l}
+    # by hand: ∇_θ log π(y|x) = e_{x,y} − π(·|x) e_x, so ∇log π(y_w) − ∇log π(y_l) = e_{x,w} −
+    # e_{x,l}
     closed = torch.zeros(X, Y, **F64)
     lp = logp.detach()
     for i in range(len(x)):
@@ -191,6 +219,7 @@ def test_eq41_autograd_equals_closed_form_tabular():
         closed[x[i], w[i]] -= beta * sigmoid(r_l - r_w) / len(x)
         closed[x[i], l[i]] += beta * sigmoid(r_l - r_w) / len(x)
     assert torch.allclose(theta.grad, closed, atol=1e-15, rtol=0)
+
     # the chapter's eq. (41) function, fed the per-example gradients by hand, gives the same
     def grad_logp(xs, ys):  # (B, X*Y): ∇_θ log π(y|x) = e_{x,y} − π(·|x) in row x
         grads = torch.zeros(len(xs), X, Y, **F64)
@@ -199,45 +228,70 @@ def test_eq41_autograd_equals_closed_form_tabular():
             grads[i, xi, yi] += 1
         return grads.flatten(1)
 
-    got = dpo_gradient(grad_logp(x, w), grad_logp(x, l), lp[x, w], lp[x, l], log_ref[x, w], log_ref[x, l], beta)
+    got = dpo_gradient(
+        grad_logp(x, w), grad_logp(x, l), lp[x, w], lp[x, l], log_ref[x, w], log_ref[x, l], beta
+    )
     assert torch.allclose(got, closed.flatten(), atol=1e-15, rtol=0)
 
 
 def test_eq41_autograd_equals_closed_form_gpt2_parameters():
-    """dpo_gradient fed the per-example gradients of the prefix-by-prefix log π(y|x) equals autograd of eq. (38)."""
+    """dpo_gradient fed the per-example gradients of the prefix-by-prefix log π(y|x) equals autograd
+    of eq. (38)."""
     policy, ref = random_tiny_gpt2(0), random_tiny_gpt2(1)
     beta = 0.5
-    pairs = [(tokens(5, 9, 2), tokens(7, 1, 3), tokens(8)), (tokens(4, 4), tokens(10, 11), tokens(12, 13, 14, 15))]
+    pairs = [
+        (tokens(5, 9, 2), tokens(7, 1, 3), tokens(8)),
+        (tokens(4, 4), tokens(10, 11), tokens(12, 13, 14, 15)),
+    ]
     B = len(pairs)
     prompts = [p for p, _, _ in pairs] * 2
-    ids, attn, resp = prompt_response_rows(prompts, [c for _, c, _ in pairs] + [r for _, _, r in pairs])
+    ids, attn, resp = prompt_response_rows(
+        prompts, [c for _, c, _ in pairs] + [r for _, _, r in pairs]
+    )
     with torch.no_grad():
         ref_lp = response_logprobs(ref(ids, attn), ids, resp)
     lp = response_logprobs(policy(ids, attn), ids, resp)
     params = list(policy.parameters())
-    auto = torch.autograd.grad(dpo_loss(lp[:B], lp[B:], ref_lp[:B], ref_lp[B:], beta).mean(), params)
+    auto = torch.autograd.grad(
+        dpo_loss(lp[:B], lp[B:], ref_lp[:B], ref_lp[B:], beta).mean(), params
+    )
     auto = torch.cat([a.flatten() for a in auto])  # (P,)
 
     def flat_grad(value):  # (P,): ∇_θ of one scalar
         return torch.cat([g.flatten() for g in torch.autograd.grad(value, params)])
 
-    # eq. (41)'s ingredients from the definition (one unpadded forward pass per prefix), not from response_logprobs
-    lp_w, lp_l = ([by_prefixes(policy, x, y) for x, y in zip(prompts[:B], ys)] for ys in ([c for _, c, _ in pairs],
-                                                                                         [r for _, _, r in pairs]))
-    grad_w, grad_l = torch.stack([flat_grad(v) for v in lp_w]), torch.stack([flat_grad(v) for v in lp_l])  # (B, P)
+    # eq. (41)'s ingredients from the definition (one unpadded forward pass per prefix), not from
+    # response_logprobs
+    lp_w, lp_l = (
+        [by_prefixes(policy, x, y) for x, y in zip(prompts[:B], ys)]
+        for ys in ([c for _, c, _ in pairs], [r for _, _, r in pairs])
+    )
+    grad_w, grad_l = (
+        torch.stack([flat_grad(v) for v in lp_w]),
+        torch.stack([flat_grad(v) for v in lp_l]),
+    )  # (B, P)
     with torch.no_grad():
         ref_w = torch.stack([by_prefixes(ref, x, c) for x, c, _ in pairs])
         ref_l = torch.stack([by_prefixes(ref, x, r) for x, _, r in pairs])
     lp_w, lp_l = torch.stack(lp_w).detach(), torch.stack(lp_l).detach()
     got = dpo_gradient(grad_w, grad_l, lp_w, lp_l, ref_w, ref_l, beta)
     # and eq. (41) by hand: −β/B Σ_i σ(r̂_l − r̂_w)(∇log π(y_w) − ∇log π(y_l))
-    by_hand = sum(-beta * sigmoid(beta * ((lp_l[i] - ref_l[i]) - (lp_w[i] - ref_w[i])).item()) * (grad_w[i] - grad_l[i])
-                  for i in range(B)) / B
+    by_hand = (
+        sum(
+            -beta
+            * sigmoid(beta * ((lp_l[i] - ref_l[i]) - (lp_w[i] - ref_w[i])).item())
+            * (grad_w[i] - grad_l[i])
+            for i in range(B)
+        )
+        / B
+    )
     scale = auto.abs().max().item()
     assert scale > 1e-3  # a non-trivial gradient
     assert torch.allclose(got, auto, atol=1e-5 * scale, rtol=1e-4)
     assert torch.allclose(by_hand, auto, atol=1e-5 * scale, rtol=1e-4)
-    wrong_sign = dpo_gradient(grad_l, grad_w, lp_l, lp_w, ref_l, ref_w, beta)  # winner and loser swapped
+    wrong_sign = dpo_gradient(
+        grad_l, grad_w, lp_l, lp_w, ref_l, ref_w, beta
+    )  # winner and loser swapped
     assert not torch.allclose(wrong_sign, auto, atol=1e-2 * scale)
 
 
@@ -245,7 +299,11 @@ def test_eq41_autograd_equals_closed_form_gpt2_parameters():
 def test_response_logprobs_on_gpt2_equals_token_by_token_sum():
     model = random_tiny_gpt2(0)
     prompts = [tokens(5, 9, 2), tokens(4), tokens(8, 8, 8, 8)]
-    responses = [tokens(7, 1, 3), tokens(10, 11, 12, 13, 14), tokens(6)]  # rows right-padded to different lengths
+    responses = [
+        tokens(7, 1, 3),
+        tokens(10, 11, 12, 13, 14),
+        tokens(6),
+    ]  # rows right-padded to different lengths
     ids, attn, resp = prompt_response_rows(prompts, responses, pad_id=63)
     with torch.no_grad():
         got = response_logprobs(model(ids, attn), ids, resp)
@@ -275,14 +333,20 @@ def test_per_token_mean_divides_by_the_number_of_response_tokens():
 
 
 def test_per_token_mean_moves_the_optimum_to_length_scaled_rewards():
-    """With log π/π_ref divided by |y|, DPO's optimum is π_ref·exp(|y|(r*/β + c)), not π* (eq. (36)): a length bias."""
+    """With log π/π_ref divided by |y|, DPO's optimum is π_ref·exp(|y|(r*/β + c)), not π* (eq.
+    (36)): a length bias."""
     g = torch.Generator().manual_seed(7)
     Y, beta = 4, 0.5
     pi_ref = torch.softmax(torch.randn(1, Y, generator=g, **F64), -1)
     r = torch.randn(1, Y, generator=g, **F64)
     lengths = torch.tensor([1.0, 2.0, 3.0, 5.0], **F64)
     fit = fit_tabular_dpo(pi_ref, preference_probabilities(pi_ref, r), beta, lengths=lengths)[0]
-    c = brentq(lambda c: (pi_ref[0] * torch.exp(lengths * (r[0] / beta + c))).sum().item() - 1, -50, 50, xtol=1e-15)
+    c = brentq(
+        lambda c: (pi_ref[0] * torch.exp(lengths * (r[0] / beta + c))).sum().item() - 1,
+        -50,
+        50,
+        xtol=1e-15,
+    )
     predicted = pi_ref[0] * torch.exp(lengths * (r[0] / beta + c))
     pi_star = pi_ref[0] * torch.exp(r[0] / beta) / (pi_ref[0] * torch.exp(r[0] / beta)).sum()
     assert torch.allclose(fit, predicted, atol=1e-9, rtol=0)
@@ -301,11 +365,13 @@ def test_response_logprobs_rejects_bad_input():
 
 # ----------------------------------------------------------------------- the report authors' code
 def test_authors_unshifted_logprob_is_not_a_probability_of_the_response():
-    """Σ over all V² two-token responses of exp(log π(y|x)) is 1; of the unshifted score it is not."""
+    """Σ over all V² two-token responses of π(y|x) is 1; of the unshifted score it is not."""
     model = random_tiny_gpt2(0)
     V = model.config.vocab_size
     prompt = tokens(5, 9, 2)
-    responses = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # (V², 2): every response of length 2
+    responses = torch.cartesian_prod(
+        torch.arange(V), torch.arange(V)
+    )  # (V², 2): every response of length 2
     ids = torch.cat([prompt.expand(len(responses), -1), responses], 1)  # (V², 5)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, 3:] = True
@@ -318,7 +384,8 @@ def test_authors_unshifted_logprob_is_not_a_probability_of_the_response():
 
 
 def test_authors_hidden_response_cannot_see_its_own_earlier_tokens():
-    """attention_mask = 0 on the response: log π(y_3 | ...) no longer depends on y_1; the real one does."""
+    """attention_mask = 0 on the response: log π(y_3 | ...) no longer depends on y_1; the real one
+    does."""
     model = random_tiny_gpt2(0)
     prompt = tokens(5, 9, 2)
     a, b = tokens(7, 1, 3), tokens(40, 1, 3)  # differ only in the first response token
@@ -340,12 +407,18 @@ def test_authors_padding_inside_logprob_makes_the_loss_depend_on_the_batch():
     policy, ref = random_tiny_gpt2(0), random_tiny_gpt2(1)
     beta = 0.5
     p, c, r = tokens(5, 9), tokens(7, 1), tokens(3, 4)  # the example under study
-    p2, c2, r2 = tokens(6), tokens(11, 12, 13, 14, 15, 16), tokens(17)  # a batch-mate with a long response
+    p2, c2, r2 = (
+        tokens(6),
+        tokens(11, 12, 13, 14, 15, 16),
+        tokens(17),
+    )  # a batch-mate with a long response
 
     def losses(triples, mask_of):
         B = len(triples)
         prompts = [t[0] for t in triples] * 2
-        ids, attn, resp = prompt_response_rows(prompts, [t[1] for t in triples] + [t[2] for t in triples])
+        ids, attn, resp = prompt_response_rows(
+            prompts, [t[1] for t in triples] + [t[2] for t in triples]
+        )
         mask = mask_of(ids, attn, resp)
         with torch.no_grad():
             lp, rl = (response_logprobs(m(ids, attn), ids, mask) for m in (policy, ref))
@@ -365,9 +438,13 @@ def test_authors_padding_inside_logprob_makes_the_loss_depend_on_the_batch():
     assert abs(alone.item() - LN2) > 0.05  # policy ≠ reference: a loss with something to lose
     bad_alone = losses([(p, c, r)], everything_but_first)[0]
     bad_batched = losses([(p, c, r), (p2, c2, r2)], everything_but_first)[0]
-    assert abs(bad_batched.item() - bad_alone.item()) > 0.05  # the example's loss now depends on its batch-mate
+    assert (
+        abs(bad_batched.item() - bad_alone.item()) > 0.05
+    )  # the example's loss now depends on its batch-mate
     # the prompt alone cancels in a summed margin (same prompt for y_w and y_l); padding does not
-    assert losses([(p, c, r), (p2, c2, r2)], prompt_inside)[0].item() == pytest.approx(batched.item(), abs=1e-5)
+    assert losses([(p, c, r), (p2, c2, r2)], prompt_inside)[0].item() == pytest.approx(
+        batched.item(), abs=1e-5
+    )
 
 
 # ------------------------------------------------------------------- the central claim, tabular
@@ -389,7 +466,9 @@ def test_preference_probabilities_are_bradley_terry_on_pairs_from_the_reference(
             continue
         bt = sigmoid((r[x, w] - r[x, l]).item())
         assert (P[x, w, l] / (P[x, w, l] + P[x, l, w])).item() == pytest.approx(bt, abs=1e-14)
-        pair = pi_ref[x, w] * pi_ref[x, l] / (1 - (pi_ref[x] ** 2).sum()) / 2  # x uniform over 2, unordered pair
+        pair = (
+            pi_ref[x, w] * pi_ref[x, l] / (1 - (pi_ref[x] ** 2).sum()) / 2
+        )  # x uniform over 2, unordered pair
         assert (P[x, w, l] + P[x, l, w]).item() == pytest.approx(2 * pair.item(), abs=1e-14)
 
 
@@ -418,7 +497,12 @@ def test_dpo_on_finite_bt_data_approaches_the_optimal_policy_as_data_grows():
     probs = preference_probabilities(pi_ref, r)
 
     def error(n, seed):
-        return (fit_tabular_dpo(pi_ref, preference_counts(probs, n, seed), beta) - pi_star).abs().max().item()
+        return (
+            (fit_tabular_dpo(pi_ref, preference_counts(probs, n, seed), beta) - pi_star)
+            .abs()
+            .max()
+            .item()
+        )
 
     small = sorted(error(1_000, s) for s in range(5))[2]  # medians of 5 data sets
     large = sorted(error(1_000_000, s) for s in range(5))[2]
@@ -427,8 +511,11 @@ def test_dpo_on_finite_bt_data_approaches_the_optimal_policy_as_data_grows():
 
 
 def test_main_rejects_nonpositive_beta_and_repeats_with_one_argparse_line(capsys):
-    for argv, message in ((["--beta", "0"], "--beta: must be > 0"), (["--beta", "nan"], "not a finite number"),
-                          (["--repeats", "0"], "--repeats: must be at least 1")):
+    for argv, message in (
+        (["--beta", "0"], "--beta: must be > 0"),
+        (["--beta", "nan"], "not a finite number"),
+        (["--repeats", "0"], "--repeats: must be at least 1"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
@@ -444,7 +531,11 @@ def test_dpo_loss_and_response_logprobs_refuse_bad_beta_and_shapes_with_one_line
     with pytest.raises(ValueError, match="do not broadcast") as err:
         dpo_loss(lp, torch.zeros(4, **F64), lp, lp, 0.1)
     assert len(str(err.value).splitlines()) == 1
-    logits, ids, mask = torch.zeros(1, 4, 8), torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool)
+    logits, ids, mask = (
+        torch.zeros(1, 4, 8),
+        torch.zeros(1, 4, dtype=torch.long),
+        torch.zeros(1, 4, dtype=torch.bool),
+    )
     with pytest.raises(ValueError, match="shapes disagree"):
         response_logprobs(logits[0], ids, mask)  # (T, V) logits, no batch axis
     with pytest.raises(ValueError, match="torch.long"):

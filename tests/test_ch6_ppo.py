@@ -1,4 +1,6 @@
-"""Chapter 6: PPO's loss pieces (eqs. (1)–(5)) and the RLHF reward (eq. (28)) against closed forms, float64."""
+"""Chapter 6: PPO's loss pieces (eqs. (1)–(5)) and the RLHF reward (eq. (28)) against closed forms,
+float64."""
+
 import math
 
 import pytest
@@ -40,29 +42,39 @@ def test_eq5_gae_recursion_equals_explicit_sum_to_segment_end():
     gamma, lam, T = 0.9, 0.7, r.shape[-1]
     delta = td_errors(r, v, gamma)
     # eq. (5) with the sum stopping at the segment's last step, l = T − t − 1 (the report writes T)
-    explicit = torch.stack([sum((gamma * lam) ** l * delta[t + l] for l in range(T - t)) for t in range(T)], -1)
+    explicit = torch.stack(
+        [sum((gamma * lam) ** l * delta[t + l] for l in range(T - t)) for t in range(T)], -1
+    )
     adv, _ = gae(r, v, gamma, lam)
     assert torch.allclose(adv, explicit, atol=TOL, rtol=0)
 
 
 def test_eq5_gae_cut_off_segment_bootstraps_from_last_value():
-    """A segment cut off before its episode ends: δ_(T−1) = r_(T−1) + γ·V(s_T) − V(s_(T−1)), then eq. (5)'s sum."""
+    """A segment cut off before its episode ends: δ_(T−1) = r_(T−1) + γ·V(s_T) − V(s_(T−1)), then
+    eq. (5)'s sum."""
     r, v = random_episode()
     v_T = torch.randn(3, generator=torch.Generator().manual_seed(9), **F64)
     gamma, lam, T = 0.9, 0.7, r.shape[-1]
     delta = [r[:, t] + gamma * (v[:, t + 1] if t + 1 < T else v_T) - v[:, t] for t in range(T)]
-    explicit = torch.stack([sum((gamma * lam) ** l * delta[t + l] for l in range(T - t)) for t in range(T)], -1)
+    explicit = torch.stack(
+        [sum((gamma * lam) ** l * delta[t + l] for l in range(T - t)) for t in range(T)], -1
+    )
     adv, ret = gae(r, v, gamma, lam, last_value=v_T)
     assert torch.allclose(adv, explicit, atol=TOL, rtol=0)
     assert torch.allclose(ret, explicit + v, atol=TOL, rtol=0)
-    assert (adv - gae(r, v, gamma, lam)[0]).abs().min() > 1e-6  # V(s_T) reaches every step of the segment
+    assert (
+        adv - gae(r, v, gamma, lam)[0]
+    ).abs().min() > 1e-6  # V(s_T) reaches every step of the segment
 
 
 def test_eq5_gae_bootstrapped_with_the_rest_of_the_episode_recovers_the_uncut_advantages():
-    """λ = 1: cutting an episode at T and bootstrapping V(s_T) = Σ_k γ^k r_(T+k) gives the whole episode's A_t for t < T."""
+    """λ = 1: cutting an episode at T and bootstrapping V(s_T) = Σ_k γ^k r_(T+k) gives the whole
+    episode's A_t for t < T."""
     r, v = random_episode(batch=2, T=9)
     gamma, T = 0.8, 5
-    rest = sum(gamma ** k * r[:, T + k] for k in range(r.shape[-1] - T))  # the exact return after the cut
+    rest = sum(
+        gamma**k * r[:, T + k] for k in range(r.shape[-1] - T)
+    )  # the exact return after the cut
     whole, _ = gae(r, v, gamma, 1.0)
     cut, _ = gae(r[:, :T], v[:, :T], gamma, 1.0, last_value=rest)
     assert torch.allclose(cut, whole[:, :T], atol=TOL, rtol=0)
@@ -89,7 +101,9 @@ def test_eq5_gae_lambda0_is_td_error():
 def test_eq5_gae_lambda1_is_discounted_return_minus_value():
     r, v = random_episode()
     gamma, T = 0.8, r.shape[-1]
-    discounted_return = torch.stack([sum(gamma ** k * r[..., t + k] for k in range(T - t)) for t in range(T)], -1)
+    discounted_return = torch.stack(
+        [sum(gamma**k * r[..., t + k] for k in range(T - t)) for t in range(T)], -1
+    )
     adv, _ = gae(r, v, gamma, 1.0)
     assert torch.allclose(adv, discounted_return - v, atol=TOL, rtol=0)
 
@@ -99,13 +113,19 @@ def test_eq5_gae_returns_are_td_lambda_returns():
     gamma, lam, T = 0.9, 0.6, r.shape[-1]
 
     def n_step(t, n):  # G_t^(n) = Σ_{k<n} γ^k r_{t+k} + γ^n V(s_{t+n}), V = 0 past the end
-        g = sum(gamma ** k * r[..., t + k] for k in range(min(n, T - t)))
-        return g + (gamma ** n * v[..., t + n] if t + n < T else 0.0)
+        g = sum(gamma**k * r[..., t + k] for k in range(min(n, T - t)))
+        return g + (gamma**n * v[..., t + n] if t + n < T else 0.0)
 
-    # G_t^λ = (1 − λ) Σ_{n=1}^{T−t−1} λ^{n−1} G_t^(n) + λ^{T−t−1} G_t (the weights of the longer n-step returns collapse onto the full return)
-    td_lambda = torch.stack([
-        (1 - lam) * sum(lam ** (n - 1) * n_step(t, n) for n in range(1, T - t)) + lam ** (T - t - 1) * n_step(t, T - t)
-        for t in range(T)], -1)
+    # G_t^λ = (1 − λ) Σ_{n=1}^{T−t−1} λ^{n−1} G_t^(n) + λ^{T−t−1} G_t (the weights of the longer
+    # n-step returns collapse onto the full return)
+    td_lambda = torch.stack(
+        [
+            (1 - lam) * sum(lam ** (n - 1) * n_step(t, n) for n in range(1, T - t))
+            + lam ** (T - t - 1) * n_step(t, T - t)
+            for t in range(T)
+        ],
+        -1,
+    )
     _, returns = gae(r, v, gamma, lam)
     assert torch.allclose(returns, td_lambda, atol=TOL, rtol=0)
 
@@ -128,7 +148,9 @@ def test_whitened_advantages_have_mean0_var1_over_mask():
     w = whiten(x, mask)
     real = w[mask.bool()]
     assert abs(real.mean().item()) < 1e-12
-    assert abs((real ** 2).mean().item() - 1) < 1e-6  # population variance; eps = 1e-8 in the denominator
+    assert (
+        abs((real**2).mean().item() - 1) < 1e-6
+    )  # population variance; eps = 1e-8 in the denominator
     assert (w[~mask.bool()] == 0).all()
 
 
@@ -157,11 +179,17 @@ def test_eq1_clipped_objective_is_a_pessimistic_bound():
 
 
 def test_eq2_value_loss_and_its_clipped_variant():
-    v, target = torch.tensor([0.5, 0.1, -0.3], **F64, requires_grad=True), torch.tensor([1.0, 0.0, 0.5], **F64)
-    assert torch.allclose(value_loss(v, target), torch.tensor([0.25, 0.01, 0.64], **F64), atol=TOL, rtol=0)
+    v, target = (
+        torch.tensor([0.5, 0.1, -0.3], **F64, requires_grad=True),
+        torch.tensor([1.0, 0.0, 0.5], **F64),
+    )
+    assert torch.allclose(
+        value_loss(v, target), torch.tensor([0.25, 0.01, 0.64], **F64), atol=TOL, rtol=0
+    )
     old = torch.tensor([0.0, 0.0, 0.0], **F64)
     clipped = value_loss(v, target, old, 0.2)
-    # by hand: V clipped to V_old ± 0.2 = [0.2, 0.1, -0.2] -> squared errors [0.64, 0.01, 0.49]; the max of both
+    # by hand: V clipped to V_old ± 0.2 = [0.2, 0.1, -0.2] -> squared errors [0.64, 0.01, 0.49]; the
+    # max of both
     assert torch.allclose(clipped, torch.tensor([0.64, 0.01, 0.64], **F64), atol=TOL, rtol=0)
     clipped.sum().backward()
     assert v.grad[0] == 0  # the clipped branch wins: no gradient pushes V further from V_old
@@ -175,13 +203,14 @@ def test_eq3_entropy_of_uniform_is_log_num_actions():
 
 
 def test_eq4_objective_is_maximised_and_its_entropy_term_is_a_bonus():
-    """Eq. (4) as written (L^H = E[−βH] added with +c2) lowers the entropy when maximised; PPO's +c2·H raises it."""
+    """Eq. (4) as written (L^H = E[−βH] added with +c2) lowers the entropy when maximised; PPO's
+    +c2·H raises it."""
     c2, beta, steps = 0.5, 1.0, 20
 
     def ascend(objective):
         logits = torch.tensor([2.0, 0.0, -1.0], **F64, requires_grad=True)
         for _ in range(steps):
-            grad, = torch.autograd.grad(objective(logits), logits)
+            (grad,) = torch.autograd.grad(objective(logits), logits)
             logits = (logits + 0.5 * grad).detach().requires_grad_()
         return entropy(logits).item()
 
@@ -190,20 +219,31 @@ def test_eq4_objective_is_maximised_and_its_entropy_term_is_a_bonus():
     ours = ascend(lambda z: ppo_objective(zero, zero, entropy(z)[None], vf_coef=0.5, ent_coef=c2))
     report = ascend(lambda z: c2 * (-beta * entropy(z)))  # + c2·L^H with L^H = E[−βH], eq. (3)
     assert ours > h0 + 0.1 and report < h0 - 0.1
-    # L is an objective: its gradient in the surrogate is +1 and in the value error −c1 (ascent lowers the error)
+    # L is an objective: its gradient in the surrogate is +1 and in the value error −c1 (ascent
+    # lowers the error)
     s, vl = torch.ones(4, **F64, requires_grad=True), torch.ones(4, **F64, requires_grad=True)
     ppo_objective(s, vl, torch.zeros(4, **F64), vf_coef=0.5).backward()
-    assert torch.allclose(s.grad, torch.full((4,), 0.25, **F64)) and torch.allclose(vl.grad, torch.full((4,), -0.125, **F64))
+    assert torch.allclose(s.grad, torch.full((4,), 0.25, **F64)) and torch.allclose(
+        vl.grad, torch.full((4,), -0.125, **F64)
+    )
 
 
 def test_eq28_rollout_rewards_sum_to_score_minus_beta_sequence_logratio(one_thread):
-    trainer, _ = tiny_trainer(iterations=1, eos_id=7)  # one update, so π ≠ π_ref; eos 7 makes lengths differ
+    trainer, _ = tiny_trainer(
+        iterations=1, eos_id=7
+    )  # one update, so π ≠ π_ref; eos 7 makes lengths differ
     batch = trainer.rollout(*trainer.sample_prompts(8))
     mask = batch["mask"].double()
-    log_ratio = ((batch["logp"] - batch["ref_logp"]).double() * mask).sum(-1)  # log π(y|x) − log π_ref(y|x)
+    log_ratio = ((batch["logp"] - batch["ref_logp"]).double() * mask).sum(
+        -1
+    )  # log π(y|x) − log π_ref(y|x)
     expected = batch["scores"].double() - trainer.beta * log_ratio
-    assert log_ratio.abs().max() > 1e-3 and mask.sum(-1).min() < mask.shape[1]  # a real test: KL > 0, early ends
-    assert torch.allclose(batch["rewards"].double().sum(-1), expected, atol=1e-5, rtol=0)  # float32 log-probs
+    assert (
+        log_ratio.abs().max() > 1e-3 and mask.sum(-1).min() < mask.shape[1]
+    )  # a real test: KL > 0, early ends
+    assert torch.allclose(
+        batch["rewards"].double().sum(-1), expected, atol=1e-5, rtol=0
+    )  # float32 log-probs
     assert (batch["rewards"][~batch["mask"].bool()] == 0).all()
 
 
@@ -220,15 +260,19 @@ def test_kl_estimators_k1_k3_unbiased_by_enumeration_and_k3_nonnegative():
 
 
 def test_eq36_chain_optimum_matches_enumeration_over_all_responses():
-    """The soft-Bellman optimum on the chain equals π* ∝ π_ref·exp(r/β) enumerated over all 3^4 responses."""
+    """The soft-Bellman optimum on the chain equals π* ∝ π_ref·exp(r/β) enumerated over all 3^4
+    responses."""
     import itertools
+
     start, transition = markov_task.markov_chain(3, 0.5, torch.Generator().manual_seed(4))
     token_class, length, beta = (0,), 4, 0.3
     for s0 in range(3):
         weights, rewards, log_ref = [], [], []
         for y in itertools.product(range(3), repeat=length):
             path = (s0,) + y
-            lp = sum(math.log(transition[path[i], path[i + 1]]) for i in range(length))  # log π_ref(y|x)
+            lp = sum(
+                math.log(transition[path[i], path[i + 1]]) for i in range(length)
+            )  # log π_ref(y|x)
             r = sum(t in token_class for t in y) / length
             weights.append(math.exp(lp + r / beta))
             rewards.append(r)
@@ -237,7 +281,9 @@ def test_eq36_chain_optimum_matches_enumeration_over_all_responses():
         pi = [w / z for w in weights]
         reward = sum(p * r for p, r in zip(pi, rewards))
         kl = sum(p * (math.log(p) - lr) for p, lr in zip(pi, log_ref))
-        got = markov_task.chain_kl_optimum(torch.tensor([s0]), transition, token_class, length, beta)
+        got = markov_task.chain_kl_optimum(
+            torch.tensor([s0]), transition, token_class, length, beta
+        )
         assert abs(got["reward"].item() - reward) < 1e-12
         assert abs(got["kl"].item() - kl) < 1e-12
         assert abs(got["objective"].item() - beta * math.log(z)) < 1e-12
@@ -254,10 +300,14 @@ def test_policy_forward_logprobs_sum_to_ch4_response_logprobs_and_value_head_sta
     model = gpt.GPT(gpt.GPTConfig.tiny(vocab_size=11, n_positions=16))
     ids = torch.randint(11, (2, 9))
     head = ppo_trainer.ValueHead(model.config.n_embd)
-    logits, per_token, values = ppo_trainer.policy_forward(model, ids, None, start=4, value_head=head)  # (2, 5) each
+    logits, per_token, values = ppo_trainer.policy_forward(
+        model, ids, None, start=4, value_head=head
+    )  # (2, 5) each
     mask = torch.zeros_like(ids)
     mask[:, 4:] = 1
-    assert torch.allclose(per_token.sum(-1), response_logprobs(model(ids), ids, mask), atol=1e-5, rtol=0)
+    assert torch.allclose(
+        per_token.sum(-1), response_logprobs(model(ids), ids, mask), atol=1e-5, rtol=0
+    )
     assert logits.shape == (2, 5, 11) and values.shape == (2, 5) and (values == 0).all()
 
 
@@ -273,22 +323,32 @@ def tiny_trainer(seed=0, iterations=2, eos_id=None):
     ref = gpt.GPT(model.config)
     ref.load_state_dict(model.state_dict())
     prompts = [[1, 2, 3], [4, 5], [6]]
-    cfg = ppo_trainer.PPOConfig(batch_size=8, minibatch_size=4, epochs=2, response_length=5, eos_id=eos_id,
-                               seed=seed)
-    trainer = ppo_trainer.PPOTrainer(model, ref, markov_task.class_fraction_reward({0, 1}), prompts, cfg)
+    cfg = ppo_trainer.PPOConfig(
+        batch_size=8, minibatch_size=4, epochs=2, response_length=5, eos_id=eos_id, seed=seed
+    )
+    trainer = ppo_trainer.PPOTrainer(
+        model, ref, markov_task.class_fraction_reward({0, 1}), prompts, cfg
+    )
     return trainer, trainer.train(iterations, progress=False)
 
 
 def test_rollout_whitens_advantages_over_each_rows_response_tokens_only(one_thread):
-    """EOS-ended rows of different lengths: advantages are whitened over the response mask alone (mean 0, variance 1
-    there, 0 after each row's EOS), i.e. the raw eq. (5) advantages standardised by hand over the real tokens."""
+    """EOS-ended rows of different lengths: advantages are whitened over the response mask alone
+    (mean 0, variance 1
+    there, 0 after each row's EOS), i.e. the raw eq. (5) advantages standardised by hand over the
+    real tokens."""
     trainer, _ = tiny_trainer(iterations=1, eos_id=7)
     batch = trainer.rollout(*trainer.sample_prompts(16))
     real = batch["mask"].bool()
     assert len(set(real.sum(-1).tolist())) >= 3  # rows end at different places
     cfg = trainer.config
-    raw, _ = gae(batch["rewards"].double(), (batch["values"] * batch["mask"]).double(), cfg.gamma, cfg.lam,
-                 batch["mask"].double())
+    raw, _ = gae(
+        batch["rewards"].double(),
+        (batch["values"] * batch["mask"]).double(),
+        cfg.gamma,
+        cfg.lam,
+        batch["mask"].double(),
+    )
     expected = torch.zeros_like(raw)
     expected[real] = (raw[real] - raw[real].mean()) / (raw[real].var(unbiased=False) + 1e-8).sqrt()
     adv = batch["advantages"].double()
@@ -304,8 +364,12 @@ def test_trainer_starts_on_policy_and_is_repeatable(one_thread):
     assert history[0]["kl"] == 0  # policy = reference before the first update
     batch = trainer.rollout(*trainer.sample_prompts(4))
     with torch.no_grad():
-        _, logp, _ = ppo_trainer.policy_forward(trainer.policy, batch["input_ids"], batch["attention_mask"], batch["start"])
-    assert torch.allclose(logp, batch["logp"], atol=1e-6, rtol=0)  # r_t(θ) = 1 at the start of each update
+        _, logp, _ = ppo_trainer.policy_forward(
+            trainer.policy, batch["input_ids"], batch["attention_mask"], batch["start"]
+        )
+    assert torch.allclose(
+        logp, batch["logp"], atol=1e-6, rtol=0
+    )  # r_t(θ) = 1 at the start of each update
 
 
 def test_config_rejects_bad_values_in_one_line():
@@ -318,6 +382,9 @@ def test_config_rejects_bad_values_in_one_line():
 def test_quick_run_raises_reward_with_bounded_kl(one_thread):
     out = main(["--quick"])
     before, after = out["before"], out["after"]
-    gain, se = after["reward"] - before["reward"], math.hypot(before["reward_se"], after["reward_se"])
+    gain, se = (
+        after["reward"] - before["reward"],
+        math.hypot(before["reward_se"], after["reward_se"]),
+    )
     assert gain > 5 * se and gain > 0.1
     assert max(h["kl"] for h in out["history"]) < 10  # nats per response; β = 0.05 keeps it bounded

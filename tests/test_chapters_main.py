@@ -1,9 +1,12 @@
-"""`python -m chapters`: a one-thread chapter runs beside the others in a child process, its output shown in its
+"""`python -m chapters`: a one-thread chapter runs beside the others in a child process, its output
+shown in its
 place; --serial runs everything in this process; a stopped child leaves no partial figure.
 
-Chapter 8's miniature (the chapter that runs beside the others) takes minutes, so these tests let chapter 3
+Chapter 8's miniature (the chapter that runs beside the others) takes minutes, so these tests let
+chapter 3
 (~3 s) play its part: `ONE_THREAD` names it, and chapter 5 runs meanwhile in this process.
 """
+
 import pytest
 
 import chapters.__main__ as job
@@ -13,7 +16,8 @@ CH3_SAYS = "error: cannot write figures to"  # chapter 3's one line when its plo
 
 @pytest.fixture
 def ch3_beside(monkeypatch):
-    """Chapter 3 is the one-thread chapter; the chapters run here are stubs that say whether it is running."""
+    """Chapter 3 is the one-thread chapter; the chapters run here are stubs that say whether it is
+    running."""
     monkeypatch.setattr(job, "ONE_THREAD", "ch3_kl_optimum")
     monkeypatch.setattr(job, "available_cores", lambda: 2)
     started, ran_here = [], []
@@ -27,16 +31,20 @@ def ch3_beside(monkeypatch):
         print(f"\n=== {name}")
         ran_here.append((name, [child.proc.poll() is None for child in started]))
         return "ok", ""
+
     monkeypatch.setattr(job.Beside, "__init__", init)
     monkeypatch.setattr(job, "run_chapter", run_chapter)
     return started, ran_here
 
 
-def test_the_one_thread_chapter_runs_beside_the_next_and_its_output_comes_in_its_place(ch3_beside, tmp_path,
-                                                                                      monkeypatch, capsys):
+def test_the_one_thread_chapter_runs_beside_the_next_and_its_output_comes_in_its_place(
+    ch3_beside, tmp_path, monkeypatch, capsys
+):
     started, ran_here = ch3_beside
-    # the child meets a plots folder under a file and stops with its one line as soon as it has imported (~3 s
-    # instead of chapter 3's whole run); the parent's own up-front check is skipped so that it gets that far
+    # the child meets a plots folder under a file and stops with its one line as soon as it has
+    # imported (~3 s
+    # instead of chapter 3's whole run); the parent's own up-front check is skipped so that it gets
+    # that far
     (tmp_path / "a_file").write_text("not a folder")
     monkeypatch.setenv("DPO_PLOTS_DIR", str(tmp_path / "a_file" / "plots"))
     monkeypatch.setattr(job, "check_writable", lambda: None)
@@ -45,9 +53,14 @@ def test_the_one_thread_chapter_runs_beside_the_next_and_its_output_comes_in_its
     assert [child.name for child in started] == ["ch3_kl_optimum"]
     assert ran_here == [("ch5_theory", [True])]  # chapter 3 was running while chapter 5 ran here
     ch5_at, ch3_at = out.index("=== ch5_theory"), out.index("=== ch3_kl_optimum (ran beside")
-    assert ch5_at < ch3_at < out.index(CH3_SAYS) < out.index("| chapter |")  # ch3's output in ch3's place
+    assert (
+        ch5_at < ch3_at < out.index(CH3_SAYS) < out.index("| chapter |")
+    )  # ch3's output in ch3's place
     assert "| ch5_theory | ok |" in out and "wall time:" in out
-    assert "| ch3_kl_optimum | FAILED | " in out and f"{CH3_SAYS} " in out.split("| ch3_kl_optimum | FAILED |")[1]
+    assert (
+        "| ch3_kl_optimum | FAILED | " in out
+        and f"{CH3_SAYS} " in out.split("| ch3_kl_optimum | FAILED |")[1]
+    )
 
 
 def test_serial_runs_every_chapter_in_this_process(ch3_beside, capsys):

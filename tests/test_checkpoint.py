@@ -1,9 +1,13 @@
-"""gpt/checkpoint.py, gpt/tf_bundle.py: OpenAI's TensorFlow checkpoint read with numpy; safetensors in both layouts.
+"""gpt/checkpoint.py, gpt/tf_bundle.py: OpenAI's TensorFlow checkpoint read with numpy; safetensors
+in both layouts.
 
-The reference for the weights is what real TensorFlow read (tests/fixtures/tf_gpt2_tiny/tf_read.npz, written
-by tests/fixtures/make_tf_checkpoint.py) and what transformers saves; the reference for the logits is
+The reference for the weights is what real TensorFlow read (tests/fixtures/tf_gpt2_tiny/tf_read.npz,
+written
+by tests/fixtures/make_tf_checkpoint.py) and what transformers saves; the reference for the logits
+is
 transformers.GPT2LMHeadModel holding the same weights, float32, max |Δ| ≤ 1e-4.
 """
+
 import json
 import re
 import shutil
@@ -32,10 +36,19 @@ def max_logit_gap(model, hf_model, vocab, seed=0):
 
 
 def hf_from_openai_arrays(arrays, hparams):
-    """transformers' GPT-2 holding OpenAI-named arrays, renamed here by their own rule, not gpt.checkpoint's table:
-    model/h3/attn/c_attn/w -> h.3.attn.c_attn.weight, g/w -> weight, b -> bias, (1, in, out) -> (in, out)."""
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=hparams["n_vocab"], n_positions=hparams["n_ctx"], n_embd=hparams["n_embd"],
-                                    n_layer=hparams["n_layer"], n_head=hparams["n_head"])).eval()
+    """transformers' GPT-2 holding OpenAI-named arrays, renamed here by their own rule, not
+    gpt.checkpoint's table:
+    model/h3/attn/c_attn/w -> h.3.attn.c_attn.weight, g/w -> weight, b -> bias, (1, in, out) -> (in,
+    out)."""
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=hparams["n_vocab"],
+            n_positions=hparams["n_ctx"],
+            n_embd=hparams["n_embd"],
+            n_layer=hparams["n_layer"],
+            n_head=hparams["n_head"],
+        )
+    ).eval()
     state = {}
     for name, a in arrays.items():
         key = re.sub(r"^model/h(\d+)/", r"h.\1/", name).removeprefix("model/").replace("/", ".")
@@ -48,11 +61,20 @@ def hf_from_openai_arrays(arrays, hparams):
 
 
 def hub_layout(hf_model, with_mask_buffers=False):
-    """The keys of openai-community/gpt2's model.safetensors: no "transformer." prefix, no lm_head."""
-    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    """The keys of openai-community/gpt2's model.safetensors: no "transformer.", no lm_head."""
+    state = {
+        k.removeprefix("transformer."): v.contiguous()
+        for k, v in hf_model.state_dict().items()
+        if k != "lm_head.weight"
+    }
     if with_mask_buffers:  # the hub's gpt2 file also holds each block's causal-mask buffer
         n = hf_model.config.n_positions
-        state.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, n, n)) for i in range(hf_model.config.n_layer)})
+        state.update(
+            {
+                f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, n, n))
+                for i in range(hf_model.config.n_layer)
+            }
+        )
     return state
 
 
@@ -72,7 +94,8 @@ def one_line_error(fn, *args):
     return message
 
 
-# ---------------------------------------------------------------------------------------------- crc32c
+# ----------------------------------------------------------------------------------------------
+# crc32c
 def crc32c_bitwise(data: bytes) -> int:
     """CRC-32C by its definition, one bit at a time (reflected polynomial 0x82F63B78)."""
     crc = 0xFFFFFFFF
@@ -86,12 +109,23 @@ def crc32c_bitwise(data: bytes) -> int:
 def test_crc32c_matches_its_check_value_and_the_bitwise_definition():
     assert crc32c(b"123456789") == 0xE3069283  # the published check value of CRC-32C
     rng = np.random.default_rng(0)
-    for n in [0, 1, 3, 4, 5, 255, 1024, 4099, 70_001]:  # short, unaligned, and long enough for lanes
+    for n in [
+        0,
+        1,
+        3,
+        4,
+        5,
+        255,
+        1024,
+        4099,
+        70_001,
+    ]:  # short, unaligned, and long enough for lanes
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         assert crc32c(data) == crc32c_bitwise(data), n
 
 
-# ---------------------------------------------------------------------------------------------- TensorFlow
+# ----------------------------------------------------------------------------------------------
+# TensorFlow
 def test_numpy_reader_is_byte_identical_to_tensorflow():
     ours = read_tf_checkpoint(FIXTURE / "model.ckpt")
     with np.load(FIXTURE / "tf_read.npz") as tf_read:
@@ -100,7 +134,11 @@ def test_numpy_reader_is_byte_identical_to_tensorflow():
             theirs = tf_read[name]
             assert (ours[name].dtype, ours[name].shape) == (theirs.dtype, theirs.shape), name
             assert ours[name].tobytes() == theirs.tobytes(), name
-    assert ours["model/h0/attn/c_attn/w"].shape == (1, 32, 96)  # OpenAI's conv1d layout, (1, in, out)
+    assert ours["model/h0/attn/c_attn/w"].shape == (
+        1,
+        32,
+        96,
+    )  # OpenAI's conv1d layout, (1, in, out)
 
 
 def test_tensorflow_checkpoint_logits_equal_transformers():
@@ -154,7 +192,8 @@ def test_tensorflow_wrong_shape_names_tensor_and_both_shapes(tf_copy):
     assert message.endswith("needs (16, 32)")
 
 
-# ---------------------------------------------------------------------------------------------- safetensors
+# ----------------------------------------------------------------------------------------------
+# safetensors
 @pytest.fixture(scope="module")
 def tiny_hf():
     torch.manual_seed(1)
@@ -169,26 +208,34 @@ def test_save_pretrained_folder_logits_equal_transformers(tiny_hf, tmp_path):
 
 
 def test_hub_layout_file_logits_equal_transformers(tiny_hf, tmp_path):
-    path = write_hub_file(tmp_path / "hub", hub_layout(tiny_hf, with_mask_buffers=True), tiny_hf.config)
+    path = write_hub_file(
+        tmp_path / "hub", hub_layout(tiny_hf, with_mask_buffers=True), tiny_hf.config
+    )
     gap = max_logit_gap(load_gpt2(path), tiny_hf, TINY["vocab_size"])
     print(f"hub-layout model.safetensors, tiny: max |Δ| logits = {gap:.2e}")
     assert gap <= TOL
 
 
 def test_tied_lm_head_in_the_file_is_accepted_and_an_untied_one_refused(tiny_hf, tmp_path):
-    state = {k: v.clone().contiguous() for k, v in tiny_hf.state_dict().items()}  # has lm_head.weight == wte
+    state = {
+        k: v.clone().contiguous() for k, v in tiny_hf.state_dict().items()
+    }  # has lm_head.weight == wte
     write_hub_file(tmp_path / "tied", state, tiny_hf.config)
     assert max_logit_gap(load_gpt2(tmp_path / "tied"), tiny_hf, TINY["vocab_size"]) <= TOL
     state["lm_head.weight"] = state["lm_head.weight"] + 1.0
     write_hub_file(tmp_path / "untied", state, tiny_hf.config)
-    assert "lm_head.weight differs from wte.weight" in one_line_error(load_gpt2, tmp_path / "untied")
+    assert "lm_head.weight differs from wte.weight" in one_line_error(
+        load_gpt2, tmp_path / "untied"
+    )
 
 
 def test_safetensors_wrong_shape_names_tensor_and_both_shapes(tiny_hf, tmp_path):
     state = hub_layout(tiny_hf)
     state["h.1.mlp.c_fc.weight"] = torch.zeros(32, 64)
     message = one_line_error(load_gpt2, write_hub_file(tmp_path, state, tiny_hf.config))
-    assert "tensor h.1.mlp.c_fc.weight has shape (32, 64) but " in message and message.endswith("needs (32, 128)")
+    assert "tensor h.1.mlp.c_fc.weight has shape (32, 64) but " in message and message.endswith(
+        "needs (32, 128)"
+    )
 
 
 def test_safetensors_missing_and_unexpected_tensors_named(tiny_hf, tmp_path):
@@ -196,7 +243,10 @@ def test_safetensors_missing_and_unexpected_tensors_named(tiny_hf, tmp_path):
     del state["h.1.ln_2.bias"]
     state["h.1.attn.rotary.weight"] = torch.zeros(3)
     message = one_line_error(load_gpt2, write_hub_file(tmp_path, state, tiny_hf.config))
-    assert "missing tensors h.1.ln_2.bias" in message and "unexpected tensors h.1.attn.rotary.weight" in message
+    assert (
+        "missing tensors h.1.ln_2.bias" in message
+        and "unexpected tensors h.1.attn.rotary.weight" in message
+    )
 
 
 def test_truncated_safetensors_is_one_line(tiny_hf, tmp_path):
@@ -209,18 +259,24 @@ def test_missing_file_and_unknown_name_are_one_line(tmp_path):
     assert "no such file or folder" in one_line_error(load_gpt2, tmp_path / "absent.safetensors")
     assert "holds neither OpenAI's files" in one_line_error(load_gpt2, tmp_path)
     message = one_line_error(load_gpt2, "gpt3")
-    assert message.startswith("unknown model name 'gpt3'; valid names: gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    assert message.startswith(
+        "unknown model name 'gpt3'; valid names: gpt2, gpt2-medium, gpt2-large, gpt2-xl"
+    )
 
 
-# ---------------------------------------------------------------------------------------------- full gpt2 shape
+# ----------------------------------------------------------------------------------------------
+# full gpt2 shape
 @pytest.fixture(scope="module")
 def gpt2_files(tmp_path_factory):
-    """transformers' GPT-2 at the 124M shape (random weights), written once in both layouts, and its logits."""
+    """transformers' GPT-2 at the 124M shape (random weights), written once in both layouts, and its
+    logits."""
     torch.manual_seed(2)
     hf = GPT2LMHeadModel(GPT2Config()).eval()
     folder = tmp_path_factory.mktemp("gpt2_full")
     hf.save_pretrained(folder / "save_pretrained")
-    hub = write_hub_file(folder / "hub", hub_layout(hf, with_mask_buffers=True))  # no config.json: shapes say gpt2
+    hub = write_hub_file(
+        folder / "hub", hub_layout(hf, with_mask_buffers=True)
+    )  # no config.json: shapes say gpt2
     ids = torch.randint(50257, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = hf(ids).logits
@@ -232,7 +288,9 @@ def test_full_gpt2_shape_logits_equal_transformers(gpt2_files, layout):
     paths, ids, hf_logits = gpt2_files
     model = load_gpt2(paths[layout])
     assert model.config == GPTConfig.from_name("gpt2")
-    assert sum(p.numel() for p in model.parameters()) == 124_439_808  # as transformers counts, head tied
+    assert (
+        sum(p.numel() for p in model.parameters()) == 124_439_808
+    )  # as transformers counts, head tied
     with torch.no_grad():
         gap = (model(ids) - hf_logits).abs().max().item()
     print(f"{layout} safetensors, full gpt2 shape: max |Δ| logits = {gap:.2e}")

@@ -1,4 +1,6 @@
-"""The hand-written GPT-2: sizes, padding, the KV cache (the match with transformers is in test_checkpoint.py)."""
+"""The hand-written GPT-2: sizes, padding, the KV cache (the match with transformers is in
+test_checkpoint.py)."""
+
 import pytest
 import torch
 
@@ -25,7 +27,10 @@ def test_output_head_is_the_token_embedding():
 
 
 def test_unknown_model_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown model name 'gpt3'; valid names: gpt2, gpt2-medium, gpt2-large, gpt2-xl"):
+    with pytest.raises(
+        ValueError,
+        match="unknown model name 'gpt3'; valid names: gpt2, gpt2-medium, gpt2-large, gpt2-xl",
+    ):
         GPTConfig.from_name("gpt3")
 
 
@@ -44,12 +49,19 @@ def test_dropout_is_off_by_default_so_train_mode_is_deterministic(tiny):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_changes_nothing_for_the_real_tokens(tiny, side):
-    """Positions skip padding and padding is never attended to: padded rows equal the same rows alone."""
+    """Positions skip padding and padding is never attended to: padded rows equal the same rows
+    alone."""
     a, b = torch.randint(0, 64, (7,)), torch.randint(0, 64, (4,))
     pad = torch.zeros(3, dtype=torch.long)
     b_padded = torch.cat([pad, b]) if side == "left" else torch.cat([b, pad])
-    real_b = torch.cat([torch.zeros(3), torch.ones(4)]) if side == "left" else torch.cat([torch.ones(4), torch.zeros(3)])
-    logits = tiny(torch.stack([a, b_padded]), torch.stack([torch.ones(7), real_b]).long())  # (2, 7, V)
+    real_b = (
+        torch.cat([torch.zeros(3), torch.ones(4)])
+        if side == "left"
+        else torch.cat([torch.ones(4), torch.zeros(3)])
+    )
+    logits = tiny(
+        torch.stack([a, b_padded]), torch.stack([torch.ones(7), real_b]).long()
+    )  # (2, 7, V)
     alone_b = tiny(b[None])[0]  # (4, V)
     torch.testing.assert_close(logits[0], tiny(a[None])[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits[1][real_b.bool()], alone_b, atol=1e-5, rtol=0)
@@ -59,7 +71,11 @@ def test_kv_cache_gives_the_logits_of_the_full_forward_pass(tiny):
     """Feeding 6 tokens, then 1, then 3 through the cache equals one pass over all 10."""
     x = torch.randint(0, 64, (2, 10))
     cache = KVCache(tiny.config, batch_size=2, max_len=10)
-    chunks = [tiny(x[:, :6], cache=cache), tiny(x[:, 6:7], cache=cache), tiny(x[:, 7:], cache=cache)]
+    chunks = [
+        tiny(x[:, :6], cache=cache),
+        tiny(x[:, 6:7], cache=cache),
+        tiny(x[:, 7:], cache=cache),
+    ]
     torch.testing.assert_close(torch.cat(chunks, dim=1), tiny(x), atol=1e-5, rtol=0)
 
 
@@ -71,18 +87,23 @@ def test_kv_cache_with_left_padding_matches_the_full_forward_pass(tiny):
     first = tiny(x[:, :5], mask[:, :5], cache)
     rest = tiny(x[:, 5:], mask, cache)
     full = tiny(x, mask)
-    torch.testing.assert_close(torch.cat([first, rest], 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.cat([first, rest], 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_skipping_padding_gives_the_padded_pass_for_real_tokens_and_zeros_for_padding(tiny, side):
-    """`skip_padding`: the layers outside attention see only real tokens; the cache it fills serves later steps."""
+    """`skip_padding`: the layers outside attention see only real tokens; the cache it fills serves
+    later steps."""
     lengths = [9, 3, 6, 1]
     x = torch.randint(0, 64, (4, 12))
     mask = torch.tensor([[1] * n + [0] * (9 - n) for n in lengths])  # right-padded to 9
     if side == "left":
         mask = mask.flip(1)
-    mask = torch.cat([mask, torch.ones(4, 3, dtype=torch.long)], 1)  # then 3 more tokens through the cache
+    mask = torch.cat(
+        [mask, torch.ones(4, 3, dtype=torch.long)], 1
+    )  # then 3 more tokens through the cache
     padded_cache, skipped_cache = (KVCache(tiny.config, 4, 12) for _ in range(2))
     padded = tiny.hidden_states(x[:, :9], mask[:, :9], padded_cache)
     skipped = tiny.hidden_states(x[:, :9], mask[:, :9], skipped_cache, skip_padding=True)
@@ -109,27 +130,41 @@ def ops_run(fn):
 
 
 @pytest.mark.skipif(not Linear.ONEDNN, reason="this torch build has no oneDNN inner product")
-@pytest.mark.parametrize("rows, bias", [(1, True), (16, False), (300, True)])  # decoding, batched decoding, a forward
+@pytest.mark.parametrize(
+    "rows, bias", [(1, True), (16, False), (300, True)]
+)  # decoding, batched decoding, a forward
 def test_product_without_gradient_runs_on_onednn_and_equals_nn_linear(rows, bias):
-    """gpt.model.Linear's inference path: oneDNN's inner product, same values as nn.Linear to float32 rounding
-    (outputs of size ~0.6, each a 768-term float32 sum taken in another order: differences ~1e-6; 1e-5 bounds them)."""
-    layer = Linear(768, 768, bias=bias)  # 589,824 weights: GPT-2's smallest product, over ONEDNN_MIN_WEIGHT
+    """gpt.model.Linear's inference path: oneDNN's inner product, same values as nn.Linear to
+    float32 rounding
+    (outputs of size ~0.6, each a 768-term float32 sum taken in another order: differences ~1e-6;
+    1e-5 bounds them)."""
+    layer = Linear(
+        768, 768, bias=bias
+    )  # 589,824 weights: GPT-2's smallest product, over ONEDNN_MIN_WEIGHT
     x = torch.randn(rows, 1, 768)
     with torch.no_grad():
         y, ops = ops_run(lambda: layer(x))
-        torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            y, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=0
+        )
     assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops
 
 
 @pytest.mark.parametrize("size, grad", [(768, True), (32, False)])
 def test_product_needing_a_gradient_or_small_takes_nn_linear_and_its_gradient(size, grad):
-    """oneDNN's inner product has no backward, and a small product costs less than its fixed set-up."""
+    """oneDNN's inner product has no backward, and a small product costs less than its set-up."""
     layer = Linear(size, size)
     x = torch.randn(4, size, requires_grad=True)
     with torch.set_grad_enabled(grad):
         y, ops = ops_run(lambda: layer(x))
     assert "mkldnn::_linear_pointwise" not in ops
-    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
+    torch.testing.assert_close(
+        y, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=0, rtol=0
+    )
     if grad:
-        torch.testing.assert_close(torch.autograd.grad(y.sum(), layer.weight)[0], x.sum(0).detach().expand(size, -1),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.autograd.grad(y.sum(), layer.weight)[0],
+            x.sum(0).detach().expand(size, -1),
+            atol=1e-5,
+            rtol=0,
+        )

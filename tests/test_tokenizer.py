@@ -1,4 +1,6 @@
-"""The offline tiktoken GPT-2 tokenizer equals transformers' GPT2TokenizerFast built from the same files."""
+"""The offline tiktoken GPT-2 tokenizer equals transformers' GPT2TokenizerFast built from the same
+files."""
+
 import json
 from pathlib import Path
 
@@ -9,10 +11,19 @@ from gpt.tokenizer import EOS_ID, bpe_files_dir, get_tokenizer
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "instruction-data-with-preference.json"
 CORPUS = [
-    "Hello, world!", "  leading spaces", "trailing spaces   ", "tabs\tand\nnew\n\nlines\r\n",
-    "I'm, you're, he's, we've, they'll, she'd, can't", "Ünïcödé: naïve café, 日本語のテキスト, emoji 🤖🎉, ﬁ ligature",
-    "Numbers 1234567890 3.14159 1,000,000 -42", "def f(x):\n    return x ** 2  # code\n\tif x: pass",
-    "<html><body class=\"a\">&amp;</body></html>", "      ", "", "a" * 300, "Zero-width\u200bspace and \u00a0nbsp",
+    "Hello, world!",
+    "  leading spaces",
+    "trailing spaces   ",
+    "tabs\tand\nnew\n\nlines\r\n",
+    "I'm, you're, he's, we've, they'll, she'd, can't",
+    "Ünïcödé: naïve café, 日本語のテキスト, emoji 🤖🎉, ﬁ ligature",
+    "Numbers 1234567890 3.14159 1,000,000 -42",
+    "def f(x):\n    return x ** 2  # code\n\tif x: pass",
+    '<html><body class="a">&amp;</body></html>',
+    "      ",
+    "",
+    "a" * 300,
+    "Zero-width\u200bspace and \u00a0nbsp",
 ]
 
 
@@ -20,13 +31,17 @@ CORPUS = [
 def reference():
     folder = bpe_files_dir()
     vocab = json.loads((folder / "encoder.json").read_text())
-    merges = [tuple(line.split()) for line in (folder / "vocab.bpe").read_text().split("\n")[1:-1]]  # skip "#version"
+    merges = [
+        tuple(line.split()) for line in (folder / "vocab.bpe").read_text().split("\n")[1:-1]
+    ]  # skip "#version"
     return GPT2TokenizerFast(vocab=vocab, merges=merges)
 
 
 def preference_texts():
     entries = json.loads(DATA.read_text())
-    return [e[key] for e in entries for key in ("instruction", "input", "output", "chosen", "rejected")]
+    return [
+        e[key] for e in entries for key in ("instruction", "input", "output", "chosen", "rejected")
+    ]
 
 
 def test_endoftext_is_50256_and_vocab_is_50257():

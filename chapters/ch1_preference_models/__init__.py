@@ -1,7 +1,9 @@
-"""Chapter 1 (report §2.1, §3.1, §3.2; eqs. (6)–(16)): Plackett–Luce and Bradley–Terry, Christiano's loss.
+"""Chapter 1 (report §2.1, §3.1, §3.2; eqs. (6)–(16)): Plackett–Luce and Bradley–Terry, Christiano's
+loss.
 
-    python -m chapters.ch1_preference_models
+python -m chapters.ch1_preference_models
 """
+
 from chapters.ch1_preference_models.probabilities import (  # noqa: F401
     as_tensor,
     bradley_terry,

@@ -1,7 +1,9 @@
-"""Chapter 2 (report §3.3; eqs. (17)–(26)): Bradley–Terry as a sigmoid, the reward-model NLL, a GPT-2 reward model.
+"""Chapter 2 (report §3.3; eqs. (17)–(26)): Bradley–Terry as a sigmoid, the reward-model NLL, a
+GPT-2 reward model.
 
-    python -m chapters.ch2_reward_model [--quick]
+python -m chapters.ch2_reward_model [--quick]
 """
+
 from chapters.ch2_reward_model.bradley_terry import (  # noqa: F401
     bt_probability,
     bt_sigmoid_steps,

@@ -1,12 +1,17 @@
-"""The GPT-2 reward model r_φ(x, y) and its training on eq. (26): the machinery chapters 2, 7 and 10 train and query.
+"""The GPT-2 reward model r_φ(x, y) and its training on eq. (26): the machinery chapters 2, 7 and 10
+train and query.
 
-    pairs = PreferencePairs.from_token_lists(chosen, rejected)   # prompt + y_w, prompt + y_l token lists
-    rm = RewardModel(gpt.GPT(config))                            # or RewardModel(copy.deepcopy(sft_model))
+    pairs = PreferencePairs.from_token_lists(chosen, rejected)   # prompt + y_w, prompt + y_l token
+    lists
+    rm = RewardModel(gpt.GPT(config))                            # or
+    RewardModel(copy.deepcopy(sft_model))
     train_reward_model(rm, pairs, steps=400)                     # AdamW on eq. (26)
-    pair_accuracy(rm, pairs)                                     # share of pairs with r_φ(y_w) > r_φ(y_l)
+    pair_accuracy(rm, pairs)                                     # share of pairs with r_φ(y_w) >
+    r_φ(y_l)
 
 The loss itself, eq. (26), is `chapters.ch2_reward_model.reward_model_loss`.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -23,9 +28,11 @@ from chapters.common.rows import right_pad
 class PreferencePairs:
     """Comparisons (x, y_w, y_l) as token ids: chosen = prompt + y_w, rejected = prompt + y_l.
 
-    chosen_ids, rejected_ids (N, T) long and chosen_mask, rejected_mask (N, T) (1 = real token, 0 = padding),
+    chosen_ids, rejected_ids (N, T) long and chosen_mask, rejected_mask (N, T) (1 = real token, 0 =
+    padding),
     all padded to one length T. Build from token lists with `PreferencePairs.from_token_lists`.
     """
+
     chosen_ids: torch.Tensor
     chosen_mask: torch.Tensor
     rejected_ids: torch.Tensor
@@ -33,9 +40,13 @@ class PreferencePairs:
 
     @classmethod
     def from_token_lists(cls, chosen, rejected, pad_id: int = 0) -> "PreferencePairs":
-        """Right-pad lists of token ids (prompt + response) for the chosen and the rejected side to one length."""
+        """Right-pad lists of token ids (prompt + response) for the chosen and the rejected side to
+        one length."""
         if len(chosen) != len(rejected):
-            raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences; give one of each per pair")
+            raise ValueError(
+                f"{len(chosen)} chosen but {len(rejected)} rejected sequences; give one of each "
+                f"per pair"
+            )
         length = max(len(s) for s in [*chosen, *rejected])
         return cls(*right_pad(chosen, pad_id, length), *right_pad(rejected, pad_id, length))
 
@@ -43,19 +54,28 @@ class PreferencePairs:
         return self.chosen_ids.shape[0]
 
     def __getitem__(self, index) -> "PreferencePairs":
-        return PreferencePairs(self.chosen_ids[index], self.chosen_mask[index],
-                               self.rejected_ids[index], self.rejected_mask[index])
+        return PreferencePairs(
+            self.chosen_ids[index],
+            self.chosen_mask[index],
+            self.rejected_ids[index],
+            self.rejected_mask[index],
+        )
 
 
 class RewardModel(nn.Module):
-    """Report §3.3: r_φ(x, y), a GPT-2 with a linear layer on top giving one scalar, read at the last real token.
+    """Report §3.3: r_φ(x, y), a GPT-2 with a linear layer on top giving one scalar, read at the
+    last real token.
 
-        rm = RewardModel(gpt.GPT(config))        # or RewardModel(copy.deepcopy(sft_model)): start from π_SFT
-        r = rm(input_ids, attention_mask)        # (B, T) ids of prompt + response, mask 1 = real -> (B,)
+        rm = RewardModel(gpt.GPT(config))        # or RewardModel(copy.deepcopy(sft_model)): start
+        from π_SFT
+        r = rm(input_ids, attention_mask)        # (B, T) ids of prompt + response, mask 1 = real ->
+        (B,)
 
-    Padding may sit on the right (as `PreferencePairs` builds it) or on the left (as `gpt.generate` returns);
+    Padding may sit on the right (as `PreferencePairs` builds it) or on the left (as `gpt.generate`
+    returns);
     either way the head reads `backbone.hidden_states` at the last position whose mask is 1.
-    Train it with `train_reward_model`; centre its outputs per prompt with `chapters.ch2_reward_model.normalize_rewards`.
+    Train it with `train_reward_model`; centre its outputs per prompt with
+    `chapters.ch2_reward_model.normalize_rewards`.
     """
 
     def __init__(self, backbone: gpt.GPT):
@@ -70,24 +90,39 @@ class RewardModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not attention_mask.bool().any(-1).all():
-            raise ValueError("a row of attention_mask has no real token; every sequence needs at least one")
+            raise ValueError(
+                "a row of attention_mask has no real token; every sequence needs at least one"
+            )
         B, T = input_ids.shape
         hidden = self.backbone.hidden_states(input_ids, attention_mask)  # (B, T, C)
-        last = (torch.arange(T, device=input_ids.device) * attention_mask.bool()).argmax(-1)  # (B,): last real token
-        return self.head(hidden[torch.arange(B, device=input_ids.device), last]).squeeze(-1)  # (B, C) -> (B,)
+        last = (torch.arange(T, device=input_ids.device) * attention_mask.bool()).argmax(
+            -1
+        )  # (B,): last real token
+        return self.head(hidden[torch.arange(B, device=input_ids.device), last]).squeeze(
+            -1
+        )  # (B, C) -> (B,)
 
 
 def pair_rewards(model: RewardModel, pairs: PreferencePairs):
-    """(r_φ(x, y_w), r_φ(x, y_l)), each (N,), in one forward pass over chosen and rejected together."""
+    """(r_φ(x, y_w), r_φ(x, y_l)), each (N,), one forward pass over chosen and rejected."""
     device = next(model.parameters()).device
     ids = torch.cat([pairs.chosen_ids, pairs.rejected_ids]).to(device)  # (2N, T)
     mask = torch.cat([pairs.chosen_mask, pairs.rejected_mask]).to(device)
     return model(ids, mask).chunk(2)
 
 
-def train_reward_model(model: RewardModel, pairs: PreferencePairs, steps: int, batch_size: int = 32,
-                       lr: float = 1e-3, weight_decay: float = 0.0, generator=None, progress: bool = True):
-    """Report eq. (26) minimised by AdamW on minibatches of `pairs`; returns the loss of each step (a list).
+def train_reward_model(
+    model: RewardModel,
+    pairs: PreferencePairs,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    generator=None,
+    progress: bool = True,
+):
+    """Report eq. (26) minimised by AdamW on minibatches of `pairs`; returns the loss of each step
+    (a list).
 
     Minibatches run through the data in a shuffled order (`generator` seeds it), epoch after epoch.
     Leaves the model in eval mode.
@@ -119,11 +154,19 @@ def pair_accuracy(model: RewardModel, pairs: PreferencePairs) -> float:
     return (r_w > r_l).double().mean().item()
 
 
-def count_task_pairs(num_pairs: int, generator=None, vocab_size: int = 16, target: int = 7, prompt_len: int = 4,
-                     max_response: int = 8):
-    """Synthetic comparisons with a known reward: r*(x, y) = the number of `target` tokens in the response y.
+def count_task_pairs(
+    num_pairs: int,
+    generator=None,
+    vocab_size: int = 16,
+    target: int = 7,
+    prompt_len: int = 4,
+    max_response: int = 8,
+):
+    """Synthetic comparisons with a known reward: r*(x, y) = the number of `target` tokens in the
+    response y.
 
-    Each pair: a random prompt, two responses of random length 2..max_response (a random share of them
+    Each pair: a random prompt, two responses of random length 2..max_response (a random share of
+    them
     `target`), labelled by eq. (23) on r*. Token 0 is padding and never appears in a sequence.
     Returns (PreferencePairs, r*(x, y_w) (N,), r*(x, y_l) (N,)).
     """
@@ -133,7 +176,9 @@ def count_task_pairs(num_pairs: int, generator=None, vocab_size: int = 16, targe
         length = int(torch.randint(2, max_response + 1, (), generator=generator))
         rate = torch.rand((), generator=generator) * 0.6  # share of target tokens in this response
         hit = torch.rand(length, generator=generator) < rate
-        return torch.where(hit, target, others[torch.randint(len(others), (length,), generator=generator)]).tolist()
+        return torch.where(
+            hit, target, others[torch.randint(len(others), (length,), generator=generator)]
+        ).tolist()
 
     chosen, rejected, r_w, r_l = [], [], [], []
     for _ in range(num_pairs):

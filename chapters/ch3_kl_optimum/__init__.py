@@ -1,7 +1,9 @@
-"""Chapter 3 (report §3.3, §4.1; eqs. (27)–(37)): the KL-constrained objective and its closed-form optimum.
+"""Chapter 3 (report §3.3, §4.1; eqs. (27)–(37)): the KL-constrained objective and its closed-form
+optimum.
 
-    python -m chapters.ch3_kl_optimum
+python -m chapters.ch3_kl_optimum
 """
+
 from chapters.ch3_kl_optimum.optimum import (  # noqa: F401
     ascend_logits,
     kl_divergence,

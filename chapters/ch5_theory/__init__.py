@@ -1,7 +1,8 @@
 """Chapter 5 (report §5.1, §5.2): the implicit reward loses nothing, and DPO needs no baseline.
 
-    python -m chapters.ch5_theory
+python -m chapters.ch5_theory
 """
+
 from chapters.ch5_theory.baselines import (  # noqa: F401
     dpg_baseline,
     dpg_weights,

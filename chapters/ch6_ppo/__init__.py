@@ -1,10 +1,13 @@
-"""Chapter 6 (report §2.2, §3.3; eqs. (1)–(5), (28)): PPO with GAE, and PPO-based RLHF on the hand-written GPT-2.
+"""Chapter 6 (report §2.2, §3.3; eqs. (1)–(5), (28)): PPO with GAE, and PPO-based RLHF on the
+hand-written GPT-2.
 
     python -m chapters.ch6_ppo [--quick]
 
-The loss pieces (`objective`), the trainer for a GPT-2 policy (`trainer`), and a Markov task with a known
+The loss pieces (`objective`), the trainer for a GPT-2 policy (`trainer`), and a Markov task with a
+known
 optimum (`markov_task`).
 """
+
 from chapters.ch6_ppo.objective import (  # noqa: F401
     clipped_surrogate,
     entropy,

@@ -1,10 +1,13 @@
-"""Chapter 7 (report §6.1, the DPO paper's Fig. 1 left): the reward–KL frontier in miniature, with the exact optimum.
+"""Chapter 7 (report §6.1, the DPO paper's Fig. 1 left): the reward–KL frontier in miniature, with
+the exact optimum.
 
     python -m chapters.ch7_frontier [--quick]
 
-The task small enough to enumerate (`task`), the methods placed on it (`methods`, `rlhf`), and the sweeps that
+The task small enough to enumerate (`task`), the methods placed on it (`methods`, `rlhf`), and the
+sweeps that
 train them side by side (`sweeps`).
 """
+
 from chapters.ch7_frontier.methods import (  # noqa: F401
     best_of_n_logprobs,
     dpo_batch_loss,

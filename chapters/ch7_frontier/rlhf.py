@@ -1,8 +1,10 @@
-"""RLHF on the frontier task (chapter 7): a reward model fitted to the preference pairs, then PPO against it or r*.
+"""RLHF on the frontier task (chapter 7): a reward model fitted to the preference pairs, then PPO
+against it or r*.
 
 Both are the general machinery of `chapters.reward_model` and `chapters.ppo_trainer`, run on
 `chapters.frontier_task`'s tiny GPT; chapter 7 evaluates the checkpoints exactly.
 """
+
 import copy
 
 import torch
@@ -20,9 +22,15 @@ from gpt import GPT
 
 
 def learn_reward_model(ref: GPT, data: dict, steps: int, generator: torch.Generator) -> RewardModel:
-    """Report eq. (26) via `chapters.reward_model`: r_φ = a scalar head on a copy of π_ref, fitted to the pairs."""
+    """Report eq. (26) via `chapters.reward_model`: r_φ = a scalar head on a copy of π_ref, fitted
+    to the pairs."""
     ones = torch.ones(len(data["prompt"]), SEQ_LEN, dtype=torch.long)
-    pairs = PreferencePairs(sequence(data["prompt"], data["chosen"]), ones, sequence(data["prompt"], data["rejected"]), ones)
+    pairs = PreferencePairs(
+        sequence(data["prompt"], data["chosen"]),
+        ones,
+        sequence(data["prompt"], data["rejected"]),
+        ones,
+    )
     rm = RewardModel(copy.deepcopy(ref).requires_grad_(True))
     train_reward_model(rm, pairs, steps, batch_size=64, lr=1e-3, generator=generator)
     rm.requires_grad_(False)
@@ -32,16 +40,36 @@ def learn_reward_model(ref: GPT, data: dict, steps: int, generator: torch.Genera
 
 @torch.no_grad()
 def score_all(rm: RewardModel, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-    """r_φ(x, y) of every response of every prompt, (P, Y) float64, in batches of one prompt's responses."""
-    return torch.stack([torch.cat([rm(sequence(x.expand(len(chunk), -1), chunk)).double()
-                                   for chunk in responses.split(8192)]) for x in prompts])
+    """r_φ(x, y) of every response of every prompt, (P, Y) float64, in batches of one prompt's
+    responses."""
+    return torch.stack(
+        [
+            torch.cat(
+                [
+                    rm(sequence(x.expand(len(chunk), -1), chunk)).double()
+                    for chunk in responses.split(8192)
+                ]
+            )
+            for x in prompts
+        ]
+    )
 
 
-def ppo_checkpoints(ref: GPT, reward_fn, prompts: torch.Tensor, beta: float, checkpoints, seed: int, desc: str,
-                    progress: bool = True):
-    """PPO-based RLHF with KL coefficient β (eqs. (1)–(5), (28)) via `chapters.ppo_trainer.PPOTrainer`, from π_ref.
+def ppo_checkpoints(
+    ref: GPT,
+    reward_fn,
+    prompts: torch.Tensor,
+    beta: float,
+    checkpoints,
+    seed: int,
+    desc: str,
+    progress: bool = True,
+):
+    """PPO-based RLHF with KL coefficient β (eqs. (1)–(5), (28)) via
+    `chapters.ppo_trainer.PPOTrainer`, from π_ref.
 
-    Yields (iteration, policy) at each iteration count in `checkpoints`; the policy is trained in place.
+    Yields (iteration, policy) at each iteration count in `checkpoints`; the policy is trained in
+    place.
     """
     policy = copy.deepcopy(ref).requires_grad_(True)
     config = PPOConfig(beta=beta, lr=1e-3, response_length=RESPONSE_LEN, batch_size=64, seed=seed)

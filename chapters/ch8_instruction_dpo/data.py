@@ -1,8 +1,11 @@
-"""The instruction-preference data set of the report's experiment (§6.2): download, validation, split, prompts, batches.
+"""The instruction-preference data set of the report's experiment (§6.2): download, validation,
+split, prompts, batches.
 
-One prompt format (Alpaca style) serves SFT, DPO and evaluation alike: `format_prompt`. Responses are
+One prompt format (Alpaca style) serves SFT, DPO and evaluation alike: `format_prompt`. Responses
+are
 tokenized apart from the prompt and end with EOS, so the prompt tokens are the same in all three.
 """
+
 import hashlib
 import json
 import random
@@ -11,16 +14,24 @@ from pathlib import Path
 
 from gpt.download import DownloadError, fetch  # noqa: F401 (DownloadError: what callers catch)
 
-URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
-       "instruction-data-with-preference.json")
+URL = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
+    "instruction-data-with-preference.json"
+)
 SHA256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
 CACHE = Path(__file__).resolve().parents[2] / "data" / "instruction-data-with-preference.json"
 KEYS = ("instruction", "input", "output", "chosen", "rejected")
-NON_EMPTY = ("instruction", "chosen", "rejected")  # `input` is empty in 775 entries; `output` is not used
+NON_EMPTY = (
+    "instruction",
+    "chosen",
+    "rejected",
+)  # `input` is empty in 775 entries; `output` is not used
 SPLIT = (0.85, 0.05, 0.10)  # train, validation, test
 
-PROMPT_HEAD = ("Below is an instruction that describes a task. "
-               "Write a response that appropriately completes the request.")
+PROMPT_HEAD = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
 
 
 def sha256(path) -> str:
@@ -28,36 +39,50 @@ def sha256(path) -> str:
 
 
 def data_file(path=None) -> Path:
-    """The data file: `path` if given (read as is), else data/'s copy, downloaded once and checked against SHA256.
+    """The data file: `path` if given (read as is), else data/'s copy, downloaded once and checked
+    against SHA256.
 
-    The download is checked before it is renamed into data/ (gpt.download.fetch), so a bad one never stays there;
+    The download is checked before it is renamed into data/ (gpt.download.fetch), so a bad one never
+    stays there;
     its DownloadError names the URL, the reason and what to do.
     """
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"no data file at {path}; give the path of instruction-data-with-preference.json")
+            raise ValueError(
+                f"no data file at {path}; give the path of instruction-data-with-preference.json"
+            )
         return path
     if not CACHE.is_file():
         try:
             fetch(URL, CACHE, sha256=SHA256, progress=False)
         except DownloadError as e:
-            raise DownloadError(f"{e}. Run again, or fetch that URL by hand and put it at {CACHE}, "
-                                "or pass --data PATH") from None
+            raise DownloadError(
+                f"{e}. Run again, or fetch that URL by hand and put it at {CACHE}, "
+                "or pass --data PATH"
+            ) from None
     digest = sha256(CACHE)
     if digest != SHA256:
-        raise ValueError(f"{CACHE} has sha256 {digest}, expected {SHA256}; delete it and run again to re-download")
+        raise ValueError(
+            f"{CACHE} has sha256 {digest}, expected {SHA256}; delete it and run again to "
+            f"re-download"
+        )
     return CACHE
 
 
 def validate(entries) -> list:
-    """Check every entry's schema; raise ValueError with one line per bad entry saying which and why."""
+    """Check every entry's schema; raise ValueError with one line per bad entry saying which and
+    why."""
     if not isinstance(entries, list):
-        raise ValueError(f"the data set must be a JSON list of entries, got a JSON {type(entries).__name__}")
+        raise ValueError(
+            f"the data set must be a JSON list of entries, got a JSON {type(entries).__name__}"
+        )
     problems = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
-            problems.append(f"entry {i}: is a {type(e).__name__}, not an object with keys {', '.join(KEYS)}")
+            problems.append(
+                f"entry {i}: is a {type(e).__name__}, not an object with keys {', '.join(KEYS)}"
+            )
             continue
         missing = [k for k in KEYS if k not in e]
         wrong = [k for k in KEYS if k in e and not isinstance(e[k], str)]
@@ -65,12 +90,17 @@ def validate(entries) -> list:
         if missing:
             problems.append(f"entry {i}: missing key(s) {', '.join(missing)}")
         if wrong:
-            problems.append(f"entry {i}: " + ", ".join(f"'{k}' is a {type(e[k]).__name__}, not a string" for k in wrong))
+            problems.append(
+                f"entry {i}: "
+                + ", ".join(f"'{k}' is a {type(e[k]).__name__}, not a string" for k in wrong)
+            )
         if empty:
             problems.append(f"entry {i}: empty {', '.join(repr(k) for k in empty)}")
     if problems:
-        raise ValueError(f"{len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'} in the data set:\n"
-                         + "\n".join(problems))
+        raise ValueError(
+            f"{len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'} in the data set:\n"
+            + "\n".join(problems)
+        )
     return entries
 
 
@@ -80,21 +110,28 @@ def load(path=None) -> list:
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download it or fix the file") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); re-download it or fix the file"
+        ) from None
     return validate(entries)
 
 
 def split(n: int, seed: int = 0) -> dict:
-    """Seeded 85/5/10 split of entry indices into train, validation and test (disjoint, covering 0..n-1)."""
+    """Seeded 85/5/10 split of entry indices into train, validation and test (disjoint, covering
+    0..n-1)."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_train, n_val = round(SPLIT[0] * n), round(SPLIT[1] * n)
-    return {"train": sorted(order[:n_train]), "validation": sorted(order[n_train:n_train + n_val]),
-            "test": sorted(order[n_train + n_val:])}
+    return {
+        "train": sorted(order[:n_train]),
+        "validation": sorted(order[n_train : n_train + n_val]),
+        "test": sorted(order[n_train + n_val :]),
+    }
 
 
 def has_preference(entry) -> bool:
-    """False for the pairs whose chosen and rejected texts are identical: DPO has nothing to learn from them."""
+    """False for the pairs whose chosen and rejected texts are identical: DPO has nothing to learn
+    from them."""
     return entry["chosen"].strip() != entry["rejected"].strip()
 
 
@@ -109,6 +146,7 @@ def format_prompt(entry) -> str:
 @dataclass
 class Pair:
     """One preference pair as token ids; `chosen` and `rejected` end with EOS."""
+
     index: int  # entry index in the data set
     prompt: list
     chosen: list
@@ -124,34 +162,43 @@ class Pair:
 
 
 def tokenize(entries, indices, tokenizer, eos_id: int, max_length: int = 256) -> list:
-    """Pairs for `indices`; a pair whose prompt + longer response exceeds `max_length` tokens is left out."""
+    """Pairs for `indices`; a pair whose prompt + longer response exceeds `max_length` tokens is
+    left out."""
     pairs = []
     for i in indices:
         e = entries[i]
-        pair = Pair(i, tokenizer.encode(format_prompt(e)), tokenizer.encode(e["chosen"]) + [eos_id],
-                    tokenizer.encode(e["rejected"]) + [eos_id])
+        pair = Pair(
+            i,
+            tokenizer.encode(format_prompt(e)),
+            tokenizer.encode(e["chosen"]) + [eos_id],
+            tokenizer.encode(e["rejected"]) + [eos_id],
+        )
         if pair.length <= max_length:
             pairs.append(pair)
     return pairs
 
 
-def length_grouped_batches(lengths, batch_size: int, seed: int, shuffle: bool = True, window: int = 16) -> list:
-    """Batches of indices into `lengths` with similar lengths together (less padding), in a seeded random order.
+def length_grouped_batches(
+    lengths, batch_size: int, seed: int, shuffle: bool = True, window: int = 16
+) -> list:
+    """Batches of indices into `lengths` with similar lengths together (less padding), in a seeded
+    random order.
 
-    Indices are shuffled, cut into windows of `window` batches, sorted by length inside each window and cut into
-    batches; the batches are shuffled again. Without `shuffle`, batches follow sorted length (for evaluation).
+    Indices are shuffled, cut into windows of `window` batches, sorted by length inside each window
+    and cut into
+    batches; the batches are shuffled again. Without `shuffle`, batches follow sorted length (for
+    evaluation).
     """
     order = list(range(len(lengths)))
     rng = random.Random(seed)
     if not shuffle:
         order.sort(key=lambda i: lengths[i])
-        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     rng.shuffle(order)
     span = batch_size * window
     batches = []
     for s in range(0, len(order), span):
-        chunk = sorted(order[s:s + span], key=lambda i: lengths[i])
-        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[s : s + span], key=lambda i: lengths[i])
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
-

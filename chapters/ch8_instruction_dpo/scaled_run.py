@@ -1,24 +1,35 @@
 """Chapter 8's run beyond one process and one go: its flags, its folder, its finished phases.
 
-    torchrun --standalone --nproc_per_node 2 -m chapters.ch8_instruction_dpo --model gpt2-medium --grad-accum 2
-    python -m chapters.ch8_instruction_dpo --model gpt2-medium --resume     # after Ctrl-C or SIGTERM
+    torchrun --standalone --nproc_per_node 2 -m chapters.ch8_instruction_dpo --model gpt2-medium
+    --grad-accum 2
+    python -m chapters.ch8_instruction_dpo --model gpt2-medium --resume     # after Ctrl-C or
+    SIGTERM
 
 The run folder (--out) holds, besides the tables:
-- checkpoints/<phase>.pt: the training state of the phase under way (sft, dpo_beta_0.1, ...), written at each
-  epoch's end, every --save-every steps and on Ctrl-C/SIGTERM; removed once the phase's model is saved;
-- models/<phase>/: model.safetensors + config.json (`gpt.load_gpt2` reads the folder) and history.json (the
-  phase's rows and fingerprint), written last: a phase whose history.json is there is finished, and --resume
+- checkpoints/<phase>.pt: the training state of the phase under way (sft, dpo_beta_0.1, ...),
+  written at each
+  epoch's end, every --save-every steps and on Ctrl-C/SIGTERM; removed once the phase's model is
+  saved;
+- models/<phase>/: model.safetensors + config.json (`gpt.load_gpt2` reads the folder) and
+  history.json (the
+  phase's rows and fingerprint), written last: a phase whose history.json is there is finished, and
+  --resume
   takes it as it is;
 - reference_<split>.safetensors: the frozen reference's cache (`chapters.reference_store`).
-With every new flag left off, a run computes what it computed before them: one process, one micro-batch, a
+With every new flag left off, a run computes what it computed before them: one process, one
+micro-batch, a
 constant learning rate, and the same numbers; only the files above are added.
 
-A run without --resume starts afresh, as a TRL or nanoGPT run does in an existing output folder: an earlier run's
-checkpoints and finished-phase marks there no longer count (`Scale.begin`), and a reference cache that does not match
+A run without --resume starts afresh, as a TRL or nanoGPT run does in an existing output folder: an
+earlier run's
+checkpoints and finished-phase marks there no longer count (`Scale.begin`), and a reference cache
+that does not match
 is rebuilt. With --resume, a cache that does not match is refused unless --rebuild-reference-cache.
---authors-setup and --ladder run in one process and save nothing (`start(args, alone=...)`): the ladder's rungs
+--authors-setup and --ladder run in one process and save nothing (`start(args, alone=...)`): the
+ladder's rungs
 retrain the same phases with other settings, so phases on disk would only overwrite each other.
 """
+
 import json
 import os
 import sys
@@ -39,26 +50,53 @@ from gpt.cli import nonnegative_int, positive_int
 
 def add_arguments(parser):
     """The flags of issue 14, in their own group of `parser`'s help."""
-    g = parser.add_argument_group("scale: more processes, resumable runs, schedule (see chapters/scaled_run.py)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out: finished phases are loaded, the one under way resumes")
-    g.add_argument("--warmup-steps", type=nonnegative_int, default=0,
-                   help="linear learning-rate warm-up over this many updates (default 0)")
-    g.add_argument("--lr-schedule", choices=DECAYS, default="constant",
-                   help="after warm-up: constant (default: the DPO paper's and the report authors' choice), "
-                        "linear (TRL's default) or cosine decay to 0")
-    g.add_argument("--grad-accum", type=positive_int, default=1,
-                   help="micro-batches per update: --batch-size pairs an update, in N processes × K pieces")
-    g.add_argument("--fsdp", action="store_true", help="shard the policy with FSDP2 (under torchrun)")
-    g.add_argument("--save-every", type=nonnegative_int, default=0,
-                   help="write a checkpoint every this many updates too (default: at epoch ends and on stop)")
-    g.add_argument("--rebuild-reference-cache", action="store_true",
-                   help="rebuild a reference cache whose fingerprint no longer matches, instead of stopping")
+    g = parser.add_argument_group(
+        "scale: more processes, resumable runs, schedule (see chapters/scaled_run.py)"
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out: finished phases are loaded, the one under way resumes",
+    )
+    g.add_argument(
+        "--warmup-steps",
+        type=nonnegative_int,
+        default=0,
+        help="linear learning-rate warm-up over this many updates (default 0)",
+    )
+    g.add_argument(
+        "--lr-schedule",
+        choices=DECAYS,
+        default="constant",
+        help="after warm-up: constant (default: the DPO paper's and the report authors' choice), "
+        "linear (TRL's default) or cosine decay to 0",
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=positive_int,
+        default=1,
+        help="micro-batches per update: --batch-size pairs an update, in N processes × K pieces",
+    )
+    g.add_argument(
+        "--fsdp", action="store_true", help="shard the policy with FSDP2 (under torchrun)"
+    )
+    g.add_argument(
+        "--save-every",
+        type=nonnegative_int,
+        default=0,
+        help="write a checkpoint every this many updates too (default: at epoch ends and on stop)",
+    )
+    g.add_argument(
+        "--rebuild-reference-cache",
+        action="store_true",
+        help="rebuild a reference cache whose fingerprint no longer matches, instead of stopping",
+    )
 
 
 @dataclass
 class Scale:
     """How chapter 8's loops run. The defaults (folder None) are one process, saving nothing."""
+
     dist: distributed.Dist = field(default_factory=distributed.Dist)
     grad_accum: int = 1
     warmup_steps: int = 0
@@ -68,7 +106,9 @@ class Scale:
     resume: bool = False
     save_every: int = 0
     rebuild_reference: bool = False
-    fingerprint: dict = field(default_factory=dict)  # what every phase of the run shares (model, data, lengths)
+    fingerprint: dict = field(
+        default_factory=dict
+    )  # what every phase of the run shares (model, data, lengths)
 
     def close(self):
         """End the process group (torchrun); a no-op for N = 1."""
@@ -81,18 +121,29 @@ class Scale:
         return None if self.folder is None else self.folder / "models" / phase
 
     def finished(self, phase: str, fingerprint: dict):
-        """With --resume, the rows of a phase saved whole by an earlier run (its fingerprint checked), else None."""
-        if not self.resume or self.folder is None or not (self.model_folder(phase) / "history.json").is_file():
+        """With --resume, the rows of a phase saved whole by an earlier run (its fingerprint
+        checked), else None."""
+        if (
+            not self.resume
+            or self.folder is None
+            or not (self.model_folder(phase) / "history.json").is_file()
+        ):
             return None
         saved = json.loads((self.model_folder(phase) / "history.json").read_text())
-        differ = fingerprint_difference(saved["fingerprint"], json.loads(json.dumps(fingerprint, sort_keys=True)))
+        differ = fingerprint_difference(
+            saved["fingerprint"], json.loads(json.dumps(fingerprint, sort_keys=True))
+        )
         if differ:
-            raise ValueError(f"{self.model_folder(phase)} was trained with other settings ({differ}); resume with "
-                             "the same settings, or rerun without --resume to start afresh")
+            raise ValueError(
+                f"{self.model_folder(phase)} was trained with other settings ({differ}); resume "
+                f"with "
+                "the same settings, or rerun without --resume to start afresh"
+            )
         return saved["history"]
 
     def save_phase(self, phase: str, model_state: dict, config, history, fingerprint: dict):
-        """Rank 0 writes the phase's model and then its history.json (the mark of a finished phase), then the
+        """Rank 0 writes the phase's model and then its history.json (the mark of a finished phase),
+        then the
         phase's checkpoint goes."""
         if self.folder is None:
             return
@@ -105,27 +156,45 @@ class Scale:
         self.dist.barrier()
 
     def begin(self):
-        """Before a fresh run's first phase (no --resume): rank 0 drops the checkpoints and finished-phase marks an
-        earlier run left in the folder, so that --resume after this run takes up this run's phases only (the earlier
+        """Before a fresh run's first phase (no --resume): rank 0 drops the checkpoints and
+        finished-phase marks an
+        earlier run left in the folder, so that --resume after this run takes up this run's phases
+        only (the earlier
         models' weights stay until this run writes its own)."""
         if self.folder is None or self.resume:
             return
         if self.dist.main:
-            old = sorted((self.folder / "checkpoints").glob("*.pt")) + sorted((self.folder / "models").glob("*/history.json"))
+            old = sorted((self.folder / "checkpoints").glob("*.pt")) + sorted(
+                (self.folder / "models").glob("*/history.json")
+            )
             for path in old:
                 path.unlink()
             if old:
-                print(f"fresh run in {self.folder}: {len(old)} checkpoint(s) and finished phase(s) of an earlier run "
-                      "there no longer count (to continue a run, give --resume)")
+                print(
+                    f"fresh run in {self.folder}: {len(old)} checkpoint(s) and finished phase(s) "
+                    f"of an earlier run "
+                    "there no longer count (to continue a run, give --resume)"
+                )
         self.dist.barrier()
 
-    def reference_caches(self, reference, pairs: dict, pad_id: int, batch_size: int, max_length: int,
-                         seed: int = None) -> dict:
-        """ReferenceCache of each split in `pairs`: built in memory without a folder, else through the disk.
+    def reference_caches(
+        self,
+        reference,
+        pairs: dict,
+        pad_id: int,
+        batch_size: int,
+        max_length: int,
+        seed: int = None,
+    ) -> dict:
+        """ReferenceCache of each split in `pairs`: built in memory without a folder, else through
+        the disk.
 
-        `seed` (train_dpo's): the "train" split's cache is built in the batches of its first epoch, so that the first
-        step, with the policy at the reference, gives eq. (38)'s ln 2 and margins of exactly 0 (one process, one
-        micro-batch; `chapters.reference_store.build_order`). Other splits stay by length, as `dpo_evaluate` reads them.
+        `seed` (train_dpo's): the "train" split's cache is built in the batches of its first epoch,
+        so that the first
+        step, with the policy at the reference, gives eq. (38)'s ln 2 and margins of exactly 0 (one
+        process, one
+        micro-batch; `chapters.reference_store.build_order`). Other splits stay by length, as
+        `dpo_evaluate` reads them.
         """
         caches = {}
         for split, ps in pairs.items():
@@ -135,18 +204,30 @@ class Scale:
                 caches[split] = ReferenceCache(reference, ps, pad_id, batch_size, batches=batches)
                 continue
             fp = reference_fingerprint(reference, ps, max_length=max_length, batch_size=batch_size)
-            caches[split] = cached_reference(self.folder / f"reference_{split}.safetensors", reference, ps, pad_id,
-                                             batch_size=batch_size, fingerprint=fp, dist=self.dist, seed=split_seed,
-                                             rebuild=self.rebuild_reference, rebuild_stale=not self.resume)
+            caches[split] = cached_reference(
+                self.folder / f"reference_{split}.safetensors",
+                reference,
+                ps,
+                pad_id,
+                batch_size=batch_size,
+                fingerprint=fp,
+                dist=self.dist,
+                seed=split_seed,
+                rebuild=self.rebuild_reference,
+                rebuild_stale=not self.resume,
+            )
         return caches
 
 
 def start(args, alone: str = None) -> Scale:
-    """The process group (torchrun's, or N = 1) and the run's Scale from the parsed flags; sets args.device to this
+    """The process group (torchrun's, or N = 1) and the run's Scale from the parsed flags; sets
+    args.device to this
     rank's device, and silences print on every rank but 0 (one copy of each line).
 
-    `alone` (a flag such as "--ladder"): that mode runs in one process and saves nothing; torchrun and the flags that
-    save or resume are refused with one line, and the Scale has no folder. Under torchrun rank 0 alone says why.
+    `alone` (a flag such as "--ladder"): that mode runs in one process and saves nothing; torchrun
+    and the flags that
+    save or resume are refused with one line, and the Scale has no folder. Under torchrun rank 0
+    alone says why.
     """
     try:
         return _start(args, alone)
@@ -159,43 +240,83 @@ def start(args, alone: str = None) -> Scale:
 def _start(args, alone):
     folder = Path(args.out)
     if alone:
-        given = [flag for flag, on in (("torchrun", distributed.launched_by_torchrun()), ("--fsdp", args.fsdp),
-                                       ("--resume", args.resume), ("--save-every", args.save_every),
-                                       ("--rebuild-reference-cache", args.rebuild_reference_cache)) if on]
+        given = [
+            flag
+            for flag, on in (
+                ("torchrun", distributed.launched_by_torchrun()),
+                ("--fsdp", args.fsdp),
+                ("--resume", args.resume),
+                ("--save-every", args.save_every),
+                ("--rebuild-reference-cache", args.rebuild_reference_cache),
+            )
+            if on
+        ]
         if given:
-            raise ValueError(f"{alone} runs in one process and saves no models, checkpoints or reference cache (its "
-                             f"phases are minutes on the miniature); leave out {' and '.join(given)}, or run without "
-                             f"{alone}")
+            raise ValueError(
+                f"{alone} runs in one process and saves no models, checkpoints or reference cache "
+                f"(its "
+                f"phases are minutes on the miniature); leave out {' and '.join(given)}, or run "
+                f"without "
+                f"{alone}"
+            )
         folder = None
     if args.resume and not any((folder / sub).is_dir() for sub in ("checkpoints", "models")):
-        raise ValueError(f"--resume: nothing to resume in {folder} (no checkpoints/ or models/ there); run without "
-                         "--resume, or give the --out of the run to continue")
+        raise ValueError(
+            f"--resume: nothing to resume in {folder} (no checkpoints/ or models/ there); run "
+            f"without "
+            "--resume, or give the --out of the run to continue"
+        )
     d = distributed.init(args.device, fsdp=args.fsdp)
     if args.batch_size < d.world * args.grad_accum:
-        raise ValueError(f"--batch-size {args.batch_size} is fewer pairs than the {d.world} process(es) × --grad-accum "
-                         f"{args.grad_accum} micro-batches of an update; raise --batch-size or lower --grad-accum")
+        raise ValueError(
+            f"--batch-size {args.batch_size} is fewer pairs than the {d.world} process(es) × "
+            f"--grad-accum "
+            f"{args.grad_accum} micro-batches of an update; raise --batch-size or lower "
+            f"--grad-accum"
+        )
     args.device = d.device
     if not d.main:
         sys.stdout = open(os.devnull, "w")
     if d.main and d.active:
-        print(f"torchrun: {d.world} processes ({'NCCL' if d.device.type == 'cuda' else 'gloo'}), "
-              f"{'FSDP2' if args.fsdp else 'DDP'}; --batch-size {args.batch_size} pairs an update in all, "
-              f"{args.grad_accum} micro-batch(es) a process")
-    return Scale(dist=d, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
-                 fsdp=args.fsdp, folder=folder, resume=args.resume, save_every=args.save_every,
-                 rebuild_reference=args.rebuild_reference_cache,
-                 fingerprint={"model": args.tag, "seed": args.seed, "max_length": args.max_length,
-                              "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
-                              "lr_schedule": args.lr_schedule,
-                              "mistakes_on": " ".join(getattr(getattr(args, "setup", None), "on", ()))})
+        print(
+            f"torchrun: {d.world} processes ({'NCCL' if d.device.type == 'cuda' else 'gloo'}), "
+            f"{'FSDP2' if args.fsdp else 'DDP'}; --batch-size {args.batch_size} pairs an update in "
+            f"all, "
+            f"{args.grad_accum} micro-batch(es) a process"
+        )
+    return Scale(
+        dist=d,
+        grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule,
+        fsdp=args.fsdp,
+        folder=folder,
+        resume=args.resume,
+        save_every=args.save_every,
+        rebuild_reference=args.rebuild_reference_cache,
+        fingerprint={
+            "model": args.tag,
+            "seed": args.seed,
+            "max_length": args.max_length,
+            "batch_size": args.batch_size,
+            "warmup_steps": args.warmup_steps,
+            "lr_schedule": args.lr_schedule,
+            "mistakes_on": " ".join(getattr(getattr(args, "setup", None), "on", ())),
+        },
+    )
 
 
-def sharded_runs(generate_runs, d: distributed.Dist, name, model, pairs, temperatures, **settings) -> list:
-    """`generate_runs` with the temperatures dealt over the ranks (each temperature has its own seeded generator, so
+def sharded_runs(
+    generate_runs, d: distributed.Dist, name, model, pairs, temperatures, **settings
+) -> list:
+    """`generate_runs` with the temperatures dealt over the ranks (each temperature has its own
+    seeded generator, so
     the texts do not depend on N), gathered in the temperatures' order on every rank."""
     mine = list(range(d.rank, len(temperatures), d.world))
     runs = generate_runs(name, model, pairs, [temperatures[i] for i in mine], **settings)
     placed = {}
-    for idx, got in zip([list(range(r, len(temperatures), d.world)) for r in range(d.world)], d.gather(runs)):
+    for idx, got in zip(
+        [list(range(r, len(temperatures), d.world)) for r in range(d.world)], d.gather(runs)
+    ):
         placed.update(zip(idx, got))
     return [placed[i] for i in range(len(temperatures))]

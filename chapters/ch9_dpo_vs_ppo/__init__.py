@@ -1,7 +1,9 @@
-"""Chapter 9 (report §7; Xu et al. 2024): Π_PPO ⊂ Π_DPO, and the mass DPO may put on responses the data never showed.
+"""Chapter 9 (report §7; Xu et al. 2024): Π_PPO ⊂ Π_DPO, and the mass DPO may put on responses the
+data never showed.
 
-    python -m chapters.ch9_dpo_vs_ppo
+python -m chapters.ch9_dpo_vs_ppo
 """
+
 from chapters.ch9_dpo_vs_ppo.minimisers import (  # noqa: F401
     dpo_flat_directions,
     dpo_minimiser,

@@ -1,4 +1,5 @@
-"""What every chapter may use; imports only `gpt`. Figures live in `chapters.common.figures`, which alone loads
+"""What every chapter may use; imports only `gpt`. Figures live in `chapters.common.figures`, which
+alone loads
 matplotlib, so the maths and the training code stay light.
 
 - `files`: where figures and tables go, atomic writes (`atomic_open`), the writable-folder check;
@@ -7,6 +8,7 @@ matplotlib, so the maths and the training code stay light.
 - `newton`: Newton's method for the tabular chapters' small smooth losses;
 - `figures`: matplotlib without a screen, `save`.
 """
+
 from chapters.common.files import atomic_open, check_writable, plots_dir, plots_path  # noqa: F401
 from chapters.common.newton import newton_minimise  # noqa: F401
 from chapters.common.runtime import ChapterSkipped, available_cores, one_thread  # noqa: F401

@@ -1,7 +1,9 @@
-"""Figures: matplotlib without a screen, and `save`, which writes a figure whole into the plots folder.
+"""Figures: matplotlib without a screen, and `save`, which writes a figure whole into the plots
+folder.
 
 Only modules that draw import this one, so the maths and the training code load no matplotlib.
 """
+
 from pathlib import Path
 
 import matplotlib

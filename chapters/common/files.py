@@ -1,7 +1,10 @@
-"""Files: where chapter figures and tables go: `plots/` at the top of the repository, or $DPO_PLOTS_DIR (tests set it).
+"""Files: where chapter figures and tables go: `plots/` at the top of the repository, or
+$DPO_PLOTS_DIR (tests set it).
 
-Every file is written whole or not at all (`atomic_open`): Ctrl-C or a crash never leaves half a PNG or CSV.
+Every file is written whole or not at all (`atomic_open`): Ctrl-C or a crash never leaves half a PNG
+or CSV.
 """
+
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,13 +26,17 @@ def plots_dir() -> Path:
 
 
 def check_writable(folder=None, what="figures") -> Path:
-    """Make sure files can be written in `folder` (default: the plots folder) before any work starts; return it.
+    """Make sure files can be written in `folder` (default: the plots folder) before any work
+    starts; return it.
 
-    Changes nothing on disk (a missing folder is judged by its nearest existing parent, and made later).
+    Changes nothing on disk (a missing folder is judged by its nearest existing parent, and made
+    later).
     Raises PermissionError with one line naming the folder (gpt.cli.run prints it as `error: ...`).
     """
     path = Path(folder) if folder is not None else plots_path()
-    hint = f"set ${PLOTS_ENV} to a folder you can write" if folder is None else "pass another folder"
+    hint = (
+        f"set ${PLOTS_ENV} to a folder you can write" if folder is None else "pass another folder"
+    )
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir():
         reason = f"{existing} is a file, not a folder"
@@ -42,7 +49,8 @@ def check_writable(folder=None, what="figures") -> Path:
 
 @contextmanager
 def atomic_open(path, mode="w", **kwargs):
-    """`open(path, mode)` that writes a temporary file beside `path` and renames it over `path` only when whole."""
+    """`open(path, mode)` that writes a temporary file beside `path` and renames it over `path` only
+    when whole."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
     try:

@@ -1,5 +1,7 @@
-"""Run-time helpers every chapter may use: one torch thread for tiny models, the cores this process may use,
+"""Run-time helpers every chapter may use: one torch thread for tiny models, the cores this process
+may use,
 and `ChapterSkipped`, a chapter's one-line 'this machine lacks what I need'."""
+
 import os
 from contextlib import contextmanager
 
@@ -9,14 +11,16 @@ from gpt.cli import Unavailable
 
 
 class ChapterSkipped(Unavailable):
-    """Raised by a chapter's `main` when this machine lacks what it needs; the message is one line saying what to do."""
+    """Raised by a chapter's `main` when this machine lacks what it needs; the message is one line
+    saying what to do."""
 
 
 @contextmanager
 def one_thread():
     """Run torch on one thread inside the block, then restore the setting.
 
-    The chapters' models are tiny: a second thread only adds synchronisation (measured 10-30x slower on
+    The chapters' models are tiny: a second thread only adds synchronisation (measured 10-30x slower
+    on
     a busy 2-core machine), and one thread also makes float sums repeatable whatever the core count.
     """
     threads = torch.get_num_threads()

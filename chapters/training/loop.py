@@ -1,15 +1,23 @@
-"""The one training loop under chapter 8's SFT and DPO: global batches, each rank's share, micro-batches, resume.
+"""The one training loop under chapter 8's SFT and DPO: global batches, each rank's share,
+micro-batches, resume.
 
     history = train_epochs(engine, optimizer, schedule, batches=..., weight=..., epochs=3, dist=d,
-                           run=Run(checkpoint=out / "sft.pt", fingerprint=settings, resume=args.resume), ...)
+                           run=Run(checkpoint=out / "sft.pt", fingerprint=settings,
+                           resume=args.resume), ...)
 
-Each epoch's global batches are the same on every rank (`batches(epoch)`, seeded). For each, rank r runs its share
-(`chapters.distributed.shard`) in `grad_accum` micro-batches, backward on each micro-batch's mean loss times its
-`loss_scale`, gradients exchanged after the last; then the gradient norm is clipped at 1, AdamW steps, the schedule
-steps. The step's metrics are weighted means over the whole global batch. A stop request (Ctrl-C, SIGTERM), the end
-of each epoch, and every `Run.every` steps write a checkpoint (`chapters.train_state`); `Run.resume` continues one
+Each epoch's global batches are the same on every rank (`batches(epoch)`, seeded). For each, rank r
+runs its share
+(`chapters.distributed.shard`) in `grad_accum` micro-batches, backward on each micro-batch's mean
+loss times its
+`loss_scale`, gradients exchanged after the last; then the gradient norm is clipped at 1, AdamW
+steps, the schedule
+steps. The step's metrics are weighted means over the whole global batch. A stop request (Ctrl-C,
+SIGTERM), the end
+of each epoch, and every `Run.every` steps write a checkpoint (`chapters.train_state`); `Run.resume`
+continues one
 with the same loss sequence as a run never stopped.
 """
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,23 +44,30 @@ from chapters.training.distributed import (
 
 @dataclass
 class Run:
-    """Where a loop's checkpoint goes (None: nowhere), what a resumed one must match, and how to say resume."""
+    """Where a loop's checkpoint goes (None: nowhere), what a resumed one must match, and how to say
+    resume."""
+
     checkpoint: Path = None
     fingerprint: dict = None
     resume: bool = False
-    every: int = 0  # also write a checkpoint after every this many steps (0: only at stops and epoch ends)
+    every: int = (
+        0  # also write a checkpoint after every this many steps (0: only at stops and epoch ends)
+    )
     hint: str = "run the same command again with --resume"
 
 
 def _step(engine, loss_fn, idx, weight, d: Dist, grad_accum: int) -> dict:
-    """Forward and backward of global batch `idx`: this rank's share in micro-batches. Returns each metric's mean
-    over the whole batch: Σ w·m / Σ w over the micro-batches of every rank, w = weight(micro-batch), or the weight
+    """Forward and backward of global batch `idx`: this rank's share in micro-batches. Returns each
+    metric's mean
+    over the whole batch: Σ w·m / Σ w over the micro-batches of every rank, w = weight(micro-batch),
+    or the weight
     a metric brings along as (value, weight) (a mean over tokens, say)."""
     total = weight(idx)
     parts = micro_batches(shard(idx, d.rank, d.world), grad_accum)
     sums, keys = {}, None
     for k, part in enumerate(parts):
-        # a rank left without pairs (a batch smaller than N·K) still runs one pair at weight 0: DDP and FSDP need
+        # a rank left without pairs (a batch smaller than N·K) still runs one pair at weight 0: DDP
+        # and FSDP need
         # every rank in every exchange, and 0 · gradient adds nothing
         use, w = (part, weight(part)) if part else (list(idx[:1]), 0.0)
         with gradient_sync(engine, last=k == len(parts) - 1):
@@ -67,16 +82,39 @@ def _step(engine, loss_fn, idx, weight, d: Dist, grad_accum: int) -> dict:
     return {key: reduced[2 * i] / reduced[2 * i + 1] for i, key in enumerate(keys)}
 
 
-def train_epochs(engine, optimizer, schedule, *, loss_fn, batches, weight, epochs: int, dist: Dist, run: Run = None,
-                 history=None, on_begin=None, on_step=None, on_epoch=None, grad_accum: int = 1, stop=None,
-                 clip: float = 1.0, desc: str = "train", progress: bool = True):
-    """Train the model in `engine` (`chapters.distributed.wrap`'s module) on loss_fn(model, idx) -> (mean loss of
+def train_epochs(
+    engine,
+    optimizer,
+    schedule,
+    *,
+    loss_fn,
+    batches,
+    weight,
+    epochs: int,
+    dist: Dist,
+    run: Run = None,
+    history=None,
+    on_begin=None,
+    on_step=None,
+    on_epoch=None,
+    grad_accum: int = 1,
+    stop=None,
+    clip: float = 1.0,
+    desc: str = "train",
+    progress: bool = True,
+):
+    """Train the model in `engine` (`chapters.distributed.wrap`'s module) on loss_fn(model, idx) ->
+    (mean loss of
     pairs idx, metrics), for `epochs`.
 
-    batches(epoch) -> the global batches (lists of indices) of that epoch, 1-based; weight(idx) -> what the mean
-    loss of idx averages over (pairs, tokens). Callbacks fill `history` (rows, JSON-like): on_begin(history) before
-    the first step of a fresh run, on_step(history, epoch, metrics) after each step, on_epoch(history, epoch) after
-    each epoch (on every rank: evaluations are sharded). `clip` None: no gradient clipping. Returns `history`,
+    batches(epoch) -> the global batches (lists of indices) of that epoch, 1-based; weight(idx) ->
+    what the mean
+    loss of idx averages over (pairs, tokens). Callbacks fill `history` (rows, JSON-like):
+    on_begin(history) before
+    the first step of a fresh run, on_step(history, epoch, metrics) after each step,
+    on_epoch(history, epoch) after
+    each epoch (on every rank: evaluations are sharded). `clip` None: no gradient clipping. Returns
+    `history`,
     restored first when resuming.
     """
     run = run or Run()
@@ -89,7 +127,11 @@ def train_epochs(engine, optimizer, schedule, *, loss_fn, batches, weight, epoch
         if schedule is not None:
             schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"][dist.rank % len(state["rng"])])
-        epoch, start, history = state["position"]["epoch"], state["position"]["batch"], state["history"]
+        epoch, start, history = (
+            state["position"]["epoch"],
+            state["position"]["batch"],
+            state["history"],
+        )
         if dist.main:
             print(f"{desc}: resumed from {run.checkpoint} at epoch {epoch}, batch {start + 1}")
     elif on_begin is not None:
@@ -98,19 +140,35 @@ def train_epochs(engine, optimizer, schedule, *, loss_fn, batches, weight, epoch
     def save(position):
         if run.checkpoint is None:
             return
-        model_state, optim_state = full_state(objective, optimizer)  # every rank: FSDP gathers the shards
+        model_state, optim_state = full_state(
+            objective, optimizer
+        )  # every rank: FSDP gathers the shards
         rngs = dist.gather(rng_state())
         if dist.main:
-            save_checkpoint(run.checkpoint, fingerprint=run.fingerprint, model_state=model_state,
-                            optim_state=optim_state, schedule=schedule, position=position, history=history, rng=rngs)
+            save_checkpoint(
+                run.checkpoint,
+                fingerprint=run.fingerprint,
+                model_state=model_state,
+                optim_state=optim_state,
+                schedule=schedule,
+                position=position,
+                history=history,
+                rng=rngs,
+            )
         dist.barrier()
 
     steps_done = 0
     for epoch in range(epoch, epochs + 1):
         objective.train()
         epoch_batches = batches(epoch)
-        for b in tqdm(range(start, len(epoch_batches)), desc=f"{desc} epoch {epoch}/{epochs}", leave=False,
-                      disable=not (dist.main and progress), initial=start, total=len(epoch_batches)):
+        for b in tqdm(
+            range(start, len(epoch_batches)),
+            desc=f"{desc} epoch {epoch}/{epochs}",
+            leave=False,
+            disable=not (dist.main and progress),
+            initial=start,
+            total=len(epoch_batches),
+        ):
             metrics = _step(engine, loss_fn, epoch_batches[b], weight, dist, grad_accum)
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip)
@@ -126,8 +184,12 @@ def train_epochs(engine, optimizer, schedule, *, loss_fn, batches, weight, epoch
                 where = f"after batch {b + 1} of {len(epoch_batches)} in epoch {epoch}"
                 if not dist.main:
                     raise SystemExit(130)  # rank 0 says it, once
-                raise KeyboardInterrupt(f"{stop.signal or 'stop'} {where} of {desc}: checkpoint {run.checkpoint}; "
-                                        f"{run.hint}" if run.checkpoint else f"{stop.signal} {where} of {desc}")
+                raise KeyboardInterrupt(
+                    f"{stop.signal or 'stop'} {where} of {desc}: checkpoint {run.checkpoint}; "
+                    f"{run.hint}"
+                    if run.checkpoint
+                    else f"{stop.signal} {where} of {desc}"
+                )
             if run.every and steps_done % run.every == 0 and b + 1 < len(epoch_batches):
                 save({"epoch": epoch, "batch": b + 1})
         start = 0
