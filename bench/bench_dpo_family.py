@@ -6,12 +6,10 @@ convention differs.
     /tmp/benchvenv/bin/python bench/bench_dpo_family.py [--pairs 256] [--seed 0]
 
 TRL computes its losses inside its trainers' loss methods, from a model's outputs. Here each method
-runs on a
-stand-in `self` (only the attributes it reads) and a stand-in model whose per-token log-probs are
-set so that
-the response log-probs are exactly the ones given to `chapters.ch10_dpo_family`; so both sides see
-the same
-numbers, and one example per call gives TRL's per-example loss.
+runs on a stand-in `self` (only the attributes it reads) and a stand-in model whose per-token
+log-probs are set so that the response log-probs are exactly the ones given to
+`chapters.ch10_dpo_family`; so both sides see the same numbers, and one example per call gives TRL's
+per-example loss.
 """
 
 import argparse

@@ -9,16 +9,12 @@ weights and data.
     bf16 autocast
 
 Random weights of the GPT-2 shape (the same tensors in transformers' GPT2LMHeadModel for TRL and in
-gpt.GPT for
-ours, through gpt.load_gpt2), 8 pairs a batch from the instruction-preference data set's training
-split, prompts
-in chapter 8's format, sequences up to 256 tokens, AdamW. Each method runs `--warmup` untimed steps
-and then
-`--steps` timed ones; a step is forward, backward and optimizer update. Before timing, TRL's
-per-batch losses are
-compared with ours on the same pairs (policy ≠ reference). trl is not a project dependency: it lives
-in the
-bench's own virtual environment (the command above; it keeps the system's torch).
+gpt.GPT for ours, through gpt.load_gpt2), 8 pairs a batch from the instruction-preference data set's
+training split, prompts in chapter 8's format, sequences up to 256 tokens, AdamW. Each method runs
+`--warmup` untimed steps and then `--steps` timed ones; a step is forward, backward and optimizer
+update. Before timing, TRL's per-batch losses are compared with ours on the same pairs (policy ≠
+reference). trl is not a project dependency: it lives in the bench's own virtual environment (the
+command above; it keeps the system's torch).
 """
 
 import argparse
@@ -72,7 +68,8 @@ def as_ours(hf_model):
 
 def perturbed(hf_model, seed, scale=1e-3):
     """A policy a few updates away from the reference: a copy with small seeded noise on every
-    weight."""
+    weight.
+    """
     model = copy.deepcopy(hf_model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -5,12 +5,10 @@ process.
     python bench/bench_gpt2.py --repeats 9
 
 Three measures, each checked first (same logits, same greedy tokens), then timed with both sides
-interleaved
-(ours, theirs, ours, ...; the first of each pair alternates) so that both see the same machine load:
-forward: logits for a (4, 256) batch. Generation, batch 1: greedy, a 32-token prompt, 64 new tokens.
-Generation, batched: greedy, 16 prompts of 20-60 tokens, left-padded, 48 new tokens. KV cache on
-both sides.
-Prints each side's median time and the median of the per-pair ratios.
+interleaved (ours, theirs, ours, ...; the first of each pair alternates) so that both see the same
+machine load: forward: logits for a (4, 256) batch. Generation, batch 1: greedy, a 32-token prompt,
+64 new tokens. Generation, batched: greedy, 16 prompts of 20-60 tokens, left-padded, 48 new tokens.
+KV cache on both sides. Prints each side's median time and the median of the per-pair ratios.
 """
 
 import argparse

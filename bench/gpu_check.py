@@ -5,9 +5,8 @@ on the same GPU.
     --budget-s (7.5 min)
 
 Random weights of the gpt2-medium shape (no weights can be downloaded), built and compared with the
-helpers of
-bench/bench_dpo_step.py (the same tensors in transformers' GPT2LMHeadModel for TRL and in gpt.GPT
-for ours).
+helpers of bench/bench_dpo_step.py (the same tensors in transformers' GPT2LMHeadModel for TRL and in
+gpt.GPT for ours).
 1. bf16 against fp32: the DPO loss and its gradient on the same batches, chapter 8's fast step in
 bf16 autocast
    (as chapter 8 trains on a GPU) and the plain step in bf16, each against the plain step in fp32.
@@ -20,10 +19,8 @@ GPU, ours timed
    4 backward, the output head only where the method applies it, attention's T² term left out (< 5%
    at 256 tokens).
 3. With 2+ GPUs: the fast step under DDP and under FSDP2 on 2 processes (NCCL), global batch 2 ×
---batch-size.
-Without CUDA it stops with one line. TRL rows need `trl` (and datasets, accelerate) importable; else
-one line says
-they were skipped and the rest runs.
+--batch-size. Without CUDA it stops with one line. TRL rows need `trl` (and datasets, accelerate)
+importable; else one line says they were skipped and the rest runs.
 """
 
 import argparse
@@ -76,7 +73,8 @@ PEAKS = (
 
 def bf16_peak(name: str, override=None):
     """The GPU's dense bf16 peak in FLOP/s from its name (None when unknown and not given in
-    TFLOP/s)."""
+    TFLOP/s).
+    """
     if override:
         return override * 1e12
     return next((peak for part, peak in PEAKS if part.lower() in name.lower()), None)
@@ -106,8 +104,8 @@ def body_and_head(model):
 
 def flops_fast(pairs, body, head):
     """FLOPs of one fast step on `pairs`: policy forward + backward on prompt + chosen + rejected
-    once, the head at
-    the response positions (and once more, forward only, on the cached reference states for the KL).
+    once, the head at the response positions (and once more, forward only, on the cached reference
+    states for the KL).
     """
     tokens = sum(p.packed_length for p in pairs)
     response = sum(len(p.chosen) + len(p.rejected) for p in pairs)
@@ -116,8 +114,7 @@ def flops_fast(pairs, body, head):
 
 def flops_plain(pairs, body, head):
     """FLOPs of one step of TRL's (the plain) algorithm: chosen and rejected rows apart (the prompt
-    twice), the head
-    at every position, policy forward + backward and reference forward."""
+    twice), the head at every position, policy forward + backward and reference forward."""
     tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
     return 8 * (body + head) * tokens
 
@@ -130,8 +127,7 @@ def pair_tokens(pairs):
 
 def models(shape, seed, device):
     """(TRL's policy, TRL's reference, our policy, our reference) with identical weights; ours alone
-    without
-    transformers."""
+    without transformers."""
     try:
         hf_ref = cpu_bench.random_hf_gpt2(shape, seed)
         hf_policy = cpu_bench.perturbed(hf_ref, seed + 1)

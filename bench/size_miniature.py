@@ -5,10 +5,9 @@ measured.
     2e-3 --dropout 0.1
 
 Prints one JSON line: the base model's validation loss per epoch, the SFT loss on the validation
-split's chosen
-responses per SFT epoch (the number the size is chosen by, with the unigram baseline beside it), and
-the CPU
-seconds of each stage. Only the training split is trained on; the test split is not read.
+split's chosen responses per SFT epoch (the number the size is chosen by, with the unigram baseline
+beside it), and the CPU seconds of each stage. Only the training split is trained on; the test split
+is not read.
 """
 
 import argparse

@@ -6,15 +6,12 @@
     python -m chapters --only ch4_dpo  # a subset
     python -m chapters --serial        # every chapter in this process, one after another
 
-Chapter 8's miniature trains on one torch thread from start to end (`chapters.one_thread`: tiny
-models), so on a
-machine with two or more cores it runs beside the others, in a child process started first, and its
-output is
-shown in its place in the order (its progress bars are left out: they would be minutes old). Its
-numbers are the
-same either way: a chapter's results do not depend on what else runs (chapters 7 and 10 give the
-same numbers for
-any worker count, chapter 8 runs on one thread).
+Chapter 8's miniature trains on one torch thread from start to end (`chapters.common.one_thread`:
+tiny models), so on a machine with two or more cores it runs beside the others, in a child process
+started first, and its output is shown in its place in the order (its progress bars are left out:
+they would be minutes old). Its numbers are the same either way: a chapter's results do not depend
+on what else runs (chapters 7 and 10 give the same numbers for any worker count, chapter 8 runs on
+one thread).
 """
 
 import argparse
@@ -89,8 +86,7 @@ class Beside:
 
     def stop(self):
         """Ctrl-C or an error here: the child is stopped too (SIGTERM: chapter 8 writes a checkpoint
-        and exits; its
-        files are written whole or not at all), then waited for."""
+        and exits; its files are written whole or not at all), then waited for."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -102,8 +98,7 @@ class Beside:
 
 def runs_beside(names, args) -> list:
     """The chapters to start in a child process now: chapter 8 when it will run the miniature on one
-    thread, other
-    chapters are to run meanwhile, and this machine has a core to spare."""
+    thread, other chapters are to run meanwhile, and this machine has a core to spare."""
     if (
         args.serial
         or args.quick

@@ -2,12 +2,10 @@
 safetensors.
 
 `load_gpt2(name_or_path)` accepts a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl: taken from
-the
-download cache, downloaded when missing), a folder of OpenAI's files (hparams.json,
-model.ckpt.index,
-model.ckpt.data-00000-of-00001), a .safetensors file, or a folder holding model.safetensors. Every
-tensor is mapped by the one table NAME_TABLE below and its shape checked; anything wrong is one
-line.
+the download cache, downloaded when missing), a folder of OpenAI's files (hparams.json,
+model.ckpt.index, model.ckpt.data-00000-of-00001), a .safetensors file, or a folder holding
+model.safetensors. Every tensor is mapped by the one table NAME_TABLE below and its shape checked;
+anything wrong is one line.
 """
 
 import json
@@ -100,9 +98,8 @@ TIED = {
     "lm_head.weight": "transformer.wte.weight"
 }  # the output head is the token embedding, one Parameter
 # Hugging Face tensors that are not weights: the causal-mask buffers older transformers saved (the
-# hub's
-# gpt2 model.safetensors holds them). A save_pretrained file may also hold lm_head.weight: it must
-# equal wte.
+# hub's gpt2 model.safetensors holds them). A save_pretrained file may also hold lm_head.weight: it
+# must equal wte.
 HF_NOT_WEIGHTS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 # how each "turn" maps an array, and the checkpoint shape it expects given our (out, in)-style shape
@@ -116,7 +113,8 @@ FORMAT_COLUMN = {"openai": 1, "hf": 2}
 
 def name_map(fmt: str, n_layer: int) -> dict:
     """{checkpoint name: (our name, turn)} for format "openai" or "hf" (hub layout) and n_layer
-    blocks."""
+    blocks.
+    """
     col = FORMAT_COLUMN[fmt]
     out = {}
     for row in NAME_TABLE:
@@ -183,8 +181,7 @@ def _names_line(names, limit=6):
 
 def _fill(ckpt, fmt: str, config: GPTConfig, where: str, extra_ok=()) -> GPT:
     """Build a GPT for `config` and fill every parameter from `ckpt` through NAME_TABLE, checking
-    names and shapes.
-    Names in `extra_ok` may be present and are not loaded."""
+    names and shapes. Names in `extra_ok` may be present and are not loaded."""
     mapping = name_map(fmt, config.n_layer)
     present = set(ckpt.names) - set(extra_ok)
     missing, unexpected = set(mapping) - present, present - set(mapping)
@@ -290,7 +287,8 @@ def load_openai(folder) -> GPT:
 
 def load_safetensors(path) -> GPT:
     """A Hugging Face model.safetensors, hub layout or save_pretrained layout ("transformer."
-    prefix)."""
+    prefix).
+    """
     ckpt = SafetensorsCheckpoint(path)
     config = _config_for_safetensors(ckpt)
     extra = {n for n in ckpt.names if HF_NOT_WEIGHTS.fullmatch(n)}
@@ -332,8 +330,7 @@ def load_checkpoint(path) -> GPT:
 
 def load_gpt2(name_or_path, cache_dir=None, source=None) -> GPT:
     """GPT-2 in eval mode from a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; the download
-    cache,
-    downloading when missing) or a checkpoint path (see `load_checkpoint`)."""
+    cache, downloading when missing) or a checkpoint path (see `load_checkpoint`)."""
     # imported here, not at the top: gpt/__init__.py must leave gpt.download unloaded for `python -m
     # gpt.download`
     from gpt.download import SOURCES, ensure_downloaded

@@ -2,9 +2,8 @@
 == "__main__"`.
 
 Every command line (gpt.generation, gpt.download, each chapter, the benchmarks) uses these, so a bad
-value
-is one argparse line (exit 2) before any work starts, and Ctrl-C or a user error is one line, never
-a traceback.
+value is one argparse line (exit 2) before any work starts, and Ctrl-C or a user error is one line,
+never a traceback.
 """
 
 import argparse
@@ -67,10 +66,10 @@ def run(main, argv=None):
     """Call `main(argv)` and exit with one line instead of a traceback for what the user can fix.
 
     Ctrl-C: `interrupted: ...`, exit 130 at once (a `KeyboardInterrupt("how to resume")` raised by
-    `main` supplies
-    the text; files are closed as the exception unwinds, atexit hooks do not run). ValueError:
-    `error: ...`, exit 2. OSError (a file or folder that cannot be read or written): `error: ...`,
-    exit 1. Unavailable: `skipped: ...`, exit 1. Anything else is a bug and keeps its traceback.
+    `main` supplies the text; files are closed as the exception unwinds, atexit hooks do not run).
+    ValueError: `error: ...`, exit 2. OSError (a file or folder that cannot be read or written):
+    `error: ...`, exit 1. Unavailable: `skipped: ...`, exit 1. Anything else is a bug and keeps its
+    traceback.
     """
     try:
         code = main(argv)
@@ -78,8 +77,8 @@ def run(main, argv=None):
         why = _first_line(err) if err.args else "stopped by Ctrl-C; files already written are whole"
         print(f"interrupted: {why}", file=sys.stderr)
         # exit now: an interrupt that lands inside exec() (scipy runs some at import) makes CPython
-        # flag it as
-        # unhandled, and the interpreter would then kill itself with SIGINT instead of exiting 130
+        # flag it as unhandled, and the interpreter would then kill itself with SIGINT instead of
+        # exiting 130
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)

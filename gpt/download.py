@@ -108,7 +108,8 @@ def _check_name(name, source):
 
 def _check_writable(folder: Path):
     """Refuse, before any download and creating nothing, a cache folder that cannot be made or
-    written."""
+    written.
+    """
     probe = folder
     while not probe.exists():
         probe = probe.parent
@@ -129,9 +130,8 @@ def fetch(url, dest, size=None, sha256=None, progress=True) -> Path:
     complete and checked.
 
     Any failure (no network, a cut connection, a wrong size or sha256, Ctrl-C) leaves neither a
-    partial file nor a
-    folder this call made, and is a one-line DownloadError naming the URL and the reason (Ctrl-C
-    propagates as is).
+    partial file nor a folder this call made, and is a one-line DownloadError naming the URL and the
+    reason (Ctrl-C propagates as is).
     """
     dest = Path(dest)
     made = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # deepest first

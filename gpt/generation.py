@@ -32,7 +32,8 @@ def left_pad(sequences, pad_id: int):
 
 def check_sampling(temperature=1.0, top_k=None, top_p=None):
     """Refuse what `sample_next` cannot mean, as transformers' `generate` does: one-line
-    ValueErrors."""
+    ValueErrors.
+    """
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, Real)
@@ -61,8 +62,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     (B,).
 
     `top_k` keeps the k most likely tokens, `top_p` the fewest whose probabilities sum to p; 0 and 1
-    (or None)
-    turn them off, as in transformers.
+    (or None) turn them off, as in transformers.
     """
     check_sampling(temperature, top_k, top_p)
     if logits.dim() != 2:
@@ -150,12 +150,10 @@ def generate(
     new).
 
     Batched prompts of different lengths come left-padded with their `attention_mask` (see
-    `left_pad`).
-    A row stops at its first `eos_id`; after that it is filled with `eos_id`, and generation ends
-    when
-    every row has stopped. `temperature=0` is greedy; `top_k`, `top_p` as in `sample_next`;
-    `generator`
-    seeds the sampling. Bad arguments are a one-line ValueError before any work.
+    `left_pad`). A row stops at its first `eos_id`; after that it is filled with `eos_id`, and
+    generation ends when every row has stopped. `temperature=0` is greedy; `top_k`, `top_p` as in
+    `sample_next`; `generator` seeds the sampling. Bad arguments are a one-line ValueError before
+    any work.
     """
     check_sampling(temperature, top_k, top_p)
     check_prompt(model, input_ids, max_new_tokens, attention_mask, eos_id)

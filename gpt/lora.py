@@ -9,8 +9,8 @@
 A wrapped layer keeps its base Parameters under their own names (`...attn.c_attn.weight`, `.bias`)
 and adds `...attn.c_attn.lora_A` and `.lora_B`. Its base product stays `gpt.model.Linear`'s: with W
 frozen, a product whose input needs no gradient (generation, evaluation, a reference pass, the first
-block's while training) still runs on oneDNN's inner product. Targets are the module names inside
-a block: attn.c_attn (fused q, k, v), attn.c_proj, mlp.c_fc, mlp.c_proj; c_attn and c_fc also do
+block's while training) still runs on oneDNN's inner product. Targets are the module names inside a
+block: attn.c_attn (fused q, k, v), attn.c_proj, mlp.c_fc, mlp.c_proj; c_attn and c_fc also do
 alone, and c_proj alone means both projections.
 """
 
@@ -38,8 +38,8 @@ ADAPTER_NAMES = (".lora_A", ".lora_B")
 class LoRALinear(Linear):
     """Hu et al. 2021, eq. (3): h = W x + b + (alpha/rank) B A x, with W and b frozen.
 
-    A (rank, in) starts Kaiming-uniform (as the authors' loralib; the paper says Gaussian) and
-    B (out, rank) at zero, so a new adapter changes nothing. Dropout acts on the adapter's input.
+    A (rank, in) starts Kaiming-uniform (as the authors' loralib; the paper says Gaussian) and B
+    (out, rank) at zero, so a new adapter changes nothing. Dropout acts on the adapter's input.
     `merged`: B A is folded into W and the branch skipped; `enabled=False` runs W x + b alone.
     """
 
@@ -141,10 +141,10 @@ def add_lora(
 ):
     """Hu et al. 2021, eq. (3): wrap the `targets` of every block in a LoRALinear; freeze all else.
 
-    Modifies `model` in place and returns it. Afterwards only the adapters (`lora_A`, `lora_B`)
-    need gradients; everything else, embeddings and LayerNorms included, is frozen. To train a
-    head too (a reward model's), call it on the GPT inside (`add_lora(rm.backbone, ...)`).
-    Trainable parameters: Σ rank · (in + out) over the wrapped layers.
+    Modifies `model` in place and returns it. Afterwards only the adapters (`lora_A`, `lora_B`) need
+    gradients; everything else, embeddings and LayerNorms included, is frozen. To train a head too
+    (a reward model's), call it on the GPT inside (`add_lora(rm.backbone, ...)`). Trainable
+    parameters: Σ rank · (in + out) over the wrapped layers.
     """
     check_hyperparameters(rank, alpha, dropout)
     targets = expand_targets(targets)
@@ -176,9 +176,9 @@ def adapted(model: nn.Module) -> dict:
 def merge_lora(model: nn.Module):
     """Hu et al. 2021, §4.1: W <- W + (alpha/rank) B A in each adapted layer; same outputs.
 
-    The adapters stay, their branch skipped, so `unmerge_lora` can take them out again; leave A
-    and B alone while merged (they get no gradient then). Merged layers stay as they are.
-    Returns the model.
+    The adapters stay, their branch skipped, so `unmerge_lora` can take them out again; leave A and
+    B alone while merged (they get no gradient then). Merged layers stay as they are. Returns the
+    model.
     """
     for layer in adapted(model).values():
         if not layer.merged:
@@ -290,10 +290,10 @@ def read_lora_file(path):
 def load_lora(model: nn.Module, path):
     """Load adapters written by `save_lora` into `model`; returns the model.
 
-    A model without adapters gets them first (the file's rank, alpha, targets and dropout); one
-    with adapters must have the file's rank, alpha and targets. Names and shapes must match too:
-    a mismatch is one ValueError line, before the model changes. The base weights must be the
-    ones the adapters were trained on (not checked).
+    A model without adapters gets them first (the file's rank, alpha, targets and dropout); one with
+    adapters must have the file's rank, alpha and targets. Names and shapes must match too: a
+    mismatch is one ValueError line, before the model changes. The base weights must be the ones the
+    adapters were trained on (not checked).
     """
     tensors, config = read_lora_file(path)
     has_adapters = bool(lora_layers(model))

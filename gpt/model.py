@@ -1,8 +1,8 @@
 """GPT-2, written out: pre-LayerNorm transformer blocks, learned positions, a tied output head.
 
 Module names follow the checkpoint (wte, wpe, h.N.ln_1, attn.c_attn, mlp.c_fc, ln_f, ...), so
-`gpt/checkpoint.py` maps OpenAI's and Hugging Face's tensors onto it with one table.
-Shapes: B batch, T new tokens, S tokens attended to (past + new), C n_embd, H heads, D = C / H.
+`gpt/checkpoint.py` maps OpenAI's and Hugging Face's tensors onto it with one table. Shapes: B
+batch, T new tokens, S tokens attended to (past + new), C n_embd, H heads, D = C / H.
 """
 
 import math
@@ -17,7 +17,8 @@ from gpt.config import GPTConfig
 
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` tokens and filled as tokens
-    arrive."""
+    arrive.
+    """
 
     def __init__(
         self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32
@@ -48,9 +49,8 @@ class Unpadded(NamedTuple):
     in order.
 
     Layers that treat tokens one by one (embeddings, LayerNorm, the linear layers, the MLP) run on
-    the N real
-    tokens only, so padding costs them nothing; attention runs in the padded layout, where the KV
-    cache lives.
+    the N real tokens only, so padding costs them nothing; attention runs in the padded layout,
+    where the KV cache lives.
     """
 
     index: torch.Tensor
@@ -75,17 +75,12 @@ class Linear(nn.Linear):
     """nn.Linear, except that a CPU product needing no gradient runs on oneDNN's inner product.
 
     PyTorch's CPU matrix products go to MKL. For GPT-2's shapes oneDNN's inner product (the kernel
-    torch.compile
-    picks for a CPU linear layer, `torch.ops.mkldnn._linear_pointwise`) is faster: decoding's single
-    row runs on
-    every core (MKL's matrix-vector product uses one), and a forward pass's many rows run nearer the
-    cores' peak
-    (on the AMD EPYC this project is measured on, about twice MKL's speed). It has no backward, so
-    products that
-    need a gradient keep nn.Linear's path, and so do small ones, where its fixed cost of some 20 µs
-    a call is more
-    than it saves. Same sums in another order: values agree to float32 rounding. bench/bench_gpt2.py
-    measures it.
+    torch.compile picks for a CPU linear layer, `torch.ops.mkldnn._linear_pointwise`) is faster:
+    decoding's single row runs on every core (MKL's matrix-vector product uses one), and a forward
+    pass's many rows run nearer the cores' peak (on the AMD EPYC this project is measured on, about
+    twice MKL's speed). It has no backward, so products that need a gradient keep nn.Linear's path,
+    and so do small ones, where its fixed cost of some 20 µs a call is more than it saves. Same sums
+    in another order: values agree to float32 rounding. bench/bench_gpt2.py measures it.
     """
 
     ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -204,12 +199,10 @@ class GPT(nn.Module):
         """The final LayerNorm's output, (B, T, C), for the T tokens of `input_ids`.
 
         `attention_mask` (B, S) is 1 for real tokens and 0 for padding, and covers the cached past
-        too
-        (S = past + T). Positions count real tokens only, so left- and right-padded rows get the
+        too (S = past + T). Positions count real tokens only, so left- and right-padded rows get the
         positions they would have alone. With `skip_padding`, every layer but attention runs on the
-        real
-        tokens only (`Unpadded`; the prompt pass of batched generation) and padding's outputs are
-        zeros.
+        real tokens only (`Unpadded`; the prompt pass of batched generation) and padding's outputs
+        are zeros.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -243,12 +236,10 @@ class GPT(nn.Module):
 
     def run_blocks(self, input_ids, position_ids, mask=None, cache=None, unpadded=None):
         """Embeddings, the blocks and the final LayerNorm, with positions (T,) or (B, T) and a
-        boolean
-        attention mask (B, 1, T, S) given explicitly (None: plain causal). `hidden_states` derives
-        both from
-        a padding mask; packed sequences (chapters/dpo_step.py) build their own. Returns (B, T, C).
-        With `unpadded`, `input_ids` and `position_ids` are (1, N): the real tokens only; returns
-        (1, N, C)."""
+        boolean attention mask (B, 1, T, S) given explicitly (None: plain causal). `hidden_states`
+        derives both from a padding mask; packed sequences (chapters/dpo_step.py) build their own.
+        Returns (B, T, C). With `unpadded`, `input_ids` and `position_ids` are (1, N): the real
+        tokens only; returns (1, N, C)."""
         x = self.transformer.drop(
             self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)
         )  # (B, T, C)

@@ -2,12 +2,9 @@
 records, CRC-32C.
 
 `model.ckpt.index` is an SSTable (LevelDB's table format) whose keys are tensor names and whose
-values are
-BundleEntryProto messages saying where each tensor's bytes lie in `model.ckpt.data-00000-of-00001`,
-with
-each tensor's masked CRC-32C. All three layers are parsed here by hand; `TFCheckpoint` is the
-interface
-that gpt/checkpoint.py maps onto the model.
+values are BundleEntryProto messages saying where each tensor's bytes lie in
+`model.ckpt.data-00000-of-00001`, with each tensor's masked CRC-32C. All three layers are parsed
+here by hand; `TFCheckpoint` is the interface that gpt/checkpoint.py maps onto the model.
 """
 
 from functools import lru_cache
@@ -178,7 +175,8 @@ _FOOTER = 48
 
 def _block(raw: bytes, handle: bytes, where: str) -> bytes:
     """The contents of the block a BlockHandle (varint offset, varint size) points at, trailer
-    checked."""
+    checked.
+    """
     offset, pos = _varint(handle, 0)
     size, _ = _varint(handle, pos)
     if offset + size + 5 > len(raw):
@@ -199,10 +197,9 @@ def _block(raw: bytes, handle: bytes, where: str) -> bytes:
 
 def _block_entries(block: bytes):
     """Yield (key, value): each entry is varint shared, varint non_shared, varint value_length, key
-    suffix,
-    value; its key is the previous key's first `shared` bytes + the suffix. The block ends in
-    restart
-    offsets (uint32 each, then their count): entries there store their whole key (shared == 0)."""
+    suffix, value; its key is the previous key's first `shared` bytes + the suffix. The block ends
+    in restart offsets (uint32 each, then their count): entries there store their whole key (shared
+    == 0)."""
     n_restarts = int.from_bytes(block[-4:], "little")
     end = len(block) - 4 * (n_restarts + 1)
     restarts = {
@@ -302,6 +299,7 @@ class TFCheckpoint:
 
 def read_tf_checkpoint(prefix, verify_crc=True) -> dict:
     """Every tensor of a TensorFlow checkpoint `prefix` (e.g. folder/model.ckpt) as {name:
-    np.ndarray}."""
+    np.ndarray}.
+    """
     ckpt = TFCheckpoint(prefix)
     return {name: ckpt.read(name, verify_crc) for name in ckpt.names}

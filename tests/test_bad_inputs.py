@@ -2,21 +2,15 @@
 partial file.
 
 The tables below are the documentation: each row is what a user types (a command line, or a call of
-a library
-function) and a piece of the one line they get back.
+a library function) and a piece of the one line they get back.
 
 Command lines run as `python -m ...` would run them, in a few driver subprocesses (torch is imported
-once per
-driver; each case runs its module's `__main__` through runpy, with its own environment). For each: a
-non-zero
-exit, one short line on stderr (after argparse's usage block, for argparse errors), no traceback,
-nothing
-written, renamed, made or removed under plots/, runs/ or data/ (an audit hook in the driver sees
-what the case
-itself does there), and nothing new or changed under the case's own $DPO_PLOTS_DIR and $DPO_CACHE.
-Ctrl-C runs in real subprocesses that get SIGINT once they have started their work: exit 130, one
-line, and
-every file in their $DPO_PLOTS_DIR a whole PNG.
+once per driver; each case runs its module's `__main__` through runpy, with its own environment).
+For each: a non-zero exit, one short line on stderr (after argparse's usage block, for argparse
+errors), no traceback, nothing written, renamed, made or removed under plots/, runs/ or data/ (an
+audit hook in the driver sees what the case itself does there), and nothing new or changed under the
+case's own $DPO_PLOTS_DIR and $DPO_CACHE. Ctrl-C runs in real subprocesses that get SIGINT once they
+have started their work: exit 130, one line, and every file in their $DPO_PLOTS_DIR a whole PNG.
 Library calls run here: each raises ValueError with one short line.
 """
 
@@ -24,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -328,7 +323,8 @@ CLI = [
         rf"^error: cannot write tables to {{tmp}}/a_file/out {NO_FOLDER}; pass another folder$",
         (),
     ),
-    # chapter 8's scale flags (chapters.scaled_run): refused before the model or the data are read
+    # chapter 8's scale flags (chapters.ch8_instruction_dpo.scaled_run): refused before the model or
+    # the data are read
     (
         "ch8-fsdp-without-torchrun",
         CH8,
@@ -957,9 +953,8 @@ def _run_drivers(tmp, groups):
 def _ctrl_c(tmp, name, argv):
     env = {**os.environ, **_case_env(tmp, name), "PYTHONUNBUFFERED": "1"}
     # SIGINT's default action in the child: a shell's background job (`pytest &`) starts with SIGINT
-    # ignored, and
-    # Python then installs no KeyboardInterrupt handler, so the signal would be lost and the test
-    # would wrongly fail
+    # ignored, and Python then installs no KeyboardInterrupt handler, so the signal would be lost
+    # and the test would wrongly fail
     proc = subprocess.Popen(
         [sys.executable, "-m", *argv],
         cwd=REPO,
@@ -1027,14 +1022,16 @@ def _assert_one_line(outcome, expected):
     assert outcome["code"] != 0, f"exit code 0; stdout ends {outcome['stdout'][-300:]!r}"
     both = outcome["stdout"] + outcome["stderr"]
     assert "Traceback" not in both, both[-2000:]
-    lines = [
-        line for line in outcome["stderr"].split("\n") if line.strip() and "\r" not in line
-    ]  # "\r": a progress bar
+    # what is left of each line once progress-bar frames ("... 40%|███ | 4/10 ...", each after a
+    # "\r") are taken out: a bar's frames may come before the message, however many
+    frames = re.compile(r"[^\r]*?\d+%\|[^|\r]*\| *\d+/\d+ \[[^\]\r]*\]")
+    lines = [frames.sub("", line).strip("\r ") for line in outcome["stderr"].split("\n")]
+    lines = [line for line in lines if line]
     if lines and lines[0].startswith("usage:"):  # argparse: its usage block, then one error line
         lines = lines[-1:]
     assert len(lines) == 1, f"want one line on stderr, got {lines}"
     assert len(lines[0]) <= SHORT, lines[0]
-    assert __import__("re").search(expected, lines[0]), f"{lines[0]!r} does not match {expected!r}"
+    assert re.search(expected, lines[0]), f"{lines[0]!r} does not match {expected!r}"
     assert outcome["changed"] == [], f"files written, changed or removed: {outcome['changed']}"
 
 

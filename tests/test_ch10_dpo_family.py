@@ -2,8 +2,8 @@
 eq. (36).
 
 Closed forms are computed here independently (math on floats, or softmax written out) in float64;
-Newton's and the
-LP's answers are checked against them, or against the optimality condition they must satisfy.
+Newton's and the LP's answers are checked against them, or against the optimality condition they
+must satisfy.
 """
 
 import copy
@@ -32,7 +32,7 @@ from chapters.ch10_dpo_family.optima import (
     kto_minimiser,
     kto_table_loss,
     minimise_pairs,
-    newton_minimise,
+    newton_path,
     pair_table_loss,
     tabular_problem,
     unpaired,
@@ -354,7 +354,7 @@ def test_dpo_has_no_minimiser_under_deterministic_preferences_and_ipo_has_a_fini
             kls.append((p * (torch.log(p) - torch.log(pi_ref))).nansum(-1).mean().item())
 
         dpo = torch.softmax(
-            newton_minimise(loss_fn, torch.log(pi_ref), max_iter=25, on_step=record), -1
+            newton_path(loss_fn, torch.log(pi_ref), max_iter=25, on_step=record), -1
         )
         assert all(b < a for a, b in zip(losses, losses[1:]))  # every step still lowers the loss
         assert losses[-1] < 1e-6 and kls[-1] == pytest.approx(

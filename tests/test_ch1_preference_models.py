@@ -36,7 +36,8 @@ def rand_p(n, seed):
 
 def hand_pl(scores, ranking):
     """Π_t e^{s_τ(t)} / Σ_{j≥t} e^{s_τ(j)}, by hand, with scores shifted by their max (exact in
-    maths)."""
+    maths).
+    """
     m = max(scores)
     e = [math.exp(s - m) for s in scores]
     prob = 1.0
@@ -78,9 +79,8 @@ def test_eq7_equals_eq8_when_p_sums_to_one_and_only_eq8_is_scale_free():
 
 def test_eq7_product_index_must_be_j():
     """Erratum: eq. (7) prints Π_{i=1}^r over a factor in j. Read literally (j fixed), the product
-    is that
-    factor to the power r, and the 'probabilities' of all r! rankings do not sum to 1; over j they
-    do."""
+    is that factor to the power r, and the 'probabilities' of all r! rankings do not sum to 1; over
+    j they do."""
     p = rand_p(3, 4).tolist()
     r = 3
 
@@ -261,8 +261,8 @@ def test_sec21_tie_loss_is_smallest_at_equal_segment_returns():
 
 def test_sec21_loss_needs_its_minus_sign():
     """Erratum: §2.1 prints loss(r̂) = Σ μ(1) log P̂(1≻2) + μ(2) log P̂(2≻1), without the minus
-    sign.
-    Minimising that expression drives P̂ of the preferred segment to 0; with the minus sign, to 1.
+    sign. Minimising that expression drives P̂ of the preferred segment to 0; with the minus sign,
+    to 1.
     """
     seg2 = torch.zeros(1, 2, dtype=F64)
     mu = torch.tensor([[1.0, 0.0]], dtype=F64)  # segment 1 clearly preferred

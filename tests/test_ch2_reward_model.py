@@ -1,6 +1,6 @@
 """Chapter 2: BT as a sigmoid (eqs. (17)–(23)), the reward-model NLL and its gradient (eqs.
-(24)–(26)),
-reward normalisation, maximum likelihood on synthetic data, and the GPT-2 reward model."""
+(24)–(26)), reward normalisation, maximum likelihood on synthetic data, and the GPT-2 reward model.
+"""
 
 import math
 

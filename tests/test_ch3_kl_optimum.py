@@ -1,8 +1,7 @@
 """Chapter 3 (report §3.3, §4.1; eqs. (27)–(37)) on discrete response spaces, float64.
 
 Closed forms are computed independently in numpy (explicit sums over y), never by calling the
-function under
-test a second way.
+function under test a second way.
 """
 
 import numpy as np
@@ -180,8 +179,7 @@ def test_eq32_partition_function_matches_hand_sum_and_stays_finite_for_tiny_beta
 
 def test_eq32_partition_function_depends_on_the_reward_and_beta_not_on_pi():
     """Erratum: §4.1 says Z(x) "is a function only of x and π_ref". Z(x) = Σ_y π_ref·exp(r/β) also
-    depends on r
-    and β; what eq. (35) needs is that it does not depend on π."""
+    depends on r and β; what eq. (35) needs is that it does not depend on π."""
     pi_ref, r, _ = problem()
     log_z = log_partition_function(pi_ref, r, BETA)
     top = (torch.log(pi_ref) + r / BETA).argmax(-1)  # the response that carries the most of Z(x)

@@ -1,6 +1,5 @@
 """Chapter 4 (report §4.2–§4.4, eqs. (38)–(41)): each check computes its closed form independently,
-by hand or by
-enumeration, in float64 (tabular) or float32 (the tiny GPT-2)."""
+by hand or by enumeration, in float64 (tabular) or float32 (the tiny GPT-2)."""
 
 import itertools
 import math
@@ -30,7 +29,7 @@ LN2 = math.log(2)
 F64 = dict(dtype=torch.float64)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.common.one_thread
 
 
 def sigmoid(z):

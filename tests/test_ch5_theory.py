@@ -1,9 +1,8 @@
 """Chapter 5 (report §5.1, §5.2) on random finite problems, float64.
 
 These tests can refute §5.1's claims on the problems drawn, not prove them for all problems; the
-closed forms
-(PL by explicit products, π* by explicit sums, variances by enumeration) are computed here
-independently.
+closed forms (PL by explicit products, π* by explicit sums, variances by enumeration) are computed
+here independently.
 """
 
 import itertools
@@ -110,9 +109,8 @@ def test_lemma2_equivalent_rewards_give_the_same_optimal_policy():
 
 def test_lemma2_setup_compares_a_distinct_member_r_prime_not_r_equals_r_plus_f():
     """Erratum: Lemma 2's setup "r(x, y) = r(x, y) + f(x)" holds only for f ≡ 0, and the lemma would
-    compare r
-    with itself; it should read r'(x, y) = r(x, y) + f(x), a reward unequal to r everywhere with the
-    same π*."""
+    compare r with itself; it should read r'(x, y) = r(x, y) + f(x), a reward unequal to r
+    everywhere with the same π*."""
     pi_ref, r, f = problem(responses=6)
     assert (f.abs() > 0.1).all()
     r_prime = equivalent_reward(r, f)
@@ -332,9 +330,8 @@ def test_dpo_gradient_samples_match_eq41_and_need_no_baseline():
 
 def test_dpo_gradient_samples_favour_each_response_as_often_as_bradley_terry_prefers_it():
     """A descent step on one example's eq. (38) raises the logit of its y_w: that response must win
-    each pair
-    {a, b} with the Bradley–Terry probability σ(r_a − r_b), not 1 − σ (the worse response labelled
-    the winner)."""
+    each pair {a, b} with the Bradley–Terry probability σ(r_a − r_b), not 1 − σ (the worse response
+    labelled the winner)."""
     pi_ref = torch.full((4,), 0.25, dtype=torch.float64)  # every unordered pair drawn ~n/8 times
     rewards = torch.tensor(
         [0.0, 0.6, 1.5, 3.0], dtype=torch.float64

@@ -334,9 +334,8 @@ def tiny_trainer(seed=0, iterations=2, eos_id=None):
 
 def test_rollout_whitens_advantages_over_each_rows_response_tokens_only(one_thread):
     """EOS-ended rows of different lengths: advantages are whitened over the response mask alone
-    (mean 0, variance 1
-    there, 0 after each row's EOS), i.e. the raw eq. (5) advantages standardised by hand over the
-    real tokens."""
+    (mean 0, variance 1 there, 0 after each row's EOS), i.e. the raw eq. (5) advantages standardised
+    by hand over the real tokens."""
     trainer, _ = tiny_trainer(iterations=1, eos_id=7)
     batch = trainer.rollout(*trainer.sample_prompts(16))
     real = batch["mask"].bool()

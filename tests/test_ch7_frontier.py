@@ -1,6 +1,5 @@
 """Chapter 7: exact evaluation by enumeration, the exact reward–KL frontier and a point's distance
-to it (efficiency),
-Best-of-N, and the --quick run."""
+to it (efficiency), Best-of-N, and the --quick run."""
 
 import copy
 import csv
@@ -20,7 +19,7 @@ from chapters.ch7_frontier.rlhf import learn_reward_model, ppo_checkpoints
 from chapters.ch7_frontier.sweeps import Sweep, SweepPool, reward_model_state, sampled_rows
 from chapters.training import finetune
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.common.one_thread
 
 
 def perturbed_pair(seed=0, scale=0.3):
@@ -169,7 +168,8 @@ def test_efficiency_measures_gains_from_the_reference_reward_and_is_nan_at_zero_
 
 def best_of_n_by_brute_force(p_ref, scores, n):
     """Enumerate every n-tuple of draws; the best score wins, ties split evenly among the tied
-    draws."""
+    draws.
+    """
     out = np.zeros(len(p_ref))
     for draw in itertools.product(range(len(p_ref)), repeat=n):
         prob = np.prod([p_ref[i] for i in draw])
@@ -283,12 +283,11 @@ def trained_checkpoints(sweep, start, cfg, rm):
 
 def serial_rows(sweeps, start, cfg, rm, generator):
     """The rows of a plain serial loop: each sweep trained, each checkpoint evaluated (`evaluate`)
-    with the one
-    generator, in order; and the last checkpoint's log π of the sweep that keeps it."""
+    with the one generator, in order; and the last checkpoint's log π of the sweep that keeps it."""
     rows, kept = [], None
     for sweep in sweeps:
         for step, policy in trained_checkpoints(sweep, start, cfg, rm):
-            logp, row = task.evaluate(
+            logp, row = task.evaluate_checkpoint(
                 policy,
                 start["ref"],
                 start["prompts"],
@@ -304,9 +303,8 @@ def serial_rows(sweeps, start, cfg, rm, generator):
 
 def test_sweeps_on_one_or_two_processes_give_exactly_the_numbers_of_a_serial_loop():
     """SweepPool + sampled_rows, on 1 and on 2 processes: the rows of `serial_rows` bit for bit
-    (exact E[r*] and
-    KL, sampled KLs drawn in the serial order), the kept log π, and the same weights at every
-    checkpoint."""
+    (exact E[r*] and KL, sampled KLs drawn in the serial order), the kept log π, and the same
+    weights at every checkpoint."""
     cfg = dict(
         task.QUICK,
         prompts=1,

@@ -1,16 +1,12 @@
-"""Chapter 8's command line through the scale machinery (chapters.scaled_run): `torchrun` with 2
-processes against
-`python -m` with 1, a run stopped by SIGTERM during DPO and then `--resume`d against one never
-stopped, a fresh run
-over an older run's files, and the one line a stale cache gets under --resume. (Bad flag
-combinations without
-torchrun: tests/test_bad_inputs.py's ch8 rows.)
+"""Chapter 8's command line through the scale machinery (chapters.ch8_instruction_dpo.scaled_run):
+`torchrun` with 2 processes against `python -m` with 1, a run stopped by SIGTERM during DPO and then
+`--resume`d against one never stopped, a fresh run over an older run's files, and the one line a
+stale cache gets under --resume. (Bad flag combinations without torchrun:
+tests/test_bad_inputs.py's ch8 rows.)
 
 Every run is --smoke with tiny settings: 16 training pairs, SFT 1 epoch, DPO 2 epochs of 2 batches
-at one β,
-greedy decoding of 4 tokens, the real SBERT. The 2-process run starts first, in the background (one
-thread a rank),
-while the 1-process runs go on here.
+at one β, greedy decoding of 4 tokens, the real SBERT. The 2-process run starts first, in the
+background (one thread a rank), while the 1-process runs go on here.
 """
 
 import csv
@@ -59,8 +55,7 @@ TABLES = (
 TORCHRUN_SECONDS = 240
 
 # What each rank of the torchrun run writes under the watched folder, seen by
-# tests/test_bad_inputs.py's audit hook,
-# then the chapter's module run as `-m` would run it.
+# tests/test_bad_inputs.py's audit hook, then the chapter's module run as `-m` would run it.
 RANK_WRITES = r"""
 import os, runpy, sys
 from pathlib import Path
@@ -132,7 +127,8 @@ def torchrun(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one(torchrun, tmp_path_factory):
     """The same command in this process: `python -m chapters.ch8_instruction_dpo --smoke ...`, N =
-    1."""
+    1.
+    """
     tmp = tmp_path_factory.mktemp("one")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DPO_PLOTS_DIR", str(tmp / "plots"))
@@ -142,8 +138,8 @@ def one(torchrun, tmp_path_factory):
 
 def _sigterm_at_dpo_step(n):
     """au.make_dpo_step that sends this process SIGTERM inside the n-th DPO training step (the
-    fingerprint names
-    the step function: functools.wraps keeps dpo_step's name, so --resume takes the checkpoint up).
+    fingerprint names the step function: functools.wraps keeps dpo_step's name, so --resume takes
+    the checkpoint up).
     """
     calls = []
 
@@ -236,16 +232,12 @@ def test_torchrun_with_two_processes_gives_the_tables_of_one_and_only_rank_0_wri
         writes[1] == "" and str(out_2 / "dpo_steps.csv") in writes[0]
     )  # the hook saw rank 0 write
     # float32; the runs differ only in how each batch is split over the ranks (each rank pads its
-    # own rows, DDP sums
-    # the gradients in another order), so by rounding. A reward is β × a difference of sequence
-    # log-probs that are
-    # sums over tens of response tokens of ≈ −10.8 each (a random model over 50 257 tokens): up to
-    # ~1e3, whose float32
-    # rounding is up to ~1e3 × 6e-8 ≈ 6e-5; hence 1e-4 (measured: 5e-7 on SFT rows, 4e-6 on DPO
-    # rows). A gradient of the
-    # wrong pairs shows at the scale of one step's change of the loss, ~3e-2 here. (AdamW hides a
-    # pure gradient-scale
-    # error; tests/test_ch8_scale.py checks the scale to 1e-12 in float64.)
+    # own rows, DDP sums the gradients in another order), so by rounding. A reward is β × a
+    # difference of sequence log-probs that are sums over tens of response tokens of ≈ −10.8 each (a
+    # random model over 50 257 tokens): up to ~1e3, whose float32 rounding is up to ~1e3 × 6e-8 ≈
+    # 6e-5; hence 1e-4 (measured: 5e-7 on SFT rows, 4e-6 on DPO rows). A gradient of the wrong pairs
+    # shows at the scale of one step's change of the loss, ~3e-2 here. (AdamW hides a pure
+    # gradient-scale error; tests/test_ch8_scale.py checks the scale to 1e-12 in float64.)
     for name in ("sft_epochs.csv", "dpo_steps.csv", "dpo_epochs.csv"):
         a, b = rows(out_1 / name), rows(out_2 / name)
         assert len(a) == len(b) and [list(r) for r in a] == [list(r) for r in b], name

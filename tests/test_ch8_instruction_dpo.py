@@ -1,6 +1,5 @@
 """Chapter 8 (report §6.2): data, masks, SFT loss, the fast DPO step against the plain one, win
-rates, --smoke,
-and the command line's refusals (one line each, before any training)."""
+rates, --smoke, and the command line's refusals (one line each, before any training)."""
 
 import copy
 import csv
@@ -318,7 +317,8 @@ def test_first_dpo_step_loss_is_ln2_and_accuracy_zero_only_when_policy_starts_at
     pairs,
 ):
     """§6.2's code started the policy from base GPT-2 with reference = SFT; DPO starts both at
-    π_SFT."""
+    π_SFT.
+    """
     sft = tiny(4)
     cache = ReferenceCache(sft, pairs, EOS_ID)
     ref_c, ref_r, ref_h = cache.get(list(range(len(pairs))))
@@ -389,8 +389,8 @@ V_SMALL = (
 @pytest.fixture(scope="module")
 def many_pairs(entries):
     """200 training pairs: at 8 pairs a batch, two shuffled windows of 16 batches
-    (`length_grouped_batches`), so
-    training's batches are not the sorted ones; token ids folded below V_SMALL."""
+    (`length_grouped_batches`), so training's batches are not the sorted ones; token ids folded
+    below V_SMALL."""
     if entries is None:
         pytest.skip("data set missing")
 
@@ -422,13 +422,10 @@ def test_train_cache_in_the_first_epochs_batches_makes_the_first_step_exactly_ln
     many_pairs,
 ):
     """At the first step the policy is the reference: a margin is 0 only if the policy's float32
-    log-probs are the
-    cache's bit for bit, i.e. computed on the same packed rows (attention's sums over a row depend
-    on its padding).
-    The control: for a training seed whose first batch a cache in sorted order rounds otherwise (a
-    few % of the
-    pairs are, here), the cache in the first epoch's batches still gives exactly ln 2 and margins of
-    0."""
+    log-probs are the cache's bit for bit, i.e. computed on the same packed rows (attention's sums
+    over a row depend on its padding). The control: for a training seed whose first batch a cache in
+    sorted order rounds otherwise (a few % of the pairs are, here), the cache in the first epoch's
+    batches still gives exactly ln 2 and margins of 0."""
     from chapters.ch8_instruction_dpo.dpo_step import evaluation_batches, first_epoch_batches
     from chapters.ch8_instruction_dpo.scaled_run import Scale
 

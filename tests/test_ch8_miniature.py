@@ -131,8 +131,7 @@ def test_each_logprob_switch_gives_chapter4s_version_of_that_mistake_on_the_same
 
 def test_the_four_logprob_switches_together_are_the_authors_get_log_prob(rows):
     """Their `get_log_prob`: log_softmax(logits)[labels] at the same position, mean over every
-    position of the
-    row, the response masked out of attention (chapter 4's 'all four')."""
+    position of the row, the response masked out of attention (chapter 4's 'all four')."""
     _, ids, att, resp = rows
     model = tiny(0)
     setup = au.AuthorsSetup(unshifted=True, hide_response=True, prompt_inside=True, token_mean=True)
@@ -260,11 +259,9 @@ def test_length_controlled_win_rate_equals_the_raw_one_when_lengths_are_equal():
 
 def test_length_controlled_win_rate_moves_against_a_length_advantage():
     """Constructed: 40 prompts where the generation is as long as the chosen response (d > 0) and
-    wins 90% of the
-    time, 10 where it is as long as the rejected one (d < 0) and wins 30%: raw 0.78. By hand: x
-    takes two values
-    ±tanh(10/8) (d = ±10, std 8), so the least-squares line joins the two groups' rates and is 0.6
-    at x = 0."""
+    wins 90% of the time, 10 where it is as long as the rejected one (d < 0) and wins 30%: raw 0.78.
+    By hand: x takes two values ±tanh(10/8) (d = ±10, std 8), so the least-squares line joins the
+    two groups' rates and is 0.6 at x = 0."""
     chosen, rejected = np.full(50, 20), np.full(50, 10)
     gen = np.r_[np.full(40, 20), np.full(10, 10)]
     scores = np.r_[np.ones(36), np.zeros(4), np.ones(3), np.zeros(7)]
@@ -319,8 +316,7 @@ class LetterSbert:
 
 def run_tiny(tmp, *extra, setup=None):
     """ch8.main on the first N_ENTRIES entries with a tiny miniature; returns the output folder.
-    Records the entry
-    indices every trainer saw in `seen` (stage -> set)."""
+    Records the entry indices every trainer saw in `seen` (stage -> set)."""
     import chapters.ch8_instruction_dpo.__main__ as ch8
 
     seen = {}

@@ -1,12 +1,10 @@
 """Chapter 8 at scale: N processes (DDP, FSDP2) against one, micro-batches against one large batch,
-a stopped and
-resumed run against one never stopped, refused checkpoints and caches, the schedule, saved models.
+a stopped and resumed run against one never stopped, refused checkpoints and caches, the schedule,
+saved models.
 
 Models: gpt.GPTConfig.tiny(), the DPO loss of chapters.ch4_dpo against a frozen reference; float64
-wherever two
-computations must agree to rounding (so a tolerance of 1e-9 has six orders of magnitude of room over
-float64's
-reassociation error), float32 where they must agree exactly.
+wherever two computations must agree to rounding (so a tolerance of 1e-9 has six orders of magnitude
+of room over float64's reassociation error), float32 where they must agree exactly.
 """
 
 import math
@@ -168,12 +166,10 @@ def _worker(rank, world, port, out, pairs):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """2 gloo processes over loopback: a DDP run (K = 2 micro-batches a rank), an FSDP2 run, a
-    cache. Forked, not
-    spawned: a spawned child imports torch, transformers and this module again (~5-10 s of the suite
-    on 2 cores).
-    No process group exists before the fork, and each child runs torch on one thread (as chapter 7's
-    forked sweep
-    workers do), so it never enters the thread pool the parent may have used."""
+    cache. Forked, not spawned: a spawned child imports torch, transformers and this module again
+    (~5-10 s of the suite on 2 cores). No process group exists before the fork, and each child runs
+    torch on one thread (as chapter 7's forked sweep workers do), so it never enters the thread pool
+    the parent may have used."""
     out = tmp_path_factory.mktemp("two")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,14 +186,11 @@ def test_two_processes_give_the_per_step_losses_and_final_weights_of_one(
     two_processes, engine, one_thread
 ):
     # 13 pairs in batches of 4 (last batch 1 pair: under DDP with K = 2 one rank runs only weight-0
-    # micro-batches).
-    # The runs differ only in the order of float64 sums (per-rank forwards, the gradient
-    # all-reduce). Measured:
-    # losses within 4e-16, weights within 1.2e-13 after 8 AdamW steps. The bounds 1e-12 and 1e-10
-    # are tight because
-    # AdamW hides a wrong gradient scale (a missing × N moves weights only through eps = 1e-8: ~1e-7
-    # here; weighting
-    # the last batch's micro-batches alike moved the weights 3e-3 but the losses only 7e-9).
+    # micro-batches). The runs differ only in the order of float64 sums (per-rank forwards, the
+    # gradient all-reduce). Measured: losses within 4e-16, weights within 1.2e-13 after 8 AdamW
+    # steps. The bounds 1e-12 and 1e-10 are tight because AdamW hides a wrong gradient scale (a
+    # missing × N moves weights only through eps = 1e-8: ~1e-7 here; weighting the last batch's
+    # micro-batches alike moved the weights 3e-3 but the losses only 7e-9).
     pairs, results = two_processes
     losses_1, engine_1 = train(pairs, *tiny_models(), distributed.Dist())
     state_1 = engine_1.model.state_dict()
@@ -223,9 +216,8 @@ def test_ch8_trainers_under_fsdp_on_two_ranks_log_the_rows_of_one_process(
     two_processes, tmp_path, one_thread
 ):
     # float32: SFT and DPO rows (losses, rewards, accuracies, token-level KL) within 1e-5 (measured
-    # 1.4e-6). A KL
-    # weighted by pairs instead of tokens moved a row by 1.5e-2; unequal eval forwards per rank
-    # stopped FSDP2.
+    # 1.4e-6). A KL weighted by pairs instead of tokens moved a row by 1.5e-2; unequal eval forwards
+    # per rank stopped FSDP2.
     from chapters.ch8_instruction_dpo.scaled_run import Scale
 
     one = _pipeline(tiny_pairs(10), Scale(folder=tmp_path))
@@ -269,9 +261,8 @@ def test_shards_and_micro_batches_cover_each_pair_of_the_batch_exactly_once():
 
 def test_k_accumulated_micro_batches_give_the_gradient_of_one_k_times_larger_batch(one_thread):
     # float64; the 7 pairs run as K = 3 micro-batches of 2, 3 and 2 pairs, against one forward of
-    # all 7 computed
-    # directly from ch4's eq. (38) mean. Only summation order differs: |Δ| ≤ 1e-12 (values ~1e-2)
-    # leaves 1e4 of room.
+    # all 7 computed directly from ch4's eq. (38) mean. Only summation order differs: |Δ| ≤ 1e-12
+    # (values ~1e-2) leaves 1e4 of room.
     pairs = tiny_pairs(7)
     policy, reference = tiny_models()
     loss_fn = dpo_objective(pairs, reference)
@@ -350,9 +341,9 @@ def test_cut_foreign_or_other_runs_checkpoints_are_refused_with_one_line(tmp_pat
         ("good.pt", {"lr": 2 * LR}, "written by another run \\(lr: 0.01 there, 0.02 here\\)"),
     ):
         with pytest.raises(ValueError, match=why) as err:
-            train_state.load_checkpoint(tmp_path / name, fingerprint)
+            train_state.load_training_checkpoint(tmp_path / name, fingerprint)
         assert "\n" not in str(err.value) and "--resume" in str(err.value)
-    assert train_state.load_checkpoint(tmp_path / "good.pt", {"lr": LR})["position"] == {
+    assert train_state.load_training_checkpoint(tmp_path / "good.pt", {"lr": LR})["position"] == {
         "epoch": 2,
         "batch": 0,
     }

@@ -30,11 +30,11 @@ from chapters.ch9_dpo_vs_ppo.training import (
     Tabular,
     fit_reward_model,
     minimise_dpo_lbfgs,
-    train_dpo,
     train_ppo,
+    train_tabular_dpo,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see chapters.common.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def with_votes(problem, votes):
 
 def loss_at_logits(problem, logits):
     """Eq. (38) written out by hand (no ch4 code): mean of softplus(−β·(Δ log-ratio)) over the
-    votes."""
+    votes.
+    """
     logp = torch.log_softmax(logits, -1)
     ratio = logp - problem.pi_ref.log()
     x, w, l = problem.prompt, problem.chosen, problem.rejected
@@ -229,7 +230,8 @@ def test_loglinear_loss_is_flat_exactly_along_the_null_space_of_vote_differences
 
 def test_gradient_steps_on_tabular_dpo_keep_unseen_logits_and_component_sums(problem):
     """The gradient of eq. (38) in θ lies in V⊥: zero on unseen responses, zero sum on each
-    component."""
+    component.
+    """
     policy = Tabular(problem)
     start = policy.params[0].detach().clone()
     opt = torch.optim.SGD(policy.params, lr=1.0)
@@ -303,7 +305,7 @@ def test_runs_are_seeded_and_repeatable(problem, r_hat):
 
     assert ppo(0) == ppo(0)
     assert ppo(0) != ppo(1)
-    assert train_dpo(Autoregressive(problem), problem, 5, lr=0.05) == train_dpo(
+    assert train_tabular_dpo(Autoregressive(problem), problem, 5, lr=0.05) == train_tabular_dpo(
         Autoregressive(problem), problem, 5, lr=0.05
     )
     assert torch.equal(make_problem(seed=0).pi_ref, problem.pi_ref) and torch.equal(

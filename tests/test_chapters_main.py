@@ -1,10 +1,9 @@
 """`python -m chapters`: a one-thread chapter runs beside the others in a child process, its output
-shown in its
-place; --serial runs everything in this process; a stopped child leaves no partial figure.
+shown in its place; --serial runs everything in this process; a stopped child leaves no partial
+figure.
 
 Chapter 8's miniature (the chapter that runs beside the others) takes minutes, so these tests let
-chapter 3
-(~3 s) play its part: `ONE_THREAD` names it, and chapter 5 runs meanwhile in this process.
+chapter 3 (~3 s) play its part: `ONE_THREAD` names it, and chapter 5 runs meanwhile in this process.
 """
 
 import pytest
@@ -42,9 +41,8 @@ def test_the_one_thread_chapter_runs_beside_the_next_and_its_output_comes_in_its
 ):
     started, ran_here = ch3_beside
     # the child meets a plots folder under a file and stops with its one line as soon as it has
-    # imported (~3 s
-    # instead of chapter 3's whole run); the parent's own up-front check is skipped so that it gets
-    # that far
+    # imported (~3 s instead of chapter 3's whole run); the parent's own up-front check is skipped
+    # so that it gets that far
     (tmp_path / "a_file").write_text("not a folder")
     monkeypatch.setenv("DPO_PLOTS_DIR", str(tmp_path / "a_file" / "plots"))
     monkeypatch.setattr(job, "check_writable", lambda: None)

@@ -2,10 +2,8 @@
 in both layouts.
 
 The reference for the weights is what real TensorFlow read (tests/fixtures/tf_gpt2_tiny/tf_read.npz,
-written
-by tests/fixtures/make_tf_checkpoint.py) and what transformers saves; the reference for the logits
-is
-transformers.GPT2LMHeadModel holding the same weights, float32, max |Δ| ≤ 1e-4.
+written by tests/fixtures/make_tf_checkpoint.py) and what transformers saves; the reference for the
+logits is transformers.GPT2LMHeadModel holding the same weights, float32, max |Δ| ≤ 1e-4.
 """
 
 import json
@@ -37,9 +35,8 @@ def max_logit_gap(model, hf_model, vocab, seed=0):
 
 def hf_from_openai_arrays(arrays, hparams):
     """transformers' GPT-2 holding OpenAI-named arrays, renamed here by their own rule, not
-    gpt.checkpoint's table:
-    model/h3/attn/c_attn/w -> h.3.attn.c_attn.weight, g/w -> weight, b -> bias, (1, in, out) -> (in,
-    out)."""
+    gpt.checkpoint's table: model/h3/attn/c_attn/w -> h.3.attn.c_attn.weight, g/w -> weight, b ->
+    bias, (1, in, out) -> (in, out)."""
     hf = GPT2LMHeadModel(
         GPT2Config(
             vocab_size=hparams["n_vocab"],

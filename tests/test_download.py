@@ -289,8 +289,8 @@ def test_library_refuses_unknown_name_or_source_with_one_line(tmp_path):
 
 def test_data_shard_size_is_four_bytes_per_parameter():
     """The data shard holds float32 parameters back to back; the parameter count by hand (tied
-    head):
-    V·C + P·C (embeddings) + L·(12C² + 13C) (blocks) + 2C (final LayerNorm), P = 1024, V = 50257."""
+    head): V·C + P·C (embeddings) + L·(12C² + 13C) (blocks) + 2C (final LayerNorm), P = 1024, V =
+    50257."""
     for name, (C, L) in {
         "gpt2": (768, 12),
         "gpt2-medium": (1024, 24),

@@ -1,5 +1,6 @@
 """Generation: the KV cache changes nothing, batching changes nothing, and greedy equals
-transformers'."""
+transformers'.
+"""
 
 import subprocess
 import sys

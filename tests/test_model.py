@@ -50,7 +50,8 @@ def test_dropout_is_off_by_default_so_train_mode_is_deterministic(tiny):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_changes_nothing_for_the_real_tokens(tiny, side):
     """Positions skip padding and padding is never attended to: padded rows equal the same rows
-    alone."""
+    alone.
+    """
     a, b = torch.randint(0, 64, (7,)), torch.randint(0, 64, (4,))
     pad = torch.zeros(3, dtype=torch.long)
     b_padded = torch.cat([pad, b]) if side == "left" else torch.cat([b, pad])
@@ -135,9 +136,8 @@ def ops_run(fn):
 )  # decoding, batched decoding, a forward
 def test_product_without_gradient_runs_on_onednn_and_equals_nn_linear(rows, bias):
     """gpt.model.Linear's inference path: oneDNN's inner product, same values as nn.Linear to
-    float32 rounding
-    (outputs of size ~0.6, each a 768-term float32 sum taken in another order: differences ~1e-6;
-    1e-5 bounds them)."""
+    float32 rounding (outputs of size ~0.6, each a 768-term float32 sum taken in another order:
+    differences ~1e-6; 1e-5 bounds them)."""
     layer = Linear(
         768, 768, bias=bias
     )  # 589,824 weights: GPT-2's smallest product, over ONEDNN_MIN_WEIGHT

@@ -2,16 +2,12 @@
 ORPO, KTO.
 
 Every variant is a loss on the same log-probs as eq. (38). On chapter 4's tabular problem (a few
-prompts, a
-small response set, preferences from Bradley–Terry on a known r*) each one's population minimiser is
-solved
-exactly and set beside π* = π_ref·exp(r*/β)/Z of eq. (36): which variants recover it, which recover
-it for a
-changed reward, which do not, and by how much.
+prompts, a small response set, preferences from Bradley–Terry on a known r*) each one's population
+minimiser is solved exactly and set beside π* = π_ref·exp(r*/β)/Z of eq. (36): which variants
+recover it, which recover it for a changed reward, which do not, and by how much.
 
 Then, on chapter 7's miniature (same π_ref, pairs, budget; two of its β), every variant is trained
-and each
-checkpoint placed on the exact reward–KL frontier, with chapter 7's efficiency.
+and each checkpoint placed on the exact reward–KL frontier, with chapter 7's efficiency.
 
     python3 -m chapters.ch10_dpo_family          # every claim beside the number that checks it
     (under 3 min, 2 cores)
@@ -54,7 +50,7 @@ from chapters.ch10_dpo_family.optima import (
     kto_table_loss,
     mass_moved_rises,
     minimise_pairs,
-    newton_minimise,
+    newton_path,
     one_row_per_pair,
     pair_table_loss,
     policy_summary,
@@ -291,7 +287,7 @@ def _deterministic_section(seed, betas, steps, name):
             kls.append(kl_divergence(torch.softmax(theta, -1), pi_ref).mean().item())
             losses.append(loss_fn(theta).item())
 
-        theta = newton_minimise(loss_fn, torch.log(pi_ref), max_iter=steps, on_step=record)
+        theta = newton_path(loss_fn, torch.log(pi_ref), max_iter=steps, on_step=record)
         pi = torch.softmax(theta, -1)
         ipo = ipo_optimal_policy(pi_ref, win, beta)
         solved = minimise_pairs(partial(preference_loss, "ipo", beta=beta), pi_ref, weights)

@@ -6,7 +6,8 @@ from chapters.common.figures import plt, save
 
 def deterministic_figure(paths, sharp, sweep, limit, name="ch10_deterministic_preferences"):
     """DPO's KL along Newton steps and both minimisers' KL as preferences sharpen
-    (plots/<name>.png)."""
+    (plots/<name>.png).
+    """
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.6))
     for k, (beta, (kls, ipo_kl)) in enumerate(paths.items()):
         ax.plot(range(1, len(kls) + 1), kls, "-", color=f"C{k}", label=f"DPO, β = {beta:g}")

@@ -1,6 +1,6 @@
 """Chapter 10 on chapter 7's miniature: each DPO variant fine-tuned from π_ref on the same pairs
-with the same budget,
-every checkpoint placed on the exact reward–KL frontier by enumeration (`chapters.frontier_task`).
+with the same budget, every checkpoint placed on the exact reward–KL frontier by enumeration
+(`chapters.ch7_frontier.task`).
 """
 
 import csv
@@ -21,8 +21,7 @@ def add_mismatched(data: dict, ref, generator: torch.Generator) -> dict:
     or rejected).
 
     As TRL's KTO builds them (completions shifted within a batch), here fixed once; adds
-    "mismatched" and its
-    reference log-probs "ref_mismatched" to `data` and returns it.
+    "mismatched" and its reference log-probs "ref_mismatched" to `data` and returns it.
     """
     pool = torch.cat([data["chosen"], data["rejected"]])  # (2N, RESPONSE_LEN)
     data["mismatched"] = pool[torch.randint(len(pool), (len(data["prompt"]),), generator=generator)]
@@ -31,7 +30,7 @@ def add_mismatched(data: dict, ref, generator: torch.Generator) -> dict:
     return data
 
 
-def response_logprobs(policy, batch: dict, mismatched: bool = False):
+def pair_logprobs(policy, batch: dict, mismatched: bool = False):
     """log π(y_w|x), log π(y_l|x) (and log π(y'|x) of the mismatched rows), summed over tokens, in
     one forward pass."""
     keys = ("chosen", "rejected", "mismatched") if mismatched else ("chosen", "rejected")
@@ -54,14 +53,11 @@ def family_batch_loss(
     precomputed).
 
     losses: chapter 10's formulas, {"preference": preference_loss, "orpo": orpo_loss, "kto":
-    kto_loss,
-    "reference_point": kto_reference_point}. kind: a `preference_loss` kind (SimPO on per-token
-    means), "orpo"
-    (β is its λ), or "kto" (each pair split into a desirable y_w and an undesirable y_l; z₀ from the
-    batch's
-    mismatched rows).
+    kto_loss, "reference_point": kto_reference_point}. kind: a `preference_loss` kind (SimPO on
+    per-token means), "orpo" (β is its λ), or "kto" (each pair split into a desirable y_w and an
+    undesirable y_l; z₀ from the batch's mismatched rows).
     """
-    pc, pr, *mismatched = response_logprobs(policy, batch, mismatched=kind == "kto")
+    pc, pr, *mismatched = pair_logprobs(policy, batch, mismatched=kind == "kto")
     if kind == "simpo":
         return losses["preference"](
             "simpo", per_token(pc), per_token(pr), 0.0, 0.0, beta, **kw
@@ -86,13 +82,10 @@ def train_and_place(setup: dict, runs, cfg: dict, seed: int, workers: int = 1) -
     per checkpoint.
 
     runs: [(variant, setting, loss_fn(policy, batch))]. Every run starts from the same π_ref with
-    the same
-    minibatch seed, so variants differ only in their loss. Row: variant, setting, step, reward, kl,
-    efficiency.
-    The runs are independent: `chapters.frontier_sweeps` shares them out over `workers` forked
-    processes, which
-    changes no number. Returns (rows in the order of `runs`, the exact frontier over
-    cfg["frontier"]).
+    the same minibatch seed, so variants differ only in their loss. Row: variant, setting, step,
+    reward, kl, efficiency. The runs are independent: `chapters.ch7_frontier.sweeps` shares them out
+    over `workers` forked processes, which changes no number. Returns (rows in the order of `runs`,
+    the exact frontier over cfg["frontier"]).
     """
     front = Frontier(setup["logp_ref"], setup["rewards"], cfg["frontier"])
     sweeps = [Sweep(variant, setting, seed, loss_fn) for variant, setting, loss_fn in runs]
@@ -118,7 +111,8 @@ def train_and_place(setup: dict, runs, cfg: dict, seed: int, workers: int = 1) -
 
 def write_rows(rows, name: str):
     """The miniature's rows as plots/<name>.csv (or under $DPO_PLOTS_DIR), written whole or not at
-    all."""
+    all.
+    """
     path = plots_dir() / f"{name}.csv"
     with atomic_open(path, "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -1,6 +1,5 @@
 """The DPO family's losses on eq. (38)'s log-probs (DPO, cDPO, rDPO, IPO, hinge, SimPO, ORPO, KTO)
-and the closed-form
-optima of IPO and SimPO.
+and the closed-form optima of IPO and SimPO.
 """
 
 import math
@@ -40,23 +39,18 @@ def preference_loss(
     With h = log π(y_w|x)/π_ref(y_w|x) − log π(y_l|x)/π_ref(y_l|x) and z = β·h:
     - "dpo": eq. (38), −log σ(z) (`chapters.ch4_dpo.dpo_loss`).
     - "cdpo": Mitchell (2023), "A note on DPO with noisy preferences & relationship to IPO",
-      conservative DPO:
-      −(1 − ε)·log σ(z) − ε·log σ(−z), eq. (38) with each label flipped with probability ε (ε =
-      label_smoothing).
+      conservative DPO: −(1 − ε)·log σ(z) − ε·log σ(−z), eq. (38) with each label flipped with
+      probability ε (ε = label_smoothing).
     - "rdpo": Chowdhury, Kini & Natarajan (2024), arXiv:2403.00409, the robust DPO loss (its
-      equation number is
-      not checked here): [−(1 − ε)·log σ(z) + ε·log σ(−z)] / (1 − 2ε), unbiased for eq. (38) under
-      flips at rate ε.
+      equation number is not checked here): [−(1 − ε)·log σ(z) + ε·log σ(−z)] / (1 − 2ε), unbiased
+      for eq. (38) under flips at rate ε.
     - "ipo": Azar et al. (2023), eq. (17), with τ = β: (h − 1/(2β))².
     - "hinge": Zhao et al. (2023), SLiC-HF's rank calibration loss max(0, δ − log π(y_w|x) + log
-      π(y_l|x)), here on
-      log-ratios with δ = 1/β and scaled by β (as Liu et al. 2024, RSO, and TRL write it): max(0, 1
-      − z).
+      π(y_l|x)), here on log-ratios with δ = 1/β and scaled by β (as Liu et al. 2024, RSO, and TRL
+      write it): max(0, 1 − z).
     - "simpo": Meng, Xia & Chen (2024), eq. (6): −log σ(β·log π(y_w|x)/|y_w| − β·log π(y_l|x)/|y_l|
-      − γ).
-      Here the two policy arguments ARE the length-normalised (per-token mean) log-probs; the
-      reference
-      arguments are ignored (pass anything broadcastable, e.g. zeros).
+      − γ). Here the two policy arguments ARE the length-normalised (per-token mean) log-probs; the
+      reference arguments are ignored (pass anything broadcastable, e.g. zeros).
     Returns the per-example losses; every argument broadcasts.
     """
     if kind not in KINDS:
@@ -97,12 +91,10 @@ def orpo_loss(
     odds(y_w|x)/odds(y_l|x)).
 
     odds(y|x) = P(y|x)/(1 − P(y|x)) (eq. (4)) with P(y|x) the length-normalised likelihood of eq.
-    (3):
-    the two log-prob arguments are per-token MEAN log-probs, each < 0. L_SFT (eq. (2)) is the chosen
-    response's NLL; by default −policy_chosen_logps, its per-token mean (pass `chosen_nll` for
-    another one,
-    e.g. TRL's, which also counts the prompt tokens). No reference model. Returns per-example
-    losses.
+    (3): the two log-prob arguments are per-token MEAN log-probs, each < 0. L_SFT (eq. (2)) is the
+    chosen response's NLL; by default −policy_chosen_logps, its per-token mean (pass `chosen_nll`
+    for another one, e.g. TRL's, which also counts the prompt tokens). No reference model. Returns
+    per-example losses.
     """
     if lam < 0:
         raise ValueError(f"lam (ORPO's λ) must be >= 0, got {lam}")
@@ -170,8 +162,8 @@ def ipo_optimal_policy(pi_ref: torch.Tensor, win_prob: torch.Tensor, beta: float
     μ)/τ).
 
     μ = π_ref draws the pairs, p*(y ≻ μ) = Σ_y' π_ref(y')·p*(y ≻ y'), τ = β: eq. (36) with the
-    bounded reward
-    p*(y ≻ π_ref) ∈ [0, 1] in place of r*. win_prob (X, Y, Y) is p*(y ≻ y'), ½ on the diagonal.
+    bounded reward p*(y ≻ π_ref) ∈ [0, 1] in place of r*. win_prob (X, Y, Y) is p*(y ≻ y'), ½ on the
+    diagonal.
     """
     return optimal_policy(pi_ref, (pi_ref[:, None, :] * win_prob).sum(-1), beta)
 
@@ -181,8 +173,7 @@ def simpo_optimal_policy(rewards: torch.Tensor, lengths: torch.Tensor, beta: flo
     exp(|y|·(r*(x, y) + c(x))/β).
 
     Each pair is at its own optimum when β·log π(y)/|y| = r*(y) + c(x) (BT is fitted exactly); c(x)
-    makes
-    Σ_y π(y|x) = 1, found by bisection. No π_ref anywhere: the optimum is reference-free and
+    makes Σ_y π(y|x) = 1, found by bisection. No π_ref anywhere: the optimum is reference-free and
     length-scaled.
     """
     scaled = lengths.to(rewards.dtype) / beta  # (Y,)

@@ -2,14 +2,11 @@
 10's machinery).
 
 A tabular data set is its table of weights W (X, Y, Y): how often (or how probably) each (x, y_w,
-y_l) occurs
-(`chapters.ch4_dpo.preference_probabilities` gives the infinite-data limit). Any pairwise loss
-written on
-log-probs (`chapters.ch10_dpo_family.preference_loss`, ORPO) becomes a function of θ
-(`pair_table_loss`), minimised
-in float64 by Newton's method (`newton_minimise`); the hinge loss, piecewise linear, is a linear
-program
-(`hinge_minimiser`); KTO's is a fixed point in its reference point z₀ (`kto_minimiser`).
+y_l) occurs (`chapters.ch4_dpo.preference_probabilities` gives the infinite-data limit). Any
+pairwise loss written on log-probs (`chapters.ch10_dpo_family.preference_loss`, ORPO) becomes a
+function of θ (`pair_table_loss`), minimised in float64 by Newton's method (`newton_path`); the
+hinge loss, piecewise linear, is a linear program (`hinge_minimiser`); KTO's is a fixed point in its
+reference point z₀ (`kto_minimiser`).
 """
 
 from functools import partial
@@ -25,7 +22,7 @@ from chapters.ch7_frontier.task import (
     exact_reward_and_kl,
     frontier_reward,
 )
-from chapters.common import newton
+from chapters.common.newton import newton_minimise
 
 
 def tabular_problem(seed: int, prompts: int = 4, responses: int = 6):
@@ -55,8 +52,7 @@ def pair_table_loss(pair_loss, theta, pi_ref, weights, lengths=None):
     π_θ = softmax θ.
 
     theta, pi_ref (X, Y); weights (X, Y, Y) over (x, y_w, y_l). lengths (Y,), optional: per-token
-    mean
-    log-probs log π(y|x)/|y| (SimPO's, ORPO's) instead of sums.
+    mean log-probs log π(y|x)/|y| (SimPO's, ORPO's) instead of sums.
     """
     scale = 1.0 if lengths is None else lengths.to(theta.dtype)
     logp = torch.log_softmax(theta, -1) / scale  # (X, Y)
@@ -67,13 +63,13 @@ def pair_table_loss(pair_loss, theta, pi_ref, weights, lengths=None):
     return (weights * losses).sum() / weights.sum()
 
 
-def newton_minimise(loss_fn, theta, max_iter: int = 80, on_step=None):
-    """Minimise loss_fn(θ) over θ (any shape), one `chapters.newton.newton_minimise` step at a time,
-    in float64.
+def newton_path(loss_fn, theta, max_iter: int = 80, on_step=None):
+    """Minimise loss_fn(θ) over θ (any shape), one `chapters.common.newton.newton_minimise` step at
+    a time, in float64.
 
     `on_step(k, θ)` is called after each step k = 1, 2, ... Stops when a step no longer lowers the
-    loss (or moves
-    θ) in float64, or after max_iter steps (a minimiser at infinity never stops early).
+    loss (or moves θ) in float64, or after max_iter steps (a minimiser at infinity never stops
+    early).
     """
     shape, flat = theta.shape, theta.detach().flatten().to(torch.float64)
 
@@ -82,7 +78,7 @@ def newton_minimise(loss_fn, theta, max_iter: int = 80, on_step=None):
 
     for k in range(1, max_iter + 1):
         value = f(flat).item()
-        new = newton.newton_minimise(f, flat, max_iter=1).detach()
+        new = newton_minimise(f, flat, max_iter=1).detach()
         if torch.equal(new, flat) or f(new).item() > value + 1e-15 * abs(value):
             break
         flat = new
@@ -93,9 +89,10 @@ def newton_minimise(loss_fn, theta, max_iter: int = 80, on_step=None):
 
 def minimise_pairs(pair_loss, pi_ref, weights, lengths=None, start=None, **newton):
     """The policy minimising `pair_table_loss`, from π_θ = `start` (default π_ref); returns π (X,
-    Y)."""
+    Y).
+    """
     theta0 = torch.log(pi_ref if start is None else start)
-    theta = newton_minimise(
+    theta = newton_path(
         lambda t: pair_table_loss(pair_loss, t, pi_ref, weights, lengths), theta0, **newton
     )
     return torch.softmax(theta, -1)
@@ -106,9 +103,8 @@ def hinge_minimiser(pi_ref, weights, beta: float):
     returns π (X, Y).
 
     Variables: u = log π/π_ref per (x, y) and one slack t ≥ 1 − β(u_w − u_l), t ≥ 0 per weighted
-    cell; minimise
-    Σ W·t. The constraint matrix is a network matrix, so a vertex solution has β·(u_a − u_b)
-    integer.
+    cell; minimise Σ W·t. The constraint matrix is a network matrix, so a vertex solution has β·(u_a
+    − u_b) integer.
     """
     X, Y = pi_ref.shape
     cells = torch.nonzero(weights > 0).tolist()  # [(x, w, l)]
@@ -163,20 +159,17 @@ def kto_minimiser(
     z₀ held fixed.
 
     Per response the loss is λ_D·D·σ(β(z₀ − u)) + λ_U·U·σ(β(u − z₀)) + const, u = log π/π_ref:
-    monotone in u,
-    falling where λ_D·D > λ_U·U. So every other response ends with π = 0 (at θ = −∞; here θ = −1000,
-    where
-    e^θ is 0 in float64) and Newton solves for the rest. z₀ is not differentiated (the paper's
-    stop-gradient):
-    the solution is a fixed point, reached by alternating Newton at fixed z₀ with z₀ ← KL. Returns
-    (π, z₀).
+    monotone in u, falling where λ_D·D > λ_U·U. So every other response ends with π = 0 (at θ = −∞;
+    here θ = −1000, where e^θ is 0 in float64) and Newton solves for the rest. z₀ is not
+    differentiated (the paper's stop-gradient): the solution is a fixed point, reached by
+    alternating Newton at fixed z₀ with z₀ ← KL. Returns (π, z₀).
     """
     keep = (
         desirable_weight * desirable > undesirable_weight * undesirable
     )  # (X, Y): responses that keep mass
     theta, z0 = torch.where(keep, torch.log(pi_ref), -1000.0), 0.0
     for _ in range(rounds):
-        theta = newton_minimise(
+        theta = newton_path(
             lambda t: kto_table_loss(
                 kto_loss, torch.where(keep, t, -1000.0), pi_ref, desirable, undesirable, z0
             ),
@@ -210,9 +203,8 @@ def population_minimisers(losses: dict, pi_ref, weights, beta, eps, gamma, lam, 
     solved)}.
 
     losses: chapter 10's formulas, {"preference": preference_loss, "orpo": orpo_loss, "kto":
-    kto_loss}. The
-    reference-free losses (SimPO, ORPO, on per-token means over `lengths`) start from the uniform
-    policy.
+    kto_loss}. The reference-free losses (SimPO, ORPO, on per-token means over `lengths`) start from
+    the uniform policy.
     """
     uniform = torch.full_like(pi_ref, 1 / pi_ref.shape[-1])
 
@@ -265,9 +257,8 @@ class Frontier:
     efficiency measure.
 
     logp_ref, rewards (P, Y). `efficiency(reward, kl)` = (reward − E_ref[r*]) / (frontier(kl) −
-    E_ref[r*]): the share
-    of the frontier's gain over π_ref that a policy at this KL gets (1 on the frontier, NaN at KL ≈
-    0).
+    E_ref[r*]): the share of the frontier's gain over π_ref that a policy at this KL gets (1 on the
+    frontier, NaN at KL ≈ 0).
     """
 
     def __init__(self, logp_ref, rewards, betas=np.geomspace(0.01, 100.0, 400)):

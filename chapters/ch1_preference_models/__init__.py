@@ -4,18 +4,11 @@ loss.
 python -m chapters.ch1_preference_models
 """
 
-from chapters.ch1_preference_models.probabilities import (  # noqa: F401
-    as_tensor,
+# the chapter's named API; everything else is imported from the module that defines it
+from chapters.ch1_preference_models.probabilities import (
     bradley_terry,
-    bt_from_plackett_luce_steps,
     christiano_loss,
-    christiano_predictor,
-    plackett_eq10_steps,
     plackett_luce,
-    plackett_luce_logprob,
-    plackett_probabilities,
-    plackett_remaining,
-    plackett_sequential,
-    preference_database,
-    sample_rankings,
 )
+
+__all__ = ["bradley_terry", "christiano_loss", "plackett_luce"]

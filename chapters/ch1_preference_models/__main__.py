@@ -2,8 +2,8 @@
 loss.
 
 Rankings are index tensors, most preferred first: `ranking[..., t]` is τ(t + 1), an index into the
-last
-axis of `rewards` (or `p`). Every function is batched over leading axes (prompts), which broadcast.
+last axis of `rewards` (or `p`). Every function is batched over leading axes (prompts), which
+broadcast.
 
     python3 -m chapters.ch1_preference_models
 """

@@ -2,8 +2,8 @@
 loss with ties.
 
 Rankings are index tensors, most preferred first: `ranking[..., t]` is τ(t + 1), an index into the
-last
-axis of `rewards` (or `p`). Every function is batched over leading axes (prompts), which broadcast.
+last axis of `rewards` (or `p`). Every function is batched over leading axes (prompts), which
+broadcast.
 """
 
 import torch
@@ -11,13 +11,15 @@ import torch
 
 def as_tensor(x) -> torch.Tensor:
     """A tensor of `x`; Python numbers and lists become float64 (the precision of tabular maths
-    here)."""
+    here).
+    """
     return x if torch.is_tensor(x) else torch.as_tensor(x, dtype=torch.float64)
 
 
 def _indices(ranking, n_options: int, full: bool) -> torch.Tensor:
     """`ranking` as a long tensor, checked: distinct indices in [0, n_options), all of them if
-    `full`."""
+    `full`.
+    """
     ranking = torch.as_tensor(ranking, dtype=torch.long)
     m = ranking.shape[-1]
     if full and m != n_options:
@@ -49,8 +51,8 @@ def plackett_sequential(p, ranking) -> torch.Tensor:
     first 3 factors.
 
     p (..., r) sums to 1 over the last axis. `ranking` (..., m) may be a top-m list (m ≤ r): the
-    result is
-    the probability that these m options are chosen first, in this order (m = 3 gives eq. (6)).
+    result is the probability that these m options are chosen first, in this order (m = 3 gives eq.
+    (6)).
     """
     p = as_tensor(p)
     if not torch.allclose(p.sum(-1), torch.ones((), dtype=p.dtype), atol=1e-9):
@@ -130,8 +132,7 @@ def sample_rankings(rewards, num_samples: int, generator=None) -> torch.Tensor:
     first.
 
     rewards (..., K) -> rankings (num_samples, ..., K). Why it works: the argmax of r + Gumbel is y
-    with
-    probability softmax(r)_y (the first factor of eq. (11)), and the order of the rest is again
+    with probability softmax(r)_y (the first factor of eq. (11)), and the order of the rest is again
     Gumbel-max.
     """
     rewards = as_tensor(rewards)
@@ -158,8 +159,9 @@ def bt_from_plackett_luce_steps(r1, r2) -> dict:
 
 
 def bradley_terry(r1, r2) -> torch.Tensor:
-    """Report eq. (16): p*(y1 ≻ y2 | x) = e^{r*(x, y1)} / (e^{r*(x, y1)} + e^{r*(x, y2)}), eq. (11)
-    at K = 2.
+    """Report eq. (16): p*(y1 ≻ y2 | x) = e^{r*(x, y1)} / (e^{r*(x, y1)} + e^{r*(x, y2)}).
+
+    It is eq. (11) at K = 2.
 
     r1, r2 broadcast; computed as plackett_luce of the pair ranked (y1, y2), which is stable.
     """
@@ -174,12 +176,11 @@ MU = {"1": (1.0, 0.0), "2": (0.0, 1.0), "tie": (0.5, 0.5), "incomparable": None}
 
 def preference_database(segment_rewards_1, segment_rewards_2, judgements):
     """Report §2.1, preference elicitation: triples (τ1, τ2, μ); μ on the preferred segment, uniform
-    for a tie;
-    incomparable pairs are not included.
+    for a tie; incomparable pairs are not included.
 
     segment_rewards_* (N, k): r̂ at each step of each segment; judgements: N of "1", "2", "tie",
-    "incomparable".
-    Returns (rewards_1 (M, k), rewards_2 (M, k), mu (M, 2)) with the M comparable triples.
+    "incomparable". Returns (rewards_1 (M, k), rewards_2 (M, k), mu (M, 2)) with the M comparable
+    triples.
     """
     if len(judgements) != len(segment_rewards_1) or len(judgements) != len(segment_rewards_2):
         raise ValueError("need one judgement per pair of segments")

@@ -4,24 +4,8 @@ GPT-2 reward model.
 python -m chapters.ch2_reward_model [--quick]
 """
 
-from chapters.ch2_reward_model.bradley_terry import (  # noqa: F401
-    bt_probability,
-    bt_sigmoid_steps,
-    centred_rmse,
-    fit_bt_rewards,
-    normalize_rewards,
-    preference_likelihood,
-    preference_nll,
-    reward_model_loss,
-    reward_model_loss_grad,
-    sample_bt_comparisons,
-    sigmoid,
-)
-from chapters.ch2_reward_model.reward_head import (  # noqa: F401
-    PreferencePairs,
-    RewardModel,
-    count_task_pairs,
-    pair_accuracy,
-    pair_rewards,
-    train_reward_model,
-)
+# the chapter's named API; everything else is imported from the module that defines it
+from chapters.ch2_reward_model.bradley_terry import bt_probability, reward_model_loss
+from chapters.ch2_reward_model.reward_head import RewardModel, train_reward_model
+
+__all__ = ["bt_probability", "reward_model_loss", "RewardModel", "train_reward_model"]

@@ -4,8 +4,8 @@ GPT-2 reward model.
     python3 -m chapters.ch2_reward_model
 
 The GPT-2 reward model this chapter trains (`RewardModel`, `train_reward_model`, `PreferencePairs`)
-lives in
-`chapters.reward_model`, which later chapters (the frontier, the DPO family) also use.
+lives in `chapters.ch2_reward_model.reward_head`, which later chapters (the frontier, the DPO
+family) also use.
 """
 
 import argparse

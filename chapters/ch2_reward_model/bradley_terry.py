@@ -1,6 +1,5 @@
 """Bradley–Terry as a sigmoid of the reward gap and the reward model's loss (report eqs. (17)–(26)):
-the NLL, its
-gradient, reward normalisation, and the maximum-likelihood fit of tabular rewards.
+the NLL, its gradient, reward normalisation, and the maximum-likelihood fit of tabular rewards.
 """
 
 import torch
@@ -22,8 +21,7 @@ def bt_sigmoid_steps(r1, r2) -> dict:
     reward gap.
 
     Returns {"(17)": p, "(18)": p, "(19)": p, "(20)": (left side, right side), "(21)": p, "(23)":
-    p},
-    computed literally (plain exp), so use moderate rewards; eq. (22) is `sigmoid`.
+    p}, computed literally (plain exp), so use moderate rewards; eq. (22) is `sigmoid`.
     """
     r1, r2 = as_tensor(r1), as_tensor(r2)
     e1, e2 = r1.exp(), r2.exp()
@@ -87,8 +85,8 @@ def normalize_rewards(rewards, prompt_index=None) -> torch.Tensor:
     don't change).
 
     With `prompt_index` (N,) (the prompt of each of the N rewards), rewards (N,) are centred per
-    prompt.
-    Without it, rewards (..., Y) are a table of Y responses per prompt, centred over the last axis.
+    prompt. Without it, rewards (..., Y) are a table of Y responses per prompt, centred over the
+    last axis.
     """
     rewards = as_tensor(rewards)
     if prompt_index is None:
@@ -113,8 +111,7 @@ def normalize_rewards(rewards, prompt_index=None) -> torch.Tensor:
 
 def sample_bt_comparisons(true_rewards, num_per_prompt: int, generator=None):
     """Comparisons drawn from eq. (23): for each prompt, `num_per_prompt` pairs of distinct
-    responses,
-    the winner drawn with probability σ(r*(x, y1) − r*(x, y2)).
+    responses, the winner drawn with probability σ(r*(x, y1) − r*(x, y2)).
 
     true_rewards (P, Y) -> (prompt, winner, loser), three (P·num_per_prompt,) long tensors.
     """
@@ -135,11 +132,9 @@ def fit_bt_rewards(prompt, winner, loser, shape, l2: float = 1.0) -> torch.Tenso
     eq. (26).
 
     Returns rewards (P, Y) in float64, centred per prompt (the likelihood cannot see a per-prompt
-    constant).
-    A ridge `l2`·Σ r²/2, weighing as much as a single comparison, keeps the estimate finite when
-    some
-    response never loses (then the plain MLE is at infinity); its pull fades as 1/N with N
-    comparisons.
+    constant). A ridge `l2`·Σ r²/2, weighing as much as a single comparison, keeps the estimate
+    finite when some response never loses (then the plain MLE is at infinity); its pull fades as 1/N
+    with N comparisons.
     """
     theta = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(

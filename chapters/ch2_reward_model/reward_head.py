@@ -29,8 +29,8 @@ class PreferencePairs:
     """Comparisons (x, y_w, y_l) as token ids: chosen = prompt + y_w, rejected = prompt + y_l.
 
     chosen_ids, rejected_ids (N, T) long and chosen_mask, rejected_mask (N, T) (1 = real token, 0 =
-    padding),
-    all padded to one length T. Build from token lists with `PreferencePairs.from_token_lists`.
+    padding), all padded to one length T. Build from token lists with
+    `PreferencePairs.from_token_lists`.
     """
 
     chosen_ids: torch.Tensor
@@ -72,9 +72,8 @@ class RewardModel(nn.Module):
         (B,)
 
     Padding may sit on the right (as `PreferencePairs` builds it) or on the left (as `gpt.generate`
-    returns);
-    either way the head reads `backbone.hidden_states` at the last position whose mask is 1.
-    Train it with `train_reward_model`; centre its outputs per prompt with
+    returns); either way the head reads `backbone.hidden_states` at the last position whose mask is
+    1. Train it with `train_reward_model`; centre its outputs per prompt with
     `chapters.ch2_reward_model.normalize_rewards`.
     """
 
@@ -166,8 +165,7 @@ def count_task_pairs(
     response y.
 
     Each pair: a random prompt, two responses of random length 2..max_response (a random share of
-    them
-    `target`), labelled by eq. (23) on r*. Token 0 is padding and never appears in a sequence.
+    them `target`), labelled by eq. (23) on r*. Token 0 is padding and never appears in a sequence.
     Returns (PreferencePairs, r*(x, y_w) (N,), r*(x, y_l) (N,)).
     """
     others = torch.tensor([t for t in range(1, vocab_size) if t != target])

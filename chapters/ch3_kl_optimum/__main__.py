@@ -2,9 +2,9 @@
 optimum.
 
 On a discrete response space every expectation over y is a finite sum, so each line of §4.1's
-derivation
-can be evaluated at any policy π and compared with the line before it. Distributions and rewards are
-tensors (..., Y) over the last axis; leading axes are prompts x (the report's mean over x ~ D).
+derivation can be evaluated at any policy π and compared with the line before it. Distributions and
+rewards are tensors (..., Y) over the last axis; leading axes are prompts x (the report's mean over
+x ~ D).
 
     python3 -m chapters.ch3_kl_optimum [--seed 0] [--responses 8]
 """

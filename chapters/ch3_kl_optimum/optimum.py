@@ -1,6 +1,6 @@
 """The KL-constrained objective and its closed-form optimum (report eqs. (27)–(37)): KL, the
-objective, the
-partition function, π* = π_ref·exp(r/β)/Z (eq. (36)), the reward recovered from a policy (eq. (37)).
+objective, the partition function, π* = π_ref·exp(r/β)/Z (eq. (36)), the reward recovered from a
+policy (eq. (37)).
 """
 
 import math
@@ -32,12 +32,10 @@ def rlhf_token_rewards(
     the last response token.
 
     score (B,) is r_φ(x, y); policy_logps, ref_logps, response_mask (B, T) are aligned with each
-    other: the
-    log-probability of the token at each position under π_θ and π_ref, and which positions are
-    response tokens
-    (any padding side). Returns (B, T), zero outside the mask; its sum over T is eq. (28),
-    r_φ(x, y) − β·(log π_θ(y|x) − log π_ref(y|x)). Gradients flow through; PPO passes detached
-    log-probs.
+    other: the log-probability of the token at each position under π_θ and π_ref, and which
+    positions are response tokens (any padding side). Returns (B, T), zero outside the mask; its sum
+    over T is eq. (28), r_φ(x, y) − β·(log π_θ(y|x) − log π_ref(y|x)). Gradients flow through; PPO
+    passes detached log-probs.
     """
     mask = response_mask.to(policy_logps.dtype)  # (B, T)
     if (mask.sum(-1) == 0).any():
@@ -63,8 +61,8 @@ def log_partition_function(
 def optimal_policy(pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
     """Report eq. (36): π*(y|x) = π_ref(y|x)·exp(r(x, y)/β) / Z(x), normalised over the last axis.
 
-    `pi_ref` and `rewards` are (..., Y): a distribution over Y responses and their rewards.
-    Computed as a softmax of log π_ref + r/β, which is stable for any β > 0.
+    `pi_ref` and `rewards` are (..., Y): a distribution over Y responses and their rewards. Computed
+    as a softmax of log π_ref + r/β, which is stable for any β > 0.
     """
     if not (math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be > 0 and finite (the KL weight of eq. (27)), got {beta}")
@@ -89,8 +87,8 @@ def objective_rewritings(
     """Report eqs. (29)–(35): the objective of eq. (27) at π, evaluated as each line of §4.1's
     derivation.
 
-    Returns {"(29)", "(30)", "(31)", "(34)", "(35)"} → (...,) per prompt. The derivation claims
-    (29) = (27), (30) = −(29)/β (the max becomes a min), and (31) = (34) = (35) = (30).
+    Returns {"(29)", "(30)", "(31)", "(34)", "(35)"} → (...,) per prompt. The derivation claims (29)
+    = (27), (30) = −(29)/β (the max becomes a min), and (31) = (34) = (35) = (30).
     """
     log_z = log_partition_function(pi_ref, rewards, beta)[..., None]  # (..., 1)
     gibbs = pi_ref * torch.exp(rewards / beta - log_z)  # eq. (33) written out: π_ref·exp(r/β)/Z
@@ -115,8 +113,7 @@ def reward_from_policy(
     """Report eq. (37): r(x, y) = β·log π_r(y|x)/π_ref(y|x) + β·log Z(x).
 
     Z(x) is what nobody can compute, so `log_z` defaults to 0: the result is then r − β·log Z(x),
-    the member
-    of r's class that §5.1's Theorem 1 picks. `log_z` is (...,) or a number.
+    the member of r's class that §5.1's Theorem 1 picks. `log_z` is (...,) or a number.
     """
     return (
         beta * (torch.log(pi) - torch.log(pi_ref))
@@ -144,10 +141,8 @@ def ascend_logits(
     softmax(θ).
 
     Starts from θ = 0 (the uniform policy) and climbs with L-BFGS, a gradient method with a line
-    search
-    (plain fixed-step ascent gets there too, but needs thousands of steps for the small entries of
-    π*).
-    Returns π_θ (..., Y).
+    search (plain fixed-step ascent gets there too, but needs thousands of steps for the small
+    entries of π*). Returns π_θ (..., Y).
     """
     theta = torch.zeros_like(pi_ref, requires_grad=True)
     opt = torch.optim.LBFGS(

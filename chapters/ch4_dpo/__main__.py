@@ -4,10 +4,9 @@ reward.
     python3 -m chapters.ch4_dpo          # every claim of §4.2–§4.4 beside the number that checks it
 
 Run order: the loss, eq. (38), and its stable form, Plackett–Luce DPO, eqs. (39)–(40), the gradient,
-eq. (41),
-in a table and in a tiny GPT-2, response log-probs done right next to the report authors' three
-mistakes, and
-the central claim: DPO on preferences drawn from BT(r*) recovers π* = π_ref·exp(r*/β)/Z (eq. (36)).
+eq. (41), in a table and in a tiny GPT-2, response log-probs done right next to the report authors'
+three mistakes, and the central claim: DPO on preferences drawn from BT(r*) recovers π* =
+π_ref·exp(r*/β)/Z (eq. (36)).
 """
 
 import argparse

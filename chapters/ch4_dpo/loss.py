@@ -1,6 +1,6 @@
 """The DPO loss and what it is made of (report eqs. (38)–(41)): response log-probs, the loss,
-Plackett–Luce DPO,
-the gradient, the implicit reward, and DPO on a tabular problem, whose minimiser is eq. (36)'s π*.
+Plackett–Luce DPO, the gradient, the implicit reward, and DPO on a tabular problem, whose minimiser
+is eq. (36)'s π*.
 """
 
 import math
@@ -26,14 +26,12 @@ def response_logprobs(
     `response_mask` is true.
 
     logits (B, T, V) are the model's outputs for input_ids (B, T); response_mask (B, T) is aligned
-    with
-    input_ids. The token at position t is predicted by the logits at t − 1, hence the shift by one.
-    Prompt and padding tokens are left out by the mask. Returns (B,).
+    with input_ids. The token at position t is predicted by the logits at t − 1, hence the shift by
+    one. Prompt and padding tokens are left out by the mask. Returns (B,).
 
     per_token_mean=True divides by the number of response tokens. That is no longer log π(y|x): in
     eq. (38) it acts as a per-response β/|y|, the optimum becomes π_ref·exp(|y|·(r/β + c(x)))
-    instead
-    of π*, and long responses move further from π_ref than short ones
+    instead of π*, and long responses move further from π_ref than short ones
     (`fit_tabular_dpo(lengths=...)`).
     """
     if (
@@ -100,7 +98,8 @@ def logprob_by_prefixes(model, prompt: torch.Tensor, response: torch.Tensor) -> 
 # (38)–(40)
 def implicit_reward(policy_logps, ref_logps, beta: float):
     """Report §4.4: r̂_θ(x, y) = β·log π_θ(y|x)/π_ref(y|x), the reward the policy implicitly
-    defines."""
+    defines.
+    """
     if not (isinstance(beta, (int, float)) and 0 < beta < math.inf):
         raise ValueError(
             f"beta must be a finite number > 0 (the KL weight of eq. (27)), got {beta!r}"
@@ -181,8 +180,7 @@ def dpo_gradient(
     """Report eq. (41): ∇_θ L = −β·mean[σ(r̂(y_l) − r̂(y_w))·(∇_θ log π(y_w|x) − ∇_θ log π(y_l|x))].
 
     grad_*_logps (B, P): per-example gradients of log π(y|x) w.r.t. the P parameters; the rest are
-    (B,).
-    Returns (P,), the gradient of the batch mean of eq. (38).
+    (B,). Returns (P,), the gradient of the batch mean of eq. (38).
     """
     weight = torch.sigmoid(
         implicit_reward(policy_rejected_logps, ref_rejected_logps, beta)
@@ -231,9 +229,8 @@ def tabular_dpo_loss(
     (X, Y).
 
     weights (X, Y, Y): how often each (x, y_w, y_l) occurs (or its probability): the mean over the
-    data
-    set's rows. lengths (Y,), optional: per-token mean log-ratios log(π_θ/π_ref)(y)/|y| instead of
-    sums.
+    data set's rows. lengths (Y,), optional: per-token mean log-ratios log(π_θ/π_ref)(y)/|y| instead
+    of sums.
     """
     per_token = 1.0 if lengths is None else lengths.to(pi_ref.dtype)
     logp = torch.log_softmax(theta, dim=-1) / per_token  # (X, Y)
@@ -253,11 +250,9 @@ def fit_tabular_dpo(
     """Report eq. (38) minimised over a tabular policy (`tabular_dpo_loss`), from π_θ = π_ref;
     returns π_θ (X, Y).
 
-    Full batch, float64, by Newton's method (`chapters.newton.newton_minimise`, which steps downhill
-    even where the
-    loss is not convex, as with `lengths`). If the data put the minimiser at infinity (a response
-    that never
-    lost), it stops after max_iter steps.
+    Full batch, float64, by Newton's method (`chapters.common.newton.newton_minimise`, which steps
+    downhill even where the loss is not convex, as with `lengths`). If the data put the minimiser at
+    infinity (a response that never lost), it stops after max_iter steps.
     """
 
     def loss_fn(flat):

@@ -1,12 +1,9 @@
 """Chapter 5 (report §5.1, §5.2): the implicit reward loses nothing, and DPO needs no baseline.
 
 §5.1's results are statements about every reward, prompt and response. The numbers here check them
-on random
-finite problems in float64: a number can refute a claim or catch a slip in the algebra (it does
-catch one, in
-Lemma 2's proof), but it cannot prove the claim for all problems — that is what the report's proofs
-are for.
-Each docstring says which part a number checks.
+on random finite problems in float64: a number can refute a claim or catch a slip in the algebra (it
+does catch one, in Lemma 2's proof), but it cannot prove the claim for all problems — that is what
+the report's proofs are for. Each docstring says which part a number checks.
 
     python3 -m chapters.ch5_theory [--seed 0] [--samples 20000]
 """

@@ -64,7 +64,8 @@ def min_variance_baseline(theta, weights) -> torch.Tensor:
 
 def dpg_weights(theta, energy) -> torch.Tensor:
     """Report §5.2 (DPG): R_θ(y) = P(y)/π_θ(y), the importance weight of the energy-based model P.
-    (Y,)"""
+    (Y,)
+    """
     return energy / torch.softmax(theta, -1)
 
 

@@ -33,9 +33,8 @@ def ranking_distribution(rewards: torch.Tensor):
     K! of them.
 
     rewards (..., K). Returns (rankings (K!, K), probabilities (..., K!)). Comparing it for r and r
-    + f(x)
-    checks Lemma 1 on the rewards and f tried; that exp(f(x)) cancels for every r is the proof's
-    step.
+    + f(x) checks Lemma 1 on the rewards and f tried; that exp(f(x)) cancels for every r is the
+    proof's step.
     """
     rankings = torch.tensor(list(itertools.permutations(range(rewards.shape[-1]))))  # (K!, K)
     return rankings, plackett_luce(rewards[..., None, :], rankings)  # (..., K!)
@@ -48,13 +47,10 @@ def lemma2_proof_steps(
     and π.
 
     "π_r'": eq. (36) at r'; "numerator": π_ref·exp(r'/β) = π_ref·exp((r + f(x))/β), the correct
-    second line;
-    "factored": π_ref·exp(r/β)·exp(f(x)/β), the third line with the right factor; "as printed": the
-    report's
-    π_ref·exp(r/β + f(x)), which differs unless β = 1, and "π as printed": it normalised; "π_r": eq.
-    (36) at r.
-    A numerical mismatch between two lines would refute a step; agreement shows it only for the
-    problems tried.
+    second line; "factored": π_ref·exp(r/β)·exp(f(x)/β), the third line with the right factor; "as
+    printed": the report's π_ref·exp(r/β + f(x)), which differs unless β = 1, and "π as printed": it
+    normalised; "π_r": eq. (36) at r. A numerical mismatch between two lines would refute a step;
+    agreement shows it only for the problems tried.
     """
     shifted = equivalent_reward(rewards, f)
     printed = pi_ref * torch.exp(rewards / beta + f[..., None])
@@ -73,9 +69,8 @@ def project_reward(rewards: torch.Tensor, pi_ref: torch.Tensor, beta: float) -> 
     π_r(y|x)/π_ref(y|x).
 
     Numbers check, on a given problem, that the result is in r's class, equals β·log π_r/π_ref, and
-    is the same
-    for every member of the class; that this holds for every reward is the theorem's algebra, not
-    the numbers.
+    is the same for every member of the class; that this holds for every reward is the theorem's
+    algebra, not the numbers.
     """
     return rewards - beta * log_partition_function(pi_ref, rewards, beta)[..., None]
 
@@ -85,8 +80,7 @@ def implied_policy(rewards: torch.Tensor, pi_ref: torch.Tensor, beta: float) -> 
     if Σ_y π = 1.
 
     Not normalised on purpose. For r' = r + f(x) with r = β·log π/π_ref the mass is exp(f(x)/β),
-    which is 1 only
-    at f(x) = 0: the proof's step. Numbers check it at the points tried; uniqueness for all f is the
-    proof's.
+    which is 1 only at f(x) = 0: the proof's step. Numbers check it at the points tried; uniqueness
+    for all f is the proof's.
     """
     return pi_ref * torch.exp(rewards / beta)

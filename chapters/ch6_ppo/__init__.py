@@ -4,26 +4,19 @@ hand-written GPT-2.
     python -m chapters.ch6_ppo [--quick]
 
 The loss pieces (`objective`), the trainer for a GPT-2 policy (`trainer`), and a Markov task with a
-known
-optimum (`markov_task`).
+known optimum (`markov_task`).
 """
 
-from chapters.ch6_ppo.objective import (  # noqa: F401
-    clipped_surrogate,
-    entropy,
-    gae,
-    kl_k1,
-    kl_k3,
-    masked_mean,
-    ppo_objective,
-    value_loss,
-    whiten,
-)
-from chapters.ch6_ppo.trainer import (  # noqa: F401
-    AdaptiveKLController,
-    PPOConfig,
-    PPOTrainer,
-    ValueHead,
-    policy_forward,
-    response_mask,
-)
+# the chapter's named API; everything else is imported from the module that defines it
+from chapters.ch6_ppo.objective import clipped_surrogate, entropy, gae, ppo_objective, value_loss
+from chapters.ch6_ppo.trainer import PPOConfig, PPOTrainer
+
+__all__ = [
+    "clipped_surrogate",
+    "entropy",
+    "gae",
+    "ppo_objective",
+    "value_loss",
+    "PPOConfig",
+    "PPOTrainer",
+]

@@ -2,11 +2,9 @@
 hand-written GPT-2.
 
 The loss pieces are pure functions on per-token tensors (last axis = time). The machinery that puts
-them
-together for a language model is `chapters.ppo_trainer.PPOTrainer`; the task with a known answer
-that this
-chapter runs it on (a Markov chain, a token-class reward, the exact optimum) is
-`chapters.markov_task`.
+them together for a language model is `chapters.ch6_ppo.trainer.PPOTrainer`; the task with a known
+answer that this chapter runs it on (a Markov chain, a token-class reward, the exact optimum) is
+`chapters.ch6_ppo.markov_task`.
 
     python3 -m chapters.ch6_ppo            # --seed, --iterations, --beta, --quick
 """
@@ -22,7 +20,7 @@ from chapters.ch6_ppo.markov_task import (
     chain_entropy_rate,
     chain_kl_optimum,
     class_fraction_reward,
-    evaluate,
+    evaluate_on_chain,
     expected_class_fraction,
     markov_chain,
     sample_markov,
@@ -202,7 +200,7 @@ def run_experiment(args):
     reward_fn = class_fraction_reward(token_class)
     ref = gpt.GPT(sft.config)
     ref.load_state_dict(sft.state_dict())
-    before = evaluate(
+    before = evaluate_on_chain(
         sft,
         ref,
         reward_fn,
@@ -241,7 +239,7 @@ def run_experiment(args):
             f"approx KL {h['approx_kl']:.4f}  value loss {h['value_loss']:.4f}  entropy "
             f"{h['entropy']:.3f}"
         )
-    after = evaluate(
+    after = evaluate_on_chain(
         trainer.policy,
         ref,
         reward_fn,

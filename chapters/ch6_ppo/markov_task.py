@@ -2,9 +2,8 @@
 optimum on it.
 
 A tiny GPT is fitted to the chain (SFT), then trained by PPO on r(x, y) = the fraction of response
-tokens in a
-class. Because the reward is a sum over tokens, the KL-regularised optimum π* ∝ π_ref·exp(r/β) (eq.
-(36)) with
+tokens in a class. Because the reward is a sum over tokens, the KL-regularised optimum π* ∝
+π_ref·exp(r/β) (eq. (36)) with
 π_ref = the chain is again a Markov policy, found exactly by a backward recursion
 (`chain_kl_optimum`).
 """
@@ -74,10 +73,9 @@ def chain_kl_optimum(
     class fraction.
 
     The reward is a sum over tokens, so π* is again a Markov policy, found by a backward (soft
-    Bellman)
-    recursion V_t(s) = log Σ_a P(a|s)·exp(c(a)/(β·length) + V_{t+1}(a)). Returns the exact
-    per-prompt
-    E_π*[r], KL(π* ‖ π_ref) and β·log Z(x) = β·V_0 (the optimum of eq. (27)), each (n,), float64.
+    Bellman) recursion V_t(s) = log Σ_a P(a|s)·exp(c(a)/(β·length) + V_{t+1}(a)). Returns the exact
+    per-prompt E_π*[r], KL(π* ‖ π_ref) and β·log Z(x) = β·V_0 (the optimum of eq. (27)), each (n,),
+    float64.
     """
     in_class = torch.zeros(transition.shape[0], dtype=transition.dtype)
     in_class[list(token_class)] = 1.0
@@ -103,7 +101,8 @@ def chain_kl_optimum(
 
 def class_fraction_reward(token_class):
     """reward_fn for `PPOTrainer`: the fraction of response tokens that lie in `token_class`,
-    exactly."""
+    exactly.
+    """
     members = torch.tensor(sorted(token_class))
 
     def reward_fn(input_ids, attention_mask, response_mask):
@@ -114,7 +113,7 @@ def class_fraction_reward(token_class):
 
 
 @torch.no_grad()
-def evaluate(policy, ref, reward_fn, prompt_ids, prompt_mask, response_length, generator):
+def evaluate_on_chain(policy, ref, reward_fn, prompt_ids, prompt_mask, response_length, generator):
     """Sample one response per prompt from `policy`: mean reward, its standard error, and the mean
     KL(π ‖ π_ref) by k1 and k3."""
     P = prompt_ids.shape[1]

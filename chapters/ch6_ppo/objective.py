@@ -1,8 +1,6 @@
 """PPO's loss pieces (report eqs. (1)–(5)): masked means, GAE, whitening, the clipped surrogate, the
-value loss,
-the entropy bonus, the combined objective, and the k1/k3 KL estimators. Pure functions on per-token
-tensors
-(last axis = time).
+value loss, the entropy bonus, the combined objective, and the k1/k3 KL estimators. Pure functions
+on per-token tensors (last axis = time).
 """
 
 import torch
@@ -36,8 +34,7 @@ def gae(
     `last_value` (...,) = V(s_T), the value of the state after its last step; rows whose mask ends
     before T ended there and ignore it. Computed by the backward recursion A_t = δ_t + γλ·A_{t+1}.
     Returns (advantages, returns), the returns being A_t + V(s_t) (the TD(λ) return, the value
-    target
-    of eq. (2)), both (..., T).
+    target of eq. (2)), both (..., T).
     """
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         raise ValueError(f"gamma and lam must be in [0, 1], got {gamma} and {lam}")
@@ -98,8 +95,8 @@ def value_loss(
     clipped variant.
 
     Clipped (as in OpenAI's baselines and RLHF code): max((V − R)², (V_old + clip(V − V_old, −ε, ε)
-    − R)²),
-    which stops the value moving further than ε from the value at sampling time in one round.
+    − R)²), which stops the value moving further than ε from the value at sampling time in one
+    round.
     """
     loss = (values - returns) ** 2
     if clip_eps is None or old_values is None:
@@ -123,10 +120,9 @@ def ppo_objective(
 
     The report writes L^H = E[−β·H] (eq. (3)) and adds it with +c2, so maximising L would lower the
     entropy, the opposite of the "entropy bonus" it describes; PPO (Schulman et al. 2017, equation 9
-    of their paper) adds
-    +c2·H. The report also calls L a loss to minimise; minimising it would lower the surrogate and
-    raise the value error. L is an objective; the trainer minimises −L.
-    All three inputs are per token (..., T) and averaged over `mask`.
+    of their paper) adds +c2·H. The report also calls L a loss to minimise; minimising it would
+    lower the surrogate and raise the value error. L is an objective; the trainer minimises −L. All
+    three inputs are per token (..., T) and averaged over `mask`.
     """
     return (
         masked_mean(surrogate, mask)

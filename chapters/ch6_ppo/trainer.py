@@ -2,11 +2,9 @@
 the trainer.
 
 The loss pieces are chapter 6's eqs. (1)–(5) (`chapters.ch6_ppo`); `PPOTrainer` puts them together
-for a
-language model: sample responses, score them, turn scores into per-token rewards (eq. (28),
+for a language model: sample responses, score them, turn scores into per-token rewards (eq. (28),
 `chapters.ch3_kl_optimum.rlhf_token_rewards`), compute advantages (eq. (5)), then several epochs of
-minibatch
-updates of eq. (4).
+minibatch updates of eq. (4).
 
 The language-model MDP: the state s_t is prompt + y_<t, the action a_t is the token y_t, the episode
 ends after the response's last token; π(a_t | s_t) and V(s_t) are read at the position before y_t.
@@ -68,8 +66,7 @@ def policy_forward(
     the tokens input_ids[:, start:].
 
     The state s_t before token t is read at position t − 1. Summed over a response mask, the
-    log-probs are
-    `chapters.ch4_dpo.response_logprobs`.
+    log-probs are `chapters.ch4_dpo.response_logprobs`.
     """
     hidden = model.hidden_states(input_ids, attention_mask)[
         :, start - 1 : -1
@@ -118,13 +115,12 @@ class PPOConfig:
 class PPOTrainer:
     """PPO-based RLHF (report §2.2 and eq. (28)) for a `gpt.GPT` policy against a frozen reference.
 
-    policy: the GPT to train (updated in place; a `ValueHead` on its hidden states is added).
-    ref: the frozen reference π_ref, a separate model (usually a copy of the SFT policy); its
-    gradients are turned off.
-    reward_fn(input_ids, attention_mask, response_mask) -> (B,) scores, called on prompt + response
-    ids (B, T) with masks (B, T); a true reward or a learned reward model (`lambda ids, am, rm:
-    model(ids, am)`).
-    prompts: a list of token-id sequences (lists or 1-D tensors), left-padded into batches.
+    policy: the GPT to train (updated in place; a `ValueHead` on its hidden states is added). ref:
+    the frozen reference π_ref, a separate model (usually a copy of the SFT policy); its gradients
+    are turned off. reward_fn(input_ids, attention_mask, response_mask) -> (B,) scores, called on
+    prompt + response ids (B, T) with masks (B, T); a true reward or a learned reward model (`lambda
+    ids, am, rm: model(ids, am)`). prompts: a list of token-id sequences (lists or 1-D tensors),
+    left-padded into batches.
     """
 
     def __init__(

@@ -4,12 +4,10 @@ the exact optimum.
     python -m chapters.ch7_frontier [--quick]
 
 The task small enough to enumerate (`task`), the methods placed on it (`methods`, `rlhf`), and the
-sweeps that
-train them side by side (`sweeps`).
+sweeps that train them side by side (`sweeps`).
 """
 
-from chapters.ch7_frontier.methods import (  # noqa: F401
-    best_of_n_logprobs,
-    dpo_batch_loss,
-    unlikelihood_loss,
-)
+# the chapter's named API; everything else is imported from the module that defines it
+from chapters.ch7_frontier.methods import best_of_n_logprobs, dpo_batch_loss, unlikelihood_loss
+
+__all__ = ["best_of_n_logprobs", "dpo_batch_loss", "unlikelihood_loss"]

@@ -2,18 +2,13 @@
 the exact optimum.
 
 The paper asks which method buys the most reward for a given KL(π‖π_ref). Here the task is small
-enough to
-enumerate: 8 tokens (2 positive, 2 negative, 4 neutral), prompts of 2 tokens, responses of 5 tokens,
-so each of
-16 prompts (of the 64 possible) has 8^5 = 32,768 responses and every expectation is an exact sum.
-That lets us
-draw what the paper could not: the frontier of π*_β = π_ref·exp(r*/β)/Z (eq. (36)), which no policy
-can cross.
-The task, its exact evaluation, the frontier and the settings are `chapters.frontier_task`; the
-reward model and
-PPO runs on it are `chapters.frontier_rlhf`; `chapters.frontier_sweeps` trains the independent runs
-side by side.
-This chapter holds the methods' losses, Best-of-N's exact distribution, and the experiment.
+enough to enumerate: 8 tokens (2 positive, 2 negative, 4 neutral), prompts of 2 tokens, responses of
+5 tokens, so each of 16 prompts (of the 64 possible) has 8^5 = 32,768 responses and every
+expectation is an exact sum. That lets us draw what the paper could not: the frontier of π*_β =
+π_ref·exp(r*/β)/Z (eq. (36)), which no policy can cross. The task, its exact evaluation, the
+frontier and the settings are `chapters.ch7_frontier.task`; the reward model and PPO runs on it are
+`chapters.ch7_frontier.rlhf`; `chapters.ch7_frontier.sweeps` trains the independent runs side by
+side. This chapter holds the methods' losses, Best-of-N's exact distribution, and the experiment.
 
     python3 -m chapters.ch7_frontier               # the full sweep, its runs side by side on the
     cores available
@@ -45,9 +40,9 @@ from chapters.ch7_frontier.task import (
     exact_frontier,
     exact_reward_and_kl,
     frontier_reward,
+    preferred_ft_loss,
     process_logprobs,
     reference_and_pairs,
-    sft_loss,
     true_reward,
 )
 from chapters.common.figures import plt, save
@@ -239,7 +234,8 @@ def _run(args):
         for b in cfg["dpo_betas"]
     ]
     offline += [
-        Sweep("Preferred-FT", f"seed={s}", args.seed + s, sft_loss) for s in cfg["pft_seeds"]
+        Sweep("Preferred-FT", f"seed={s}", args.seed + s, preferred_ft_loss)
+        for s in cfg["pft_seeds"]
     ]
     offline += [
         Sweep("Unlikelihood", f"alpha={a}", args.seed, partial(unlikelihood_loss, alpha=a))

@@ -1,6 +1,5 @@
 """The methods placed on chapter 7's frontier besides PPO: best-of-n (exact, by enumeration), DPO on
-the pairs
-(eq. (38)), and the unlikelihood baseline.
+the pairs (eq. (38)), and the unlikelihood baseline.
 """
 
 import torch
@@ -15,13 +14,10 @@ def best_of_n_logprobs(logp_ref: torch.Tensor, scores: torch.Tensor, n: int) -> 
     score(y).
 
     F(s) = π_ref(score ≤ s), m(s) = π_ref(score = s): the best of N draws has score ≤ s with
-    probability F(s)^N,
-    and a tie among responses of equal score is broken uniformly, so within a score level π_ref's
-    shape stays.
-    With all scores distinct m(s) = π_ref(y). Computed in log space as
-    log π_ref(y) + (N−1)·log F + log(expm1(N·d)/expm1(d)), d = log(1 − m/F), which is stable for
-    tiny m.
-    logp_ref, scores: (P, Y); returns log-probs (P, Y).
+    probability F(s)^N, and a tie among responses of equal score is broken uniformly, so within a
+    score level π_ref's shape stays. With all scores distinct m(s) = π_ref(y). Computed in log space
+    as log π_ref(y) + (N−1)·log F + log(expm1(N·d)/expm1(d)), d = log(1 − m/F), which is stable for
+    tiny m. logp_ref, scores: (P, Y); returns log-probs (P, Y).
     """
     if n < 1:
         raise ValueError(f"N must be >= 1, got {n}")

@@ -1,8 +1,9 @@
 """RLHF on the frontier task (chapter 7): a reward model fitted to the preference pairs, then PPO
 against it or r*.
 
-Both are the general machinery of `chapters.reward_model` and `chapters.ppo_trainer`, run on
-`chapters.frontier_task`'s tiny GPT; chapter 7 evaluates the checkpoints exactly.
+Both are the general machinery of `chapters.ch2_reward_model.reward_head` and
+`chapters.ch6_ppo.trainer`, run on `chapters.ch7_frontier.task`'s tiny GPT; chapter 7 evaluates the
+checkpoints exactly.
 """
 
 import copy
@@ -22,8 +23,8 @@ from gpt import GPT
 
 
 def learn_reward_model(ref: GPT, data: dict, steps: int, generator: torch.Generator) -> RewardModel:
-    """Report eq. (26) via `chapters.reward_model`: r_φ = a scalar head on a copy of π_ref, fitted
-    to the pairs."""
+    """Report eq. (26) via `chapters.ch2_reward_model.reward_head`: r_φ = a scalar head on a copy of
+    π_ref, fitted to the pairs."""
     ones = torch.ones(len(data["prompt"]), SEQ_LEN, dtype=torch.long)
     pairs = PreferencePairs(
         sequence(data["prompt"], data["chosen"]),
@@ -66,7 +67,7 @@ def ppo_checkpoints(
     progress: bool = True,
 ):
     """PPO-based RLHF with KL coefficient β (eqs. (1)–(5), (28)) via
-    `chapters.ppo_trainer.PPOTrainer`, from π_ref.
+    `chapters.ch6_ppo.trainer.PPOTrainer`, from π_ref.
 
     Yields (iteration, policy) at each iteration count in `checkpoints`; the policy is trained in
     place.

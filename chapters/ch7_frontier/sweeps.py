@@ -2,18 +2,13 @@
 chapter 10's variants.
 
 A `Sweep` is one run (DPO at one β, PPO at one β, a chapter-10 variant, ...); each trains a copy of
-π_ref with
-its own seed, so the runs are independent. `SweepPool(shared, workers)` trains them on `workers`
-forked
-processes (one torch thread each, as a serial run under `chapters.one_thread`) and evaluates every
-checkpoint
-exactly by enumeration; results come back in the order the sweeps were given, the same numbers bit
-for bit
-whatever the worker count. What must stay in one order is a generator shared across runs: chapter
-7's sampled
-KL estimates draw from one, so `sampled_rows` runs them in the calling process, checkpoint after
-checkpoint,
-in the order of a serial run.
+π_ref with its own seed, so the runs are independent. `SweepPool(shared, workers)` trains them on
+`workers` forked processes (one torch thread each, as a serial run under
+`chapters.common.one_thread`) and evaluates every checkpoint exactly by enumeration; results come
+back in the order the sweeps were given, the same numbers bit for bit whatever the worker count.
+What must stay in one order is a generator shared across runs: chapter 7's sampled KL estimates draw
+from one, so `sampled_rows` runs them in the calling process, checkpoint after checkpoint, in the
+order of a serial run.
 """
 
 import copy
@@ -38,11 +33,9 @@ from chapters.training import finetune
 @dataclass
 class Sweep:
     """One run from π_ref: offline when `loss_fn(policy, batch)` is given (cfg's steps, batch_size,
-    lr,
-    checkpoints), else PPO with KL coefficient `beta` (cfg's ppo_checkpoints) against the reward
-    model with
-    weights `rm_state` (`reward_model_state(rm)`; r* when None). `keep_logp`: keep the last
-    checkpoint's log π."""
+    lr, checkpoints), else PPO with KL coefficient `beta` (cfg's ppo_checkpoints) against the reward
+    model with weights `rm_state` (`reward_model_state(rm)`; r* when None). `keep_logp`: keep the
+    last checkpoint's log π."""
 
     method: str
     setting: str
@@ -69,8 +62,7 @@ _SHARED = {}  # a worker's copy of the task: cfg, ref, data, prompts, logp_ref, 
 
 def _to_numpy(state: dict) -> dict:
     """Tensors as numpy arrays, which go between processes as plain bytes (torch's tensor pickling
-    would hold
-    a shared-memory file descriptor per tensor, thousands of them over a sweep)."""
+    would hold a shared-memory file descriptor per tensor, thousands of them over a sweep)."""
     return {k: v.numpy() for k, v in state.items()}
 
 
@@ -145,9 +137,8 @@ def sampled_rows(
     sweep: Sweep, results: list, ref, prompts, per_prompt: int, generator: torch.Generator
 ) -> list:
     """Chapter 7's table rows of one sweep: each checkpoint's exact E[r*] and KL beside the sampled
-    KL estimates
-    (`sampled_kl`), drawn from `generator` here, in the calling process, checkpoint after
-    checkpoint."""
+    KL estimates (`sampled_kl`), drawn from `generator` here, in the calling process, checkpoint
+    after checkpoint."""
     policy, rows = copy.deepcopy(ref), []
     for c in results:
         policy.load_state_dict(_to_torch(c.state))
@@ -175,8 +166,8 @@ def reward_model_state(rm: RewardModel) -> dict:
 
 class SweepPool:
     """`workers` forked processes that train sweeps, each on as many torch threads as the caller has
-    (one under
-    `chapters.one_thread`); workers = 1 trains them in this process, lazily, as they are asked for.
+    (one under `chapters.common.one_thread`); workers = 1 trains them in this process, lazily, as
+    they are asked for.
 
         with SweepPool(shared, workers=2) as pool:   # shared: cfg, ref, data, prompts, logp_ref,
         rewards
@@ -197,7 +188,8 @@ class SweepPool:
 
     def run(self, sweeps):
         """Start the sweeps (all at once on the pool); iterate over their results in the order
-        given."""
+        given.
+        """
         sweeps = list(sweeps)
         return (
             self.pool.imap(train_and_enumerate, sweeps)

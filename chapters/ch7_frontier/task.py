@@ -2,14 +2,11 @@
 is exact.
 
 8 tokens (2 positive, 2 negative, 4 neutral), prompts of 2 tokens, responses of 5 tokens: each
-prompt has
-8^5 = 32,768 responses. A known Markov process stands behind the reference; r* is a sentiment score
-that
-counts double when it echoes the prompt. Here: the task, exact evaluation of a policy by walking its
-prefix
-tree, the exact frontier of π*_β = π_ref·exp(r*/β)/Z (eq. (36)) and a point's distance to it, the
-paper's
-sampled KL estimate, preference data labelled by BT(r*), and the settings both chapters share.
+prompt has 8^5 = 32,768 responses. A known Markov process stands behind the reference; r* is a
+sentiment score that counts double when it echoes the prompt. Here: the task, exact evaluation of a
+policy by walking its prefix tree, the exact frontier of π*_β = π_ref·exp(r*/β)/Z (eq. (36)) and a
+point's distance to it, the paper's sampled KL estimate, preference data labelled by BT(r*), and the
+settings both chapters share.
 """
 
 import math
@@ -41,8 +38,8 @@ def true_reward(prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
     neutral.
 
     A token's sentiment counts double when it echoes a prompt token, so the best response depends on
-    the prompt.
-    prompts (..., PROMPT_LEN) and responses (..., RESPONSE_LEN) broadcast; returns float64 (...).
+    the prompt. prompts (..., PROMPT_LEN) and responses (..., RESPONSE_LEN) broadcast; returns
+    float64 (...).
     """
     echo = (responses[..., :, None] == prompts[..., None, :]).any(-1)  # (..., RESPONSE_LEN)
     return (SENTIMENT[responses] * (1.0 + echo)).sum(-1)
@@ -126,10 +123,9 @@ def preference_pairs(
     by BT(r*).
 
     Report eq. (23): y1 ≻ y2 with probability σ(r*(x, y1) − r*(x, y2)). With infinitely many such
-    pairs DPO's
-    minimiser would be π*_β exactly (chapter 4); with finitely many it is only near it (chapter 7
-    measures how near).
-    `draws` prompt draws per prompt. Returns a dict of (N, ·) tensors: prompt, chosen, rejected.
+    pairs DPO's minimiser would be π*_β exactly (chapter 4); with finitely many it is only near it
+    (chapter 7 measures how near). `draws` prompt draws per prompt. Returns a dict of (N, ·)
+    tensors: prompt, chosen, rejected.
     """
     ref.eval()
     x = prompts.repeat_interleave(draws * k, 0)  # (P·draws·k, PROMPT_LEN)
@@ -159,7 +155,7 @@ def true_reward_fn(
     return true_reward(input_ids[:, :PROMPT_LEN], input_ids[:, PROMPT_LEN:])
 
 
-def sft_loss(policy: GPT, batch: dict) -> torch.Tensor:
+def preferred_ft_loss(policy: GPT, batch: dict) -> torch.Tensor:
     """−E log π(y_w | x): SFT on the preferred responses (Preferred-FT), or on the process text (the
     reference)."""
     return -logprob(policy, batch["prompt"], batch["chosen"]).mean()
@@ -170,12 +166,10 @@ def reference_and_pairs(cfg: dict, seed: int) -> dict:
     sampled from it.
 
     cfg: `FULL` or `QUICK`. One generator, seeded by `seed`, draws the SFT text, the SFT minibatches
-    and the pairs,
-    in that order, so chapters 7 and 10 start from the same π_ref and data. Returns a dict: prompts
-    (P, PROMPT_LEN),
-    rewards r* (P, Y), ref (frozen), logp_ref (P, Y) by enumeration, data (prompt, chosen, rejected,
-    ref_chosen,
-    ref_rejected) and the generator, to be drawn on further.
+    and the pairs, in that order, so chapters 7 and 10 start from the same π_ref and data. Returns a
+    dict: prompts (P, PROMPT_LEN), rewards r* (P, Y), ref (frozen), logp_ref (P, Y) by enumeration,
+    data (prompt, chosen, rejected, ref_chosen, ref_rejected) and the generator, to be drawn on
+    further.
     """
     gen = torch.Generator().manual_seed(seed)
     prompts = task_prompts(cfg["prompts"])
@@ -184,7 +178,7 @@ def reference_and_pairs(cfg: dict, seed: int) -> dict:
     ref = new_model(seed)
     finetune(
         ref,
-        sft_loss,
+        preferred_ft_loss,
         dict(prompt=text[:, :PROMPT_LEN], chosen=text[:, PROMPT_LEN:]),
         cfg["sft_steps"],
         cfg["sft_batch"],
@@ -216,10 +210,8 @@ def enumerate_logprobs(model: GPT, prompts: torch.Tensor, chunk: int = 8) -> tor
     the prefix tree.
 
     Level t feeds one token to each of the P·8^t prefixes, whose keys and values sit in a KV cache
-    that is
-    copied 8 times (one per next token) before each level: 8 + 64 + 512 + 4096 one-token steps per
-    prompt
-    instead of 32,768 full sequences. Columns follow `all_responses()`.
+    that is copied 8 times (one per next token) before each level: 8 + 64 + 512 + 4096 one-token
+    steps per prompt instead of 32,768 full sequences. Columns follow `all_responses()`.
     """
     was_training = model.training
     model.eval()
@@ -255,8 +247,7 @@ def exact_frontier(logp_ref: torch.Tensor, rewards: torch.Tensor, betas):
     enumeration.
 
     Returns two float64 arrays over `betas`. Smaller β buys more reward for more KL; nothing lies
-    above the curve,
-    because E_π[r*] − β·KL(π‖π_ref) ≤ β·log Z(β) for every π (eq. (35)).
+    above the curve, because E_π[r*] − β·KL(π‖π_ref) ≤ β·log Z(β) for every π (eq. (35)).
     """
     rewards_out, kls = [], []
     for beta in betas:
@@ -272,9 +263,8 @@ def frontier_reward(kl: float, front_rewards, front_kls) -> float:
     interpolated in KL.
 
     front_rewards, front_kls: the frontier's points in any order (as `exact_frontier` returns them,
-    plus π_ref's
-    point at KL 0). Beyond the largest KL (β → 0, all mass on the best responses) the frontier stays
-    flat.
+    plus π_ref's point at KL 0). Beyond the largest KL (β → 0, all mass on the best responses) the
+    frontier stays flat.
     """
     front_rewards, front_kls = (
         np.asarray(front_rewards, dtype=float),
@@ -296,8 +286,8 @@ def efficiency(
     frontier).
 
     (reward − E_ref[r*]) / (frontier_reward(kl) − E_ref[r*]). Above 1 the point lies above the
-    frontier (no policy
-    can); nan at KL ≤ `min_kl`, where both gains vanish and their ratio is noise.
+    frontier (no policy can); nan at KL ≤ `min_kl`, where both gains vanish and their ratio is
+    noise.
     """
     if kl <= min_kl:
         return math.nan
@@ -311,8 +301,8 @@ def sampled_kl(
     """The paper's KL estimate: Σ_t KL(π(·|x, y<t) ‖ π_ref(·|x, y<t)) on sampled y ∼ π, and log
     π/π_ref beside it.
 
-    Both are unbiased for the sequence KL (the first by the chain rule). Returns
-    (per-token mean, its standard error, log-ratio mean, its standard error).
+    Both are unbiased for the sequence KL (the first by the chain rule). Returns (per-token mean,
+    its standard error, log-ratio mean, its standard error).
     """
     policy.eval()
     x = prompts.repeat_interleave(per_prompt, 0)  # (P·k, PROMPT_LEN)
@@ -328,7 +318,7 @@ def sampled_kl(
     return per_token.mean().item(), se(per_token), ratio.mean().item(), se(ratio)
 
 
-def evaluate(
+def evaluate_checkpoint(
     policy: GPT, ref: GPT, prompts, logp_ref, rewards, per_prompt: int, generator
 ) -> tuple:
     """Exact E[r*] and KL(π‖π_ref) by enumeration, beside the sampled estimates; returns (log π (P,
@@ -349,9 +339,8 @@ def evaluate(
 # ---------------------------------------------------------------- the settings (chapters 7 and 10)
 
 # The experiment's settings. sft_*: fitting π_ref to the process; steps, checkpoints, batch_size,
-# lr: each offline
-# method's fine-tuning budget (DPO over dpo_betas, ...); rm_steps: the reward model; ppo_*: PPO's
-# sweep.
+# lr: each offline method's fine-tuning budget (DPO over dpo_betas, ...); rm_steps: the reward
+# model; ppo_*: PPO's sweep.
 FULL = dict(
     prompts=16,
     sft_sequences=20_000,

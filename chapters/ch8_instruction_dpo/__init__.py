@@ -4,19 +4,12 @@ SBERT win rates.
     python -m chapters.ch8_instruction_dpo --miniature   # minutes on a CPU
 
 The data (`data`), the token rows and the fast DPO step (`dpo_step`), the SFT and DPO trainers
-(`trainers`), the
-miniature's base model (`miniature`), win rates and length control (`win_rates`, `length_control`),
-the
-authors' setup (`authors_setup`), torchrun and run folders (`scaled_run`, `reference_store`),
-figures.
+(`trainers`), the miniature's base model (`miniature`), win rates and length control (`win_rates`,
+`length_control`), the authors' setup (`authors_setup`), torchrun and run folders (`scaled_run`,
+`reference_store`), figures.
 """
 
-from chapters.ch8_instruction_dpo.trainers import (  # noqa: F401
-    dpo_evaluate,
-    dpo_step,
-    sft_batch,
-    sft_evaluate,
-    sft_loss,
-    train_dpo,
-    train_sft,
-)
+# the chapter's named API; everything else is imported from the module that defines it
+from chapters.ch8_instruction_dpo.trainers import sft_loss, train_dpo, train_sft
+
+__all__ = ["sft_loss", "train_dpo", "train_sft"]

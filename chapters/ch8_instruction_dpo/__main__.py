@@ -18,21 +18,16 @@ SBERT win rates.
     the run in --out
 
 With no model named and no GPT-2 weights in the cache, the chapter runs the miniature
-(`chapters.miniature`):
-a base model pretrained here on the training split's texts, then the same pipeline. SFT on (prompt,
-chosen);
-DPO with reference = the SFT model (frozen) and the policy starting from it, each β from the same
-start;
-evaluation on the held-out test split only, at each sampling temperature (β and temperature are
-separate axes
-everywhere), with the mean generated length and a length-controlled win rate
-(`chapters.length_control`).
-The training loops live in `chapters.dpo_training`, the evaluation in `chapters.win_rates`, the
-authors'
-mistakes in `chapters.authors_setup`; this file holds the experiment: settings, data checks, Figs.
-3–4, tables.
-Processes, saved models, checkpoints, --resume and the schedule: `chapters.scaled_run` (a plain run
-is its N = 1).
+(`chapters.ch8_instruction_dpo.miniature`): a base model pretrained here on the training split's
+texts, then the same pipeline. SFT on (prompt, chosen); DPO with reference = the SFT model (frozen)
+and the policy starting from it, each β from the same start; evaluation on the held-out test split
+only, at each sampling temperature (β and temperature are separate axes everywhere), with the mean
+generated length and a length-controlled win rate (`chapters.ch8_instruction_dpo.length_control`).
+The training loops live in `chapters.ch8_instruction_dpo.trainers`, the evaluation in
+`chapters.ch8_instruction_dpo.win_rates`, the authors' mistakes in
+`chapters.ch8_instruction_dpo.authors_setup`; this file holds the experiment: settings, data checks,
+Figs. 3–4, tables. Processes, saved models, checkpoints, --resume and the schedule:
+`chapters.ch8_instruction_dpo.scaled_run` (a plain run is its N = 1).
 """
 
 import argparse
@@ -72,9 +67,8 @@ AUTHORS_BETAS = (
 )  # their notebook's sweep: the default of --authors-setup and --ladder
 TEMPERATURES = (0.0, 0.25, 0.5, 0.75, 1.0)
 # (default, with --smoke, with --miniature): a tiny random model needs a large learning rate to move
-# in one or two
-# epochs; the miniature's values were chosen on the validation split (README, chapter 8); the
-# command line wins
+# in one or two epochs; the miniature's values were chosen on the validation split (README, chapter
+# 8); the command line wins
 DEFAULTS = {
     "sft_epochs": (2, 1, 1),
     "sft_lr": (5e-5, 1e-3, 3e-4),
@@ -184,9 +178,8 @@ def smallest_runnable_data_set() -> int:
 
 def prepare_pairs(entries, tokenizer, eos_id, args):
     """Split, tokenize and filter: SFT pairs (every pair that fits in --max-length) and
-    DPO/evaluation pairs (those
-    with chosen ≠ rejected), per split. Refuses, in one line, a data set that leaves a split without
-    a usable pair."""
+    DPO/evaluation pairs (those with chosen ≠ rejected), per split. Refuses, in one line, a data set
+    that leaves a split without a usable pair."""
     split = pdata.split(len(entries), args.seed)
     same = [i for i, e in enumerate(entries) if not pdata.has_preference(e)]
     print(
@@ -372,11 +365,9 @@ def experiment(
     mistakes on.
 
     `data` holds entries, sft_pairs, pairs, tokenizer, eos. The SFT model is trained from `base` (in
-    place unless
-    `keep_base`), or taken as given in `sft` = (model, history). Training, evaluation and sampling
-    run on `scale`'s
-    ranks; rank 0 alone scores with SBERT. Returns the tables' rows and the SFT model (None on the
-    other ranks).
+    place unless `keep_base`), or taken as given in `sft` = (model, history). Training, evaluation
+    and sampling run on `scale`'s ranks; rank 0 alone scores with SBERT. Returns the tables' rows
+    and the SFT model (None on the other ranks).
     """
     eos, tok, d = data["eos"], data["tokenizer"], scale.dist
     loop = dict(

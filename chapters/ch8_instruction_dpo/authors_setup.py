@@ -2,10 +2,9 @@
 switch.
 
 `AuthorsSetup()` is this project's pipeline; `AuthorsSetup.authors()` switches every mistake on;
-`ladder()` switches
-them off one at a time, cumulatively, from the authors' setup back to ours. Each switch names one
-mistake, checked
-against the authors' code (line references in the README's chapter 8 section):
+`ladder()` switches them off one at a time, cumulatively, from the authors' setup back to ours. Each
+switch names one mistake, checked against the authors' code (line references in the README's chapter
+8 section):
 
 - `unshifted`: log-probs not shifted, log_softmax(logits_t)[token_t]
   (`chapters.ch4_dpo.unshifted_logprobs`);
@@ -16,8 +15,7 @@ against the authors' code (line references in the README's chapter 8 section):
 - `reference_grad`: the reference runs without `torch.no_grad` (a graph and gradients it never
   uses);
 - `reference_base`: their notebook's roles: the policy starts from the SFT model, the reference is
-  the *base*
-  model (`ref_model_name="gpt2-medium"`), so the first DPO loss is not ln 2;
+  the *base* model (`ref_model_name="gpt2-medium"`), so the first DPO loss is not ln 2;
 - `continue_beta`: the β sweep keeps training one model, β after β;
 - `eval_whole_data`: the evaluation prompts are drawn from the whole data set, training entries
   included;
@@ -25,8 +23,7 @@ against the authors' code (line references in the README's chapter 8 section):
   (`win_rates.win_scores(..., tie=0)`).
 
 The log-prob switches reuse chapter 4's `response_logprobs` and `unshifted_logprobs`, the two
-functions whose
-tests show what each mistake does; nothing of theirs is re-implemented here.
+functions whose tests show what each mistake does; nothing of theirs is re-implemented here.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -112,10 +109,9 @@ def variant_logprobs(
 
     All switches off, this is report eq. (38)'s Σ_t log π(y_t | x, y_<t) over the response (ch4's
     `response_logprobs`). `hide_response` reads the rows with the attention mask zeroed on the
-    response;
-    `prompt_inside` scores every position; `token_mean` divides by the number of positions scored;
-    `unshifted`
-    scores each token with the logits at its own position (ch4's `unshifted_logprobs`).
+    response; `prompt_inside` scores every position; `token_mean` divides by the number of positions
+    scored; `unshifted` scores each token with the logits at its own position (ch4's
+    `unshifted_logprobs`).
     """
     mask = (
         attention_mask * ~response_mask.bool() if setup.hide_response else attention_mask
@@ -136,9 +132,8 @@ def variant_logprobs(
 
 def authors_sft_loss(model, batch):
     """Their SFT loss: Hugging Face's shifted cross-entropy with labels = input_ids, i.e. the mean
-    of
-    −log π(x_t | x_<t) over every position t ≥ 1 of the right-padded rows, prompt and padding (EOS)
-    included."""
+    of −log π(x_t | x_<t) over every position t ≥ 1 of the right-padded rows, prompt and padding
+    (EOS) included."""
     logits = model(batch.input_ids, batch.attention_mask)  # (R, T, V)
     logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     return F.cross_entropy(
@@ -149,10 +144,9 @@ def authors_sft_loss(model, batch):
 
 def make_dpo_step(setup: AuthorsSetup, reference):
     """A `dpo_training.train_dpo` step for `setup`: `dpo_training.dpo_step` itself when no log-prob
-    switch is on;
-    otherwise eq. (38) on `variant_logprobs` of policy and live `reference` (under no_grad unless
-    `reference_grad`). The token-level KL is always the correct one, over response tokens, from the
-    cache."""
+    switch is on; otherwise eq. (38) on `variant_logprobs` of policy and live `reference` (under
+    no_grad unless `reference_grad`). The token-level KL is always the correct one, over response
+    tokens, from the cache."""
     if not setup.plain_logprobs:
         return dpo_step
 
@@ -178,9 +172,8 @@ def make_dpo_step(setup: AuthorsSetup, reference):
 
 def evaluation_indices(n_entries: int, test_indices, setup: AuthorsSetup, seed: int) -> list:
     """The entries whose prompts are evaluated: the held-out test split, or (`eval_whole_data`)
-    `EVAL_SAMPLE`
-    entries drawn from the whole data set as their `np.random.choice(data, ..., replace=False)` does
-    (seeded here)."""
+    `EVAL_SAMPLE` entries drawn from the whole data set as their `np.random.choice(data, ...,
+    replace=False)` does (seeded here)."""
     if not setup.eval_whole_data:
         return list(test_indices)
     return sorted(

@@ -2,8 +2,8 @@
 split, prompts, batches.
 
 One prompt format (Alpaca style) serves SFT, DPO and evaluation alike: `format_prompt`. Responses
-are
-tokenized apart from the prompt and end with EOS, so the prompt tokens are the same in all three.
+are tokenized apart from the prompt and end with EOS, so the prompt tokens are the same in all
+three.
 """
 
 import hashlib
@@ -43,8 +43,7 @@ def data_file(path=None) -> Path:
     against SHA256.
 
     The download is checked before it is renamed into data/ (gpt.download.fetch), so a bad one never
-    stays there;
-    its DownloadError names the URL, the reason and what to do.
+    stays there; its DownloadError names the URL, the reason and what to do.
     """
     if path is not None:
         path = Path(path)
@@ -72,7 +71,8 @@ def data_file(path=None) -> Path:
 
 def validate(entries) -> list:
     """Check every entry's schema; raise ValueError with one line per bad entry saying which and
-    why."""
+    why.
+    """
     if not isinstance(entries, list):
         raise ValueError(
             f"the data set must be a JSON list of entries, got a JSON {type(entries).__name__}"
@@ -185,9 +185,8 @@ def length_grouped_batches(
     random order.
 
     Indices are shuffled, cut into windows of `window` batches, sorted by length inside each window
-    and cut into
-    batches; the batches are shuffled again. Without `shuffle`, batches follow sorted length (for
-    evaluation).
+    and cut into batches; the batches are shuffled again. Without `shuffle`, batches follow sorted
+    length (for evaluation).
     """
     order = list(range(len(lengths)))
     rng = random.Random(seed)

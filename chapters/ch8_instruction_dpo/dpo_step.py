@@ -1,20 +1,16 @@
 """A fast DPO step, and the plain one it must equal (values and gradients).
 
 The plain step runs policy and reference forward on every batch, chosen and rejected in separate
-passes,
-and takes log-softmax over the full (B, T, vocab) logits. The fast step:
+passes, and takes log-softmax over the full (B, T, vocab) logits. The fast step:
 - takes the reference log-probs from a cache built once (the reference is frozen), together with the
   reference's final hidden states at the response positions, so the token-level KL needs no
   reference forward;
-- packs each pair into one row, prompt + chosen + rejected (`chapters.rows.packed_pairs_batch`),
-  where the
-  rejected tokens skip the chosen ones in attention and restart their positions after the prompt:
-  the shared
-  prompt runs once, not twice;
+- packs each pair into one row, prompt + chosen + rejected
+  (`chapters.common.rows.packed_pairs_batch`), where the rejected tokens skip the chosen ones in
+  attention and restart their positions after the prompt: the shared prompt runs once, not twice;
 - applies the tied output head only at the positions that predict a response token;
 - takes batches grouped by length (`preference_data.length_grouped_batches`, `dpo_batches`), and
-  bf16 autocast
-  on a GPU.
+  bf16 autocast on a GPU.
 """
 
 import torch
@@ -26,8 +22,8 @@ from chapters.common.rows import TokenBatch, packed_pairs_batch, pair_rows
 
 def batch_hidden_states(model, batch: TokenBatch) -> torch.Tensor:
     """The final LayerNorm's output (R, L, C) for a TokenBatch: plain rows via
-    `model.hidden_states`, packed rows
-    via `model.run_blocks` with the packed attention mask and positions."""
+    `model.hidden_states`, packed rows via `model.run_blocks` with the packed attention mask and
+    positions."""
     if batch.attn is None:
         return model.hidden_states(batch.input_ids, batch.attention_mask)
     return model.run_blocks(batch.input_ids, batch.position_ids, batch.attn)  # (R, L, C)
@@ -60,11 +56,9 @@ def sequence_logprobs(model, batch: TokenBatch):
 
 def dpo_batches(pairs, batch_size: int, seed: int):
     """`train_dpo`'s global batches: epoch -> lists of indices into `pairs`, grouped by packed
-    length and shuffled
-    with seed + epoch (epochs 1-based, as `chapters.train_loop.train_epochs` counts them). The
-    training split's
-    reference cache is built in epoch 1's batches (`first_epoch_batches`) through this same
-    function."""
+    length and shuffled with seed + epoch (epochs 1-based, as `chapters.training.loop.train_epochs`
+    counts them). The training split's reference cache is built in epoch 1's batches
+    (`first_epoch_batches`) through this same function."""
     lengths = [p.packed_length for p in pairs]
     return lambda epoch: length_grouped_batches(lengths, batch_size, seed + epoch)
 
@@ -92,20 +86,15 @@ class ReferenceCache:
     response positions.
 
     Built once, without gradients. `get(ids)` returns ref chosen (B,), ref rejected (B,) log-probs
-    and the hidden
-    states (N, C) in the order of a TokenBatch of those pairs; `head_weight` turns them into π_ref's
-    distributions.
+    and the hidden states (N, C) in the order of a TokenBatch of those pairs; `head_weight` turns
+    them into π_ref's distributions.
 
     `batches` (lists of indices covering every pair once): the packed batches it is computed in;
-    default, sorted by
-    length (the order `dpo_evaluate` reads a split in). Why it matters: a pair's float32 sums depend
-    on the rows
-    packed beside it (the padding, the kernels' blocking), by ~1e-6. At DPO's first step the policy
-    is the reference,
-    so every reward margin of eq. (38) is 0 only if the policy's log-probs are the cache's bit for
-    bit; for the
-    training split, pass `first_epoch_batches(pairs, batch_size, seed)`, and the first step (one
-    process, one
+    default, sorted by length (the order `dpo_evaluate` reads a split in). Why it matters: a pair's
+    float32 sums depend on the rows packed beside it (the padding, the kernels' blocking), by ~1e-6.
+    At DPO's first step the policy is the reference, so every reward margin of eq. (38) is 0 only if
+    the policy's log-probs are the cache's bit for bit; for the training split, pass
+    `first_epoch_batches(pairs, batch_size, seed)`, and the first step (one process, one
     micro-batch) packs the identical tensor the cache did: loss ln 2 and accuracy 0 exactly. Under
     torchrun or with
     --grad-accum K each rank packs its share of a batch, in pieces: those steps are equal up to

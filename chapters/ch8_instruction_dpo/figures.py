@@ -1,7 +1,8 @@
 """Chapter 8's figures (report §6.2): Fig. 3 (DPO training per epoch), Fig. 4 (win rates), and the
 authors' ladder.
 
-Every figure goes through `chapters.save` (plots/ or $DPO_PLOTS_DIR), named ch8_<what><suffix>.png.
+Every figure goes through `chapters.common.figures.save` (plots/ or $DPO_PLOTS_DIR), named
+ch8_<what><suffix>.png.
 """
 
 import math
@@ -19,8 +20,8 @@ PANELS = (
 
 def figure_training(epochs, betas, tag, suffix=""):
     """Like the report's Fig. 3: DPO loss, reward accuracy and token-level KL(π‖π_ref) over response
-    tokens per
-    epoch, for each β, train (solid) and validation (dashed; epoch 0 = before training)."""
+    tokens per epoch, for each β, train (solid) and validation (dashed; epoch 0 = before training).
+    """
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(betas)))
     for beta, color in zip(betas, colors):
@@ -47,8 +48,8 @@ def figure_training(epochs, betas, tag, suffix=""):
 
 def figure_win_rates(rows, tag, suffix="", reference_lengths=None):
     """Like the report's Fig. 4: SBERT win rate vs sampling temperature for SFT and each β, 95%
-    bootstrap intervals,
-    the length-controlled win rate dotted (left); the mean generated length in tokens (right)."""
+    bootstrap intervals, the length-controlled win rate dotted (left); the mean generated length in
+    tokens (right)."""
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained")
     names = list(dict.fromkeys(r["model"] for r in rows))
     for k, name in enumerate(names):
@@ -110,9 +111,8 @@ LADDER_PANELS = (
 
 def figure_ladder(rows, beta, temperature, tag, suffix=""):
     """The ladder: one row per rung (the authors' setup at the top, ours at the bottom), one panel
-    per number; each
-    rung fixes one more mistake. The numbers are those of the last β's model, as the authors
-    evaluated."""
+    per number; each rung fixes one more mistake. The numbers are those of the last β's model, as
+    the authors evaluated."""
     fig, axes = plt.subplots(
         1,
         len(LADDER_PANELS),

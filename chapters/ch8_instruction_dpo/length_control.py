@@ -2,29 +2,21 @@
 win rate.
 
 DPO is known to lengthen answers, and §6.2's judge can be swayed by length alone: a generation about
-as long as
-the chosen response tends to sit nearer to it in SBERT space than to a rejected response of another
-length. The
-control is a regression adjustment over one run's prompts, with AlpacaEval 2.0's bounded length
-feature
-(Dubois et al. 2024) but the two references in the baseline's place:
+as long as the chosen response tends to sit nearer to it in SBERT space than to a rejected response
+of another length. The control is a regression adjustment over one run's prompts, with AlpacaEval
+2.0's bounded length feature (Dubois et al. 2024) but the two references in the baseline's place:
 
     win ≈ a + b·x,   x = tanh(d/s),   d = |ℓ_g − ℓ_rejected| − |ℓ_g − ℓ_chosen|,   s = std(d) over
     the run,
 
 fitted by least squares (a tie's score is ½). d > 0 when the generation's length (tokens) is nearer
-the chosen
-response's than the rejected one's. The length-controlled win rate is a, the fitted win rate when
-length
-favours neither response (d = 0): a = raw − b·mean(x), the raw win rate less the part that the run's
-average
-length advantage explains. It equals the raw win rate when every d is 0 or when length does not go
-with winning
-(b = 0); it falls below it when wins go with lengths nearer the chosen ones and the run has more of
-those.
-A least-squares line rather than AlpacaEval's logistic one: on the probability scale a, unlike
-σ(intercept),
-is exactly the raw rate whenever the lengths favour neither side on average (mean(x) = 0).
+the chosen response's than the rejected one's. The length-controlled win rate is a, the fitted win
+rate when length favours neither response (d = 0): a = raw − b·mean(x), the raw win rate less the
+part that the run's average length advantage explains. It equals the raw win rate when every d is 0
+or when length does not go with winning (b = 0); it falls below it when wins go with lengths nearer
+the chosen ones and the run has more of those. A least-squares line rather than AlpacaEval's
+logistic one: on the probability scale a, unlike σ(intercept), is exactly the raw rate whenever the
+lengths favour neither side on average (mean(x) = 0).
 """
 
 import numpy as np

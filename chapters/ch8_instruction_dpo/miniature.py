@@ -2,22 +2,17 @@
 of §6.2's pipeline.
 
 GPT-2's weights cannot be downloaded where this project is built, so `python -m
-chapters.ch8_instruction_dpo
---miniature` pretrains its own base model: `gpt.GPT` on the training split's texts, each prompt with
-its chosen
-and with its rejected response, so that the base model knows both styles as a pretrained model does.
-Then the
-chapter runs the report's SFT → DPO pipeline on it unchanged.
+chapters.ch8_instruction_dpo --miniature` pretrains its own base model: `gpt.GPT` on the training
+split's texts, each prompt with its chosen and with its rejected response, so that the base model
+knows both styles as a pretrained model does. Then the chapter runs the report's SFT → DPO pipeline
+on it unchanged.
 
 The vocabulary: GPT-2's tokenizer (`gpt.get_tokenizer()`) splits the text, but the model's embedding
-table holds
-only the GPT-2 tokens seen at least `MIN_COUNT` times in the training split (about 3 100 of 50 257),
-renumbered,
-plus one UNK for every other token. With 50 257 rows the tied output head would cost 12× the compute
-of the rest of
-such a small model, and a token the training split never shows keeps its random embedding anyway.
-Held-out text
-that uses other tokens reads them as UNK; `CompactVocab.decode` drops UNK from generations.
+table holds only the GPT-2 tokens seen at least `MIN_COUNT` times in the training split (about 3 100
+of 50 257), renumbered, plus one UNK for every other token. With 50 257 rows the tied output head
+would cost 12× the compute of the rest of such a small model, and a token the training split never
+shows keeps its random embedding anyway. Held-out text that uses other tokens reads them as UNK;
+`CompactVocab.decode` drops UNK from generations.
 """
 
 from collections import Counter
@@ -43,8 +38,8 @@ class CompactVocab:
     `texts`, then UNK.
 
     Compact ids follow GPT-2's order; `unk` is the last id. `encode(text)` and `decode(ids)` make it
-    a drop-in
-    tokenizer for `preference_data.tokenize` and for decoding generations (UNK is dropped).
+    a drop-in tokenizer for `preference_data.tokenize` and for decoding generations (UNK is
+    dropped).
     """
 
     def __init__(self, tokenizer, texts, eos_id: int, min_count: int = MIN_COUNT):
@@ -78,11 +73,9 @@ def training_texts(entries, indices) -> list:
 
 def base_documents(pairs, eos_id: int) -> list:
     """The base model's training texts as `Pair`s whose prompt is one EOS (GPT-2's document
-    separator) and whose
-    `chosen` is a whole document, prompt + response + EOS: one document with the chosen response,
-    one with the
-    rejected, so every token of both is a next-token target (`dpo_training.train_sft` trains on them
-    unchanged)."""
+    separator) and whose `chosen` is a whole document, prompt + response + EOS: one document with
+    the chosen response, one with the rejected, so every token of both is a next-token target
+    (`dpo_training.train_sft` trains on them unchanged)."""
     return [
         pdata.Pair(p.index, [eos_id], p.prompt + response, [])
         for p in pairs
@@ -92,8 +85,7 @@ def base_documents(pairs, eos_id: int) -> list:
 
 def unigram_loss(train_pairs, eval_pairs, vocab_size: int) -> float:
     """Baseline for the SFT loss: mean −log q(y_t) over `eval_pairs`' chosen tokens, q the add-one
-    unigram
-    distribution of `train_pairs`' chosen tokens (EOS included), in nats per token."""
+    unigram distribution of `train_pairs`' chosen tokens (EOS included), in nats per token."""
     counts = np.ones(vocab_size)
     for p in train_pairs:
         np.add.at(counts, p.chosen, 1)
@@ -122,10 +114,9 @@ def pretrain_base(
     scale=None,
 ):
     """Stage 1, the base model: `gpt.GPT` from random weights (seeded), next-token loss on every
-    token of the
-    training split's documents (`base_documents`), validation loss per epoch. Returns (model,
-    history rows).
-    `scale` (`chapters.scaled_run.Scale`): processes, saving and --resume as for SFT (phase "base").
+    token of the training split's documents (`base_documents`), validation loss per epoch. Returns
+    (model, history rows). `scale` (`chapters.ch8_instruction_dpo.scaled_run.Scale`): processes,
+    saving and --resume as for SFT (phase "base").
     """
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=vocab_size, **(config or CONFIG))).to(device)
@@ -147,9 +138,8 @@ def pretrain_base(
 
 def disable_dropout(model):
     """Dropout off for DPO (as TRL's DPOTrainer does by default): the policy's first step then reads
-    exactly what
-    the reference cache read, so eq. (38) starts at ln 2. The miniature uses dropout in pretraining
-    and SFT only."""
+    exactly what the reference cache read, so eq. (38) starts at ln 2. The miniature uses dropout in
+    pretraining and SFT only."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

@@ -6,21 +6,16 @@ stale.
                              fingerprint=reference_fingerprint(reference, pairs, max_length=256),
                              dist=d)
 
-The file holds `chapters.dpo_step.ReferenceCache`'s tensors (log π_ref of each chosen and rejected
-response and
-the reference's final hidden states at the response positions) and, in its metadata, a fingerprint:
-the reference
-weights' sha256, the tokenizer, the data split (every pair's tokens), --max-length, the row layout
-and how it was
-computed (device type, autocast dtype, batch size, the order of its batches: "by length", or the
-training split's
-"training epoch 1 of seed S", see `ReferenceCache`). A file whose fingerprint differs is refused
-with one line,
-and rebuilt when asked (`rebuild=True`, --rebuild-reference-cache) or when the run is a fresh one
-(`rebuild_stale`:
-a run without --resume recomputes what it cannot reuse). Under torchrun each rank builds the cache
-of its share of
-the pairs, by length; the parts are gathered in memory, rank 0 alone writes the one file.
+The file holds `chapters.ch8_instruction_dpo.dpo_step.ReferenceCache`'s tensors (log π_ref of each
+chosen and rejected response and the reference's final hidden states at the response positions) and,
+in its metadata, a fingerprint: the reference weights' sha256, the tokenizer, the data split (every
+pair's tokens), --max-length, the row layout and how it was computed (device type, autocast dtype,
+batch size, the order of its batches: "by length", or the training split's "training epoch 1 of seed
+S", see `ReferenceCache`). A file whose fingerprint differs is refused with one line, and rebuilt
+when asked (`rebuild=True`, --rebuild-reference-cache) or when the run is a fresh one
+(`rebuild_stale`: a run without --resume recomputes what it cannot reuse). Under torchrun each rank
+builds the cache of its share of the pairs, by length; the parts are gathered in memory, rank 0
+alone writes the one file.
 """
 
 import hashlib
@@ -43,10 +38,8 @@ def build_order(pairs, batch_size: int, seed: int = None, dist: Dist = None):
     """(the order's name for the fingerprint, `ReferenceCache`'s batches) of a cache of `pairs`.
 
     `seed` (the training split's, one process): the batches of `train_dpo`'s first epoch, so that
-    its first step
-    reads the policy's log-probs exactly as the cache did. Else, or under torchrun (each rank builds
-    its share of the
-    pairs), by length: equal up to rounding only.
+    its first step reads the policy's log-probs exactly as the cache did. Else, or under torchrun
+    (each rank builds its share of the pairs), by length: equal up to rounding only.
     """
     if seed is None or (dist is not None and dist.active):
         return BY_LENGTH, None
@@ -66,8 +59,7 @@ def reference_fingerprint(
     reference, pairs, *, max_length: int, batch_size: int, order: str = BY_LENGTH
 ) -> dict:
     """What a saved cache must have been computed from to be reused (`order`: `build_order`'s name;
-    `cached_reference`
-    puts in the one it builds in)."""
+    `cached_reference` puts in the one it builds in)."""
     device = reference.lm_head.weight.device
     return {
         "reference_sha256": tensors_sha256(reference.state_dict()),
@@ -184,12 +176,9 @@ def cached_reference(
     saved there.
 
     `seed`: build it in `train_dpo`'s first-epoch batches of that seed (`build_order`); the
-    fingerprint's "order"
-    says which order, so a file built in another one is stale. A file with another fingerprint, or
-    not a cache at
-    all, is refused (ValueError, one line) unless `rebuild` (build without reading) or
-    `rebuild_stale` (build instead
-    of refusing, and say so).
+    fingerprint's "order" says which order, so a file built in another one is stale. A file with
+    another fingerprint, or not a cache at all, is refused (ValueError, one line) unless `rebuild`
+    (build without reading) or `rebuild_stale` (build instead of refusing, and say so).
     """
     path, dist = Path(path), dist or Dist()
     order, batches = build_order(pairs, batch_size, seed, dist)

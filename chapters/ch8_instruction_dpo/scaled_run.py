@@ -7,27 +7,22 @@
 
 The run folder (--out) holds, besides the tables:
 - checkpoints/<phase>.pt: the training state of the phase under way (sft, dpo_beta_0.1, ...),
-  written at each
-  epoch's end, every --save-every steps and on Ctrl-C/SIGTERM; removed once the phase's model is
-  saved;
+  written at each epoch's end, every --save-every steps and on Ctrl-C/SIGTERM; removed once the
+  phase's model is saved;
 - models/<phase>/: model.safetensors + config.json (`gpt.load_gpt2` reads the folder) and
-  history.json (the
-  phase's rows and fingerprint), written last: a phase whose history.json is there is finished, and
-  --resume
-  takes it as it is;
-- reference_<split>.safetensors: the frozen reference's cache (`chapters.reference_store`).
+  history.json (the phase's rows and fingerprint), written last: a phase whose history.json is there
+  is finished, and --resume takes it as it is;
+- reference_<split>.safetensors: the frozen reference's cache
+  (`chapters.ch8_instruction_dpo.reference_store`).
 With every new flag left off, a run computes what it computed before them: one process, one
-micro-batch, a
-constant learning rate, and the same numbers; only the files above are added.
+micro-batch, a constant learning rate, and the same numbers; only the files above are added.
 
 A run without --resume starts afresh, as a TRL or nanoGPT run does in an existing output folder: an
-earlier run's
-checkpoints and finished-phase marks there no longer count (`Scale.begin`), and a reference cache
-that does not match
-is rebuilt. With --resume, a cache that does not match is refused unless --rebuild-reference-cache.
---authors-setup and --ladder run in one process and save nothing (`start(args, alone=...)`): the
-ladder's rungs
-retrain the same phases with other settings, so phases on disk would only overwrite each other.
+earlier run's checkpoints and finished-phase marks there no longer count (`Scale.begin`), and a
+reference cache that does not match is rebuilt. With --resume, a cache that does not match is
+refused unless --rebuild-reference-cache. --authors-setup and --ladder run in one process and save
+nothing (`start(args, alone=...)`): the ladder's rungs retrain the same phases with other settings,
+so phases on disk would only overwrite each other.
 """
 
 import json
@@ -143,8 +138,7 @@ class Scale:
 
     def save_phase(self, phase: str, model_state: dict, config, history, fingerprint: dict):
         """Rank 0 writes the phase's model and then its history.json (the mark of a finished phase),
-        then the
-        phase's checkpoint goes."""
+        then the phase's checkpoint goes."""
         if self.folder is None:
             return
         if self.dist.main:
@@ -157,10 +151,9 @@ class Scale:
 
     def begin(self):
         """Before a fresh run's first phase (no --resume): rank 0 drops the checkpoints and
-        finished-phase marks an
-        earlier run left in the folder, so that --resume after this run takes up this run's phases
-        only (the earlier
-        models' weights stay until this run writes its own)."""
+        finished-phase marks an earlier run left in the folder, so that --resume after this run
+        takes up this run's phases only (the earlier models' weights stay until this run writes its
+        own)."""
         if self.folder is None or self.resume:
             return
         if self.dist.main:
@@ -190,10 +183,9 @@ class Scale:
         the disk.
 
         `seed` (train_dpo's): the "train" split's cache is built in the batches of its first epoch,
-        so that the first
-        step, with the policy at the reference, gives eq. (38)'s ln 2 and margins of exactly 0 (one
-        process, one
-        micro-batch; `chapters.reference_store.build_order`). Other splits stay by length, as
+        so that the first step, with the policy at the reference, gives eq. (38)'s ln 2 and margins
+        of exactly 0 (one process, one micro-batch;
+        `chapters.ch8_instruction_dpo.reference_store.build_order`). Other splits stay by length, as
         `dpo_evaluate` reads them.
         """
         caches = {}
@@ -221,13 +213,12 @@ class Scale:
 
 def start(args, alone: str = None) -> Scale:
     """The process group (torchrun's, or N = 1) and the run's Scale from the parsed flags; sets
-    args.device to this
-    rank's device, and silences print on every rank but 0 (one copy of each line).
+    args.device to this rank's device, and silences print on every rank but 0 (one copy of each
+    line).
 
     `alone` (a flag such as "--ladder"): that mode runs in one process and saves nothing; torchrun
-    and the flags that
-    save or resume are refused with one line, and the Scale has no folder. Under torchrun rank 0
-    alone says why.
+    and the flags that save or resume are refused with one line, and the Scale has no folder. Under
+    torchrun rank 0 alone says why.
     """
     try:
         return _start(args, alone)
@@ -310,8 +301,9 @@ def sharded_runs(
     generate_runs, d: distributed.Dist, name, model, pairs, temperatures, **settings
 ) -> list:
     """`generate_runs` with the temperatures dealt over the ranks (each temperature has its own
-    seeded generator, so
-    the texts do not depend on N), gathered in the temperatures' order on every rank."""
+    seeded generator, so the texts do not depend on N), gathered in the temperatures' order on every
+    rank.
+    """
     mine = list(range(d.rank, len(temperatures), d.world))
     runs = generate_runs(name, model, pairs, [temperatures[i] for i in mine], **settings)
     placed = {}

@@ -2,17 +2,14 @@
 
 - `sft_loss`, `train_sft`: SFT on (prompt, chosen + EOS); only response tokens are targets.
 - `dpo_step`, `dpo_evaluate`, `train_dpo`: eq. (38) from π_θ = π_SFT with π_ref = π_SFT frozen,
-  through the fast
-  step of `chapters.dpo_step` (the reference's log-probs and hidden states cached once, pairs packed
-  one a row).
+  through the fast step of `chapters.ch8_instruction_dpo.dpo_step` (the reference's log-probs and
+  hidden states cached once, pairs packed one a row).
 Batches are grouped by length and seeded (`preference_data.length_grouped_batches`); the optimiser
-is AdamW with
-gradients clipped at norm 1. Both loops run through `chapters.train_loop.train_epochs`, so a `scale`
-(`chapters.scaled_run.Scale`) adds torchrun's processes, micro-batches, a schedule, checkpoints,
---resume and the
-saved models; without one they run as one process and save nothing. The loops return plain dict rows
-(one per
-epoch or step) for tables and figures.
+is AdamW with gradients clipped at norm 1. Both loops run through
+`chapters.training.loop.train_epochs`, so a `scale`
+(`chapters.ch8_instruction_dpo.scaled_run.Scale`) adds torchrun's processes, micro-batches, a
+schedule, checkpoints, --resume and the saved models; without one they run as one process and save
+nothing. The loops return plain dict rows (one per epoch or step) for tables and figures.
 """
 
 import copy
@@ -49,8 +46,7 @@ METRICS = (
 
 def _fingerprint(scale: Scale, phase: str, start_model, train, **fields) -> dict:
     """What a checkpoint or saved model of this phase must match to be taken up by --resume (nothing
-    to hash when
-    the run saves nothing)."""
+    to hash when the run saves nothing)."""
     if scale.folder is None:
         return {}
     return {
@@ -79,8 +75,7 @@ def _run(
     batches,
 ):
     """What both loops set up: the engine (DDP/FSDP2 or the plain model), AdamW, the schedule over
-    epochs ×
-    batches an epoch, and the phase's Run."""
+    epochs × batches an epoch, and the phase's Run."""
     engine = wrap(model, scale.dist, fsdp=scale.fsdp)
     fused = (
         not scale.fsdp or torch.device(device).type == "cuda"
@@ -100,8 +95,7 @@ def _run(
 
 def _finish(scale: Scale, phase: str, engine, model, history, fingerprint):
     """Save the phase's model (rank 0) and return a plain module holding its weights on every rank
-    (under FSDP2
-    the trained one is sharded: its weights come back from the saved folder)."""
+    (under FSDP2 the trained one is sharded: its weights come back from the saved folder)."""
     if scale.folder is None and not scale.fsdp:
         return model
     state, _ = full_state(unwrapped(engine))  # every rank: FSDP2 gathers the shards
@@ -116,8 +110,7 @@ def _finish(scale: Scale, phase: str, engine, model, history, fingerprint):
 
 def sft_loss(model, batch):
     """Report §6.2, SFT: −(1/N) Σ log π(y_t | x, y_<t) over the N response tokens (EOS included);
-    prompt and padding
-    are not targets."""
+    prompt and padding are not targets."""
     sums, _ = sequence_logprobs(model, batch)  # (R,) per-row sums over response tokens only
     return -sums.sum() / batch.targets.numel()
 
@@ -169,8 +162,8 @@ def train_sft(
     validation_loss}.
 
     `label` names the phase in progress bars, printed lines and saved files. `weight(idx)`: what
-    `loss_fn` averages
-    over in pairs idx, for micro-batches (default: response tokens, as `sft_loss`).
+    `loss_fn` averages over in pairs idx, for micro-batches (default: response tokens, as
+    `sft_loss`).
     """
     scale, phase = scale or Scale(), label.lower().replace(" ", "_")
     fingerprint = _fingerprint(
@@ -280,8 +273,7 @@ def dpo_evaluate(
     dist: Dist = None,
 ) -> dict:
     """`METRICS` of `policy` over all of `pairs` (no gradients), averaged per pair; under torchrun
-    each rank takes
-    every N-th batch and the sums run over the gathered batches in their order."""
+    each rank takes every N-th batch and the sums run over the gathered batches in their order."""
     d = dist or Dist()
     policy.eval()
     batches = evaluation_batches(
@@ -318,13 +310,12 @@ def train_dpo(
     scale: Scale = None,
 ):
     """Report eq. (38) minimised from π_θ = π_SFT with π_ref = π_SFT frozen (`caches` "train" and
-    "validation" hold
-    it); returns the policy, one row per step and rows per epoch (epoch 0: validation before
-    training).
+    "validation" hold it); returns the policy, one row per step and rows per epoch (epoch 0:
+    validation before training).
 
     A train cache built in `first_epoch_batches(train, batch_size, seed)`
-    (`Scale.reference_caches(..., seed=)`)
-    makes the first step exact when the policy starts at the reference: loss ln 2, every margin 0.
+    (`Scale.reference_caches(..., seed=)`) makes the first step exact when the policy starts at the
+    reference: loss ln 2, every margin 0.
     """
     scale, phase = scale or Scale(), f"dpo_beta_{beta:g}"
     fingerprint = _fingerprint(

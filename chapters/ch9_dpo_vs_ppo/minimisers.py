@@ -23,15 +23,11 @@ def dpo_flat_directions(problem: Problem) -> torch.Tensor:
     which eq. (38) is constant.
 
     With h(x, y) = β·log π(y|x)/π_ref(y|x), eq. (38) on the data is eq. (26) at r = h: it sees h
-    only through
-    h(x, y_w) − h(x, y_l) on voted pairs. So it is unchanged by adding to θ(x, ·) any vector that is
-    constant on
-    each connected component of prompt x's comparison graph and arbitrary on responses in no pair
-    (the
-    per-prompt shift from the softmax is constant on everything, so it is one of them). Returns an
-    orthonormal
-    basis (k, P·Y) of that span V: one normalised indicator per component, one unit vector per
-    unseen response.
+    only through h(x, y_w) − h(x, y_l) on voted pairs. So it is unchanged by adding to θ(x, ·) any
+    vector that is constant on each connected component of prompt x's comparison graph and arbitrary
+    on responses in no pair (the per-prompt shift from the softmax is constant on everything, so it
+    is one of them). Returns an orthonormal basis (k, P·Y) of that span V: one normalised indicator
+    per component, one unit vector per unseen response.
     """
     P, Y = problem.shape
     components, unseen = comparison_graph(problem)
@@ -49,9 +45,8 @@ def dpo_minimiser(problem: Problem, rewards: torch.Tensor, direction=None) -> to
     (P, Y) lies in span V.
 
     r̂ + β·v differs from r̂ by a constant on each component and anything on unseen responses, so it
-    minimises
-    eq. (26) too; its eq. (36) policy has β·log π/π_ref = r̂ + β·v − β·log Z and so minimises eq.
-    (38). With
+    minimises eq. (26) too; its eq. (36) policy has β·log π/π_ref = r̂ + β·v − β·log Z and so
+    minimises eq. (38). With
     v = 0 (the default) it is π*, the KL-regularised optimum for r̂ that PPO aims at. Returns π (P,
     Y).
     """
@@ -61,9 +56,8 @@ def dpo_minimiser(problem: Problem, rewards: torch.Tensor, direction=None) -> to
 
 def loglinear_flat_directions(problem: Problem) -> torch.Tensor:
     """Report §7 for π_θ ∝ π_ref·exp(θ·φ): eq. (38) sees θ only through θ·(φ(x, y_w) − φ(x, y_l)),
-    so it is constant along
-    the null space of the vote-difference matrix; returns an orthonormal basis (k, d) of it (SVD,
-    singular values < 1e-10).
+    so it is constant along the null space of the vote-difference matrix; returns an orthonormal
+    basis (k, d) of it (SVD, singular values < 1e-10).
     """
     diffs = (
         problem.features[problem.prompt, problem.chosen]

@@ -2,12 +2,10 @@
 measurements on it.
 
 A few prompts, responses = every sequence of L tokens from a V-token vocabulary, an autoregressive
-reference
-policy, a true reward r*, and votes on a few pairs per prompt sampled from π_ref. Tensors over
-responses are
-(P, Y): prompts × responses, float64. Here too: the two losses on the votes (eq. (38) and eq. (26),
-through
-chapters 4 and 2) and `measure`, the exact quantities chapter 9 reports for a policy.
+reference policy, a true reward r*, and votes on a few pairs per prompt sampled from π_ref. Tensors
+over responses are (P, Y): prompts × responses, float64. Here too: the two losses on the votes (eq.
+(38) and eq. (26), through chapters 4 and 2) and `measure`, the exact quantities chapter 9 reports
+for a policy.
 """
 
 import itertools
@@ -72,8 +70,8 @@ def make_problem(
     π_ref, `votes` votes each.
 
     Votes for y1 over y2: round(votes · σ(r*(x, y1) − r*(x, y2))) (eq. (23), the expected count),
-    kept in
-    [1, votes − 1] so every pair was won both ways: then the DPO loss has a finite minimiser.
+    kept in [1, votes − 1] so every pair was won both ways: then the DPO loss has a finite
+    minimiser.
     """
     if min(prompts, vocab, length, pairs) < 1 or votes < 2 or beta <= 0:
         raise ValueError("need prompts, vocab, length, pairs >= 1, votes >= 2 and beta > 0")

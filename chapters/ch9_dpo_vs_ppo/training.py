@@ -1,11 +1,9 @@
-"""Chapter 9's policies and trainers on its enumerable example (`chapters.tabular_problem`).
+"""Chapter 9's policies and trainers on its enumerable example (`chapters.ch9_dpo_vs_ppo.problem`).
 
 Three parameterisations of π(y|x) (a free logit per response, log-linear in shared features,
-autoregressive per
-prefix) and four ways to fit them or the reward: eq. (26) by L-BFGS (`fit_reward_model`), eq. (38)
-by Adam
-(`train_dpo`) or L-BFGS (`minimise_dpo_lbfgs`), and KL-regularised PPO on the fitted reward
-(`train_ppo`).
+autoregressive per prefix) and four ways to fit them or the reward: eq. (26) by L-BFGS
+(`fit_reward_model`), eq. (38) by Adam (`train_tabular_dpo`) or L-BFGS (`minimise_dpo_lbfgs`), and
+KL-regularised PPO on the fitted reward (`train_ppo`).
 """
 
 import torch
@@ -79,9 +77,8 @@ def fit_reward_model(problem: Problem, linear: bool = False) -> torch.Tensor:
     r = φ(x, y)·ψ when `linear`.
 
     Returns r (P, Y). Started at 0, L-BFGS stays in the span of the loss's gradients: the table
-    keeps r equal on
-    every response in no pair, and ψ stays in the span of the vote differences φ(x, y_w) − φ(x,
-    y_l).
+    keeps r equal on every response in no pair, and ψ stays in the span of the vote differences φ(x,
+    y_w) − φ(x, y_l).
     """
     if not linear:
         return fit_bt_rewards(
@@ -107,7 +104,7 @@ def fit_reward_model(problem: Problem, linear: bool = False) -> torch.Tensor:
     return problem.features @ psi.detach()  # (P, Y)
 
 
-def train_dpo(policy, problem: Problem, steps: int, lr: float) -> list:
+def train_tabular_dpo(policy, problem: Problem, steps: int, lr: float) -> list:
     """Report eq. (38) minimised by full-batch Adam over the votes, from π = π_ref; a `measure` dict
     at the start and after each step."""
     opt = torch.optim.Adam(policy.params, lr=lr)
@@ -125,8 +122,7 @@ def minimise_dpo_lbfgs(policy, problem: Problem):
     """Report eq. (38) minimised by L-BFGS from π = π_ref; returns the policy, trained in place.
 
     Like plain gradient descent its steps stay in the span of the gradients, so it lands on the
-    minimiser gradient
-    flow picks (Adam's per-parameter scaling leaves that span)."""
+    minimiser gradient flow picks (Adam's per-parameter scaling leaves that span)."""
     opt = torch.optim.LBFGS(
         policy.params,
         lr=1,
@@ -159,14 +155,11 @@ def train_ppo(
 ) -> list:
     """Report eqs. (1), (28): KL-regularised PPO on whole responses, from π = π_ref.
 
-    Each round: sample `batch` responses per prompt from π_old, score them with
-    eq. (28), r̂(x, y) − β·log π_old/π_ref(y|x), advantage = score − its per-prompt batch mean
-    (whitened), then
-    `epochs` Adam steps on eq. (1), the learning rate annealed linearly to 0 over the rounds (as in
-    Schulman et
-    al.'s PPO runs). The whole response is one action, so a one-step episode. Returns `measure`
-    dicts, one per
-    optimiser step (plus the start).
+    Each round: sample `batch` responses per prompt from π_old, score them with eq. (28), r̂(x, y) −
+    β·log π_old/π_ref(y|x), advantage = score − its per-prompt batch mean (whitened), then `epochs`
+    Adam steps on eq. (1), the learning rate annealed linearly to 0 over the rounds (as in Schulman
+    et al.'s PPO runs). The whole response is one action, so a one-step episode. Returns `measure`
+    dicts, one per optimiser step (plus the start).
     """
     opt = torch.optim.Adam(policy.params, lr=lr)
     anneal = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / iterations)

@@ -1,6 +1,5 @@
 """What every chapter may use; imports only `gpt`. Figures live in `chapters.common.figures`, which
-alone loads
-matplotlib, so the maths and the training code stay light.
+alone loads matplotlib, so the maths and the training code stay light.
 
 - `files`: where figures and tables go, atomic writes (`atomic_open`), the writable-folder check;
 - `runtime`: `one_thread`, `available_cores`, `ChapterSkipped`;

@@ -30,8 +30,8 @@ def check_writable(folder=None, what="figures") -> Path:
     starts; return it.
 
     Changes nothing on disk (a missing folder is judged by its nearest existing parent, and made
-    later).
-    Raises PermissionError with one line naming the folder (gpt.cli.run prints it as `error: ...`).
+    later). Raises PermissionError with one line naming the folder (gpt.cli.run prints it as `error:
+    ...`).
     """
     path = Path(folder) if folder is not None else plots_path()
     hint = (

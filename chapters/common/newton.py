@@ -9,11 +9,9 @@ def newton_minimise(loss_fn, x0: torch.Tensor, max_iter: int = 50) -> torch.Tens
     (P,).
 
     Hessian eigenvalues are taken as |λ|, so every step goes downhill even where the loss is not
-    convex, and
-    directions with λ ≈ 0 (a shift no loss sees, like θ[x] + c under a softmax) are left out. Stops
-    when the
-    largest gradient entry is below 1e-14, or after max_iter steps (a minimiser at infinity is never
-    reached).
+    convex, and directions with λ ≈ 0 (a shift no loss sees, like θ[x] + c under a softmax) are left
+    out. Stops when the largest gradient entry is below 1e-14, or after max_iter steps (a minimiser
+    at infinity is never reached).
     """
     x = x0
     for _ in range(max_iter):

@@ -3,15 +3,13 @@ response.
 
 Every layout the chapters use, in one place:
 - `right_pad` and `left_pad` (left padding is `gpt.generation.left_pad`, re-exported: batched
-  generation in gpt/
-  needs it, and gpt/ imports nothing from chapters/, so it lives there once);
+  generation in gpt/ needs it, and gpt/ imports nothing from chapters/, so it lives there once);
 - `prompt_response_rows`: rows [prompt, response, right padding] with attention and response masks,
-  the layout
-  `chapters.ch4_dpo.response_logprobs` reads; `pair_rows` lays out preference pairs that way, chosen
-  rows first;
+  the layout `chapters.ch4_dpo.response_logprobs` reads; `pair_rows` lays out preference pairs that
+  way, chosen rows first;
 - `TokenBatch`, the same rows plus a plan of which hidden state predicts which response token
-  (`rows_batch`,
-  `unpacked_pairs_batch`), or one row per pair with the prompt once (`packed_pairs_batch`).
+  (`rows_batch`, `unpacked_pairs_batch`), or one row per pair with the prompt once
+  (`packed_pairs_batch`).
 """
 
 from dataclasses import dataclass
@@ -55,9 +53,8 @@ def prompt_response_rows(prompts, responses, pad_id: int = 0):
     reads.
 
     prompts, responses: token lists or 1-D LongTensors, one response per prompt. Returns input_ids
-    (B, T),
-    attention_mask (B, T) long (1 = real token) and response_mask (B, T) bool (True = response
-    token), aligned.
+    (B, T), attention_mask (B, T) long (1 = real token) and response_mask (B, T) bool (True =
+    response token), aligned.
     """
     if len(prompts) != len(responses):
         raise ValueError(
@@ -78,8 +75,8 @@ def prompt_response_rows(prompts, responses, pad_id: int = 0):
 
 def pair_rows(pairs, pad_id: int):
     """Preference pairs (with .prompt, .chosen, .rejected) as rows [chosen_0..chosen_{B-1},
-    rejected_0..], each
-    prompt + response, right-padded: `prompt_response_rows`' three (2B, T) tensors."""
+    rejected_0..], each prompt + response, right-padded: `prompt_response_rows`' three (2B, T)
+    tensors."""
     return prompt_response_rows(
         [p.prompt for p in pairs] * 2,
         [p.chosen for p in pairs] + [p.rejected for p in pairs],
@@ -92,12 +89,10 @@ class TokenBatch:
     """Token rows plus the plan of which hidden state predicts which response token.
 
     input_ids: (R, L). Plain causal rows have attention_mask (R, L), 1 = real; packed rows have
-    position_ids (R, L)
-    and attn (R, 1, L, L) bool, True = may attend (the other fields None). rows, cols, targets, seq:
-    (N,) — hidden
-    state (rows, cols) predicts token `targets`, which belongs to response sequence `seq` (0..B-1
-    chosen, B..2B-1
-    rejected; or 0..R-1 for SFT). Entries are ordered by `seq`, then by position in the response.
+    position_ids (R, L) and attn (R, 1, L, L) bool, True = may attend (the other fields None). rows,
+    cols, targets, seq: (N,) — hidden state (rows, cols) predicts token `targets`, which belongs to
+    response sequence `seq` (0..B-1 chosen, B..2B-1 rejected; or 0..R-1 for SFT). Entries are
+    ordered by `seq`, then by position in the response.
     """
 
     input_ids: torch.Tensor
@@ -146,9 +141,8 @@ def unpacked_pairs_batch(pairs, pad_id: int) -> TokenBatch:
 
 def packed_pairs_batch(pairs, pad_id: int) -> TokenBatch:
     """One row per pair: prompt + chosen + rejected, right-padded; the rejected tokens attend to the
-    prompt and
-    to themselves, not to the chosen ones, and take positions len(prompt), len(prompt)+1, ... like
-    the chosen."""
+    prompt and to themselves, not to the chosen ones, and take positions len(prompt), len(prompt)+1,
+    ... like the chosen."""
     B = len(pairs)
     ids, _ = right_pad([p.prompt + p.chosen + p.rejected for p in pairs], pad_id)  # (B, L)
     L = ids.shape[1]

@@ -1,6 +1,5 @@
 """Run-time helpers every chapter may use: one torch thread for tiny models, the cores this process
-may use,
-and `ChapterSkipped`, a chapter's one-line 'this machine lacks what I need'."""
+may use, and `ChapterSkipped`, a chapter's one-line 'this machine lacks what I need'."""
 
 import os
 from contextlib import contextmanager
@@ -20,8 +19,8 @@ def one_thread():
     """Run torch on one thread inside the block, then restore the setting.
 
     The chapters' models are tiny: a second thread only adds synchronisation (measured 10-30x slower
-    on
-    a busy 2-core machine), and one thread also makes float sums repeatable whatever the core count.
+    on a busy 2-core machine), and one thread also makes float sums repeatable whatever the core
+    count.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

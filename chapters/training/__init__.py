@@ -1,6 +1,5 @@
 """The generic training machinery; imports only `gpt` and `chapters.common`, and knows no chapter's
-loss
-(every loss is passed in).
+loss (every loss is passed in).
 
 - `loop`: `train_epochs`, the one training loop (micro-batches, gradient accumulation, checkpoints,
   resume);

@@ -1,23 +1,16 @@
 """Saved and resumable training: atomic checkpoints, a clean stop on Ctrl-C or SIGTERM, the
-learning-rate schedule,
-and trained models saved as safetensors that `gpt.load_gpt2` reads.
+learning-rate schedule, and trained models saved as safetensors that `gpt.load_gpt2` reads.
 
-- `save_checkpoint` / `load_checkpoint`: model, AdamW state, schedule, RNG states (torch, CUDA,
-  Python `random`,
-  NumPy), the data position (epoch, next batch) and the rows logged so far, written to a temporary
-  file and renamed
-  whole; read back only when the format and the run's fingerprint (its settings and data) match,
-  else one line.
+- `save_checkpoint` / `load_training_checkpoint`: model, AdamW state, schedule, RNG states (torch,
+  CUDA, Python `random`, NumPy), the data position (epoch, next batch) and the rows logged so far,
+  written to a temporary file and renamed whole; read back only when the format and the run's
+  fingerprint (its settings and data) match, else one line.
 - `StopRequest`: the first Ctrl-C or SIGTERM asks the loop to stop after the current step and write
-  a checkpoint;
-  a second Ctrl-C stops at once.
+  a checkpoint; a second Ctrl-C stops at once.
 - `lr_factor` / `lr_schedule`: linear warm-up over --warmup-steps, then constant (the default: the
-  DPO paper's
-  recipe, linear warm-up to a constant rate, and the report's authors' constant rate, so runs
-  without the new flags
-  keep their numbers), linear decay (TRL's default) or cosine decay (nanoGPT's), both reaching 0 one
-  step past
-  the last update.
+  DPO paper's recipe, linear warm-up to a constant rate, and the report's authors' constant rate, so
+  runs without the new flags keep their numbers), linear decay (TRL's default) or cosine decay
+  (nanoGPT's), both reaching 0 one step past the last update.
 - `save_gpt2`: a model as hub-layout model.safetensors + config.json (the layout `gpt.checkpoint`
   reads).
 """
@@ -47,10 +40,8 @@ def lr_factor(step: int, warmup: int, total: int, decay: str = "constant") -> fl
     """The multiplier of the base learning rate at update `step` (0-based) of `total`.
 
     Warm-up: (step + 1) / (warmup + 1) for step < warmup, so the first update is small but not zero.
-    Then 1
-    ("constant"), or from 1 down towards 0 at step = total: (total − step) / (total − warmup)
-    ("linear"),
-    ½(1 + cos(π (step − warmup) / (total − warmup))) ("cosine").
+    Then 1 ("constant"), or from 1 down towards 0 at step = total: (total − step) / (total − warmup)
+    ("linear"), ½(1 + cos(π (step − warmup) / (total − warmup))) ("cosine").
     """
     if decay not in DECAYS:
         raise ValueError(
@@ -123,9 +114,8 @@ def _strip(state: dict, prefix: str = "model.") -> dict:
 
 def full_state(objective, optimizer=None):
     """(model state, optimizer state) as full tensors on the CPU, keyed by parameter name, whatever
-    the wrapping
-    (plain, DDP's inner module, FSDP2 shards gathered): `torch.distributed.checkpoint.state_dict`'s
-    full form."""
+    the wrapping (plain, DDP's inner module, FSDP2 shards gathered):
+    `torch.distributed.checkpoint.state_dict`'s full form."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -163,8 +153,8 @@ def save_checkpoint(
     returns `path`.
 
     `position` is where the data resumes ({"epoch": e, "batch": b}: batch b of epoch e is the next
-    to run),
-    `history` the rows logged so far, `rng` the RNG states of every rank (a list, rank order).
+    to run), `history` the rows logged so far, `rng` the RNG states of every rank (a list, rank
+    order).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,11 +173,10 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path, fingerprint: dict) -> dict:
+def load_training_checkpoint(path, fingerprint: dict) -> dict:
     """The checkpoint at `path`, refused with one line (ValueError) when it is unreadable or cut
-    short, not a
-    training checkpoint of this project, or written by a run with other settings or data than
-    `fingerprint`."""
+    short, not a training checkpoint of this project, or written by a run with other settings or
+    data than `fingerprint`."""
     path = Path(path)
     resume = "rerun without --resume to start afresh"
     try:
@@ -264,12 +253,9 @@ def tensors_sha256(state: dict) -> str:
 
 class StopRequest:
     """Inside `with StopRequest() as stop:`, the first SIGINT (Ctrl-C) or SIGTERM sets
-    `stop.requested`; the loop
-    checks it after each step, writes a checkpoint and stops. A second Ctrl-C raises
-    KeyboardInterrupt at once.
-    The previous handlers come back on exit. Outside the main thread (where Python allows no
-    handler) it does
-    nothing."""
+    `stop.requested`; the loop checks it after each step, writes a checkpoint and stops. A second
+    Ctrl-C raises KeyboardInterrupt at once. The previous handlers come back on exit. Outside the
+    main thread (where Python allows no handler) it does nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -302,10 +288,9 @@ class StopRequest:
 
 def save_gpt2(model_state: dict, config, folder) -> Path:
     """Write `model_state` (gpt.GPT's names) as folder/model.safetensors in the hub layout of
-    openai-community/gpt2
-    (no "transformer." prefix, Conv1D weights as (in, out), no lm_head: it is wte) with
-    folder/config.json, each
-    file atomically; `gpt.load_gpt2(folder)` reads it back. Returns the folder."""
+    openai-community/gpt2 (no "transformer." prefix, Conv1D weights as (in, out), no lm_head: it is
+    wte) with folder/config.json, each file atomically; `gpt.load_gpt2(folder)` reads it back.
+    Returns the folder."""
     from safetensors.torch import save as safetensors_bytes
 
     folder = Path(folder)

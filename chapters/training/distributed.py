@@ -9,12 +9,10 @@ case.
 Every rank draws the same length-grouped global batches (same seed). Rank r takes pairs r, r + N,
 ... of each
 (`shard`), cut into K = --grad-accum micro-batches (`micro_batches`). A micro-batch's mean loss is
-weighted by its
-share of the global batch, times N because DDP and FSDP average gradients over ranks (`loss_scale`),
-so the summed
-gradient is the gradient of the global batch's mean loss whatever N and K (tests/test_ch8_scale.py
-checks it).
-Rank 0 alone writes files (`Dist.main`); sharded evaluations are summed over ranks (`Dist.sum`).
+weighted by its share of the global batch, times N because DDP and FSDP average gradients over ranks
+(`loss_scale`), so the summed gradient is the gradient of the global batch's mean loss whatever N
+and K (tests/test_ch8_scale.py checks it). Rank 0 alone writes files (`Dist.main`); sharded
+evaluations are summed over ranks (`Dist.sum`).
 """
 
 import os
@@ -154,9 +152,8 @@ def loss_scale(part_weight: float, global_weight: float, world: int) -> float:
     global batch, × N.
 
     Summed over the micro-batches of every rank, with gradients averaged over the N ranks, the
-    gradient is that of
-    Σ (weight · mean) / global weight: the global batch's mean loss. Exactly 1.0 for one micro-batch
-    and N = 1.
+    gradient is that of Σ (weight · mean) / global weight: the global batch's mean loss. Exactly 1.0
+    for one micro-batch and N = 1.
     """
     return part_weight / global_weight * world
 
@@ -169,9 +166,8 @@ class Objective(torch.nn.Module):
     use of the model.
 
     The DPO step calls `model.run_blocks` and reads `model.lm_head.weight` directly, not
-    `model.forward`; called
-    through this module, DDP's gradient hooks and FSDP's gathering of the root parameters cover all
-    of it.
+    `model.forward`; called through this module, DDP's gradient hooks and FSDP's gathering of the
+    root parameters cover all of it.
     """
 
     def __init__(self, model):
@@ -192,8 +188,9 @@ def call(model, fn, *args, **kwargs):
 
 def rank_share(items, d: Dist) -> list:
     """This rank's items r, r + N, ... as (item, kept) pairs, padded with (items[0], False) to the
-    same count on
-    every rank: under FSDP2 each forward is a collective, so every rank must run as many."""
+    same count on every rank: under FSDP2 each forward is a collective, so every rank must run as
+    many.
+    """
     mine = [(item, True) for item in list(items)[d.rank :: d.world]]
     return mine + [(items[0], False)] * (-(-len(items) // d.world) - len(mine)) if items else []
 
@@ -209,9 +206,8 @@ def wrap(model, d: Dist, fsdp: bool = False):
     FSDP2 (`fsdp`).
 
     FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each transformer block and then the rest
-    (embeddings, tied
-    head, final LayerNorm) over the ranks: each rank keeps 1/N of the weights, gradients and AdamW
-    state.
+    (embeddings, tied head, final LayerNorm) over the ranks: each rank keeps 1/N of the weights,
+    gradients and AdamW state.
     """
     objective = Objective(model)
     if fsdp:
@@ -232,8 +228,7 @@ def wrap(model, d: Dist, fsdp: bool = False):
 
 def gradient_sync(engine, last: bool):
     """A context for one micro-batch's backward: gradients are exchanged only after the last one
-    (DDP's `no_sync`,
-    FSDP2's `set_requires_gradient_sync`); a no-op for N = 1."""
+    (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`); a no-op for N = 1."""
     if hasattr(engine, "no_sync"):
         return nullcontext() if last else engine.no_sync()
     if hasattr(engine, "set_requires_gradient_sync"):

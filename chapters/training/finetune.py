@@ -7,12 +7,10 @@
     chapter 7
 
 Each step draws `batch_size` row indices uniformly with replacement (`generator` seeds them) and
-takes those
-rows of every tensor in `data`, so `loss_fn(model, batch)` sees a dict with the same keys. The steps
-run through
-chapter 8's loop (`chapters.train_loop.train_epochs`) as one epoch of `steps` batches on one
-process, one
-micro-batch each, without gradient clipping: one training loop in the code, whatever the chapter.
+takes those rows of every tensor in `data`, so `loss_fn(model, batch)` sees a dict with the same
+keys. The steps run through chapter 8's loop (`chapters.training.loop.train_epochs`) as one epoch of
+`steps` batches on one process, one micro-batch each, without gradient clipping: one training loop
+in the code, whatever the chapter.
 """
 
 import copy
@@ -48,9 +46,8 @@ def finetune(
     [(step, state_dict)]).
 
     A state dict is copied after each step whose number (1-based) is in `checkpoints`. Leaves the
-    model in eval mode.
-    All `steps` minibatches are drawn from `generator` before the first step (`loss_fn` draws
-    nothing from it).
+    model in eval mode. All `steps` minibatches are drawn from `generator` before the first step
+    (`loss_fn` draws nothing from it).
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")

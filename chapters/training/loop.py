@@ -6,16 +6,12 @@ micro-batches, resume.
                            resume=args.resume), ...)
 
 Each epoch's global batches are the same on every rank (`batches(epoch)`, seeded). For each, rank r
-runs its share
-(`chapters.distributed.shard`) in `grad_accum` micro-batches, backward on each micro-batch's mean
-loss times its
-`loss_scale`, gradients exchanged after the last; then the gradient norm is clipped at 1, AdamW
-steps, the schedule
-steps. The step's metrics are weighted means over the whole global batch. A stop request (Ctrl-C,
-SIGTERM), the end
-of each epoch, and every `Run.every` steps write a checkpoint (`chapters.train_state`); `Run.resume`
-continues one
-with the same loss sequence as a run never stopped.
+runs its share (`chapters.distributed.shard`) in `grad_accum` micro-batches, backward on each
+micro-batch's mean loss times its `loss_scale`, gradients exchanged after the last; then the
+gradient norm is clipped at 1, AdamW steps, the schedule steps. The step's metrics are weighted
+means over the whole global batch. A stop request (Ctrl-C, SIGTERM), the end of each epoch, and
+every `Run.every` steps write a checkpoint (`chapters.training.checkpoints`); `Run.resume` continues
+one with the same loss sequence as a run never stopped.
 """
 
 from dataclasses import dataclass
@@ -26,8 +22,8 @@ from tqdm import tqdm
 
 from chapters.training.checkpoints import (
     full_state,
-    load_checkpoint,
     load_full_state,
+    load_training_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -58,17 +54,15 @@ class Run:
 
 def _step(engine, loss_fn, idx, weight, d: Dist, grad_accum: int) -> dict:
     """Forward and backward of global batch `idx`: this rank's share in micro-batches. Returns each
-    metric's mean
-    over the whole batch: Σ w·m / Σ w over the micro-batches of every rank, w = weight(micro-batch),
-    or the weight
-    a metric brings along as (value, weight) (a mean over tokens, say)."""
+    metric's mean over the whole batch: Σ w·m / Σ w over the micro-batches of every rank, w =
+    weight(micro-batch), or the weight a metric brings along as (value, weight) (a mean over tokens,
+    say)."""
     total = weight(idx)
     parts = micro_batches(shard(idx, d.rank, d.world), grad_accum)
     sums, keys = {}, None
     for k, part in enumerate(parts):
         # a rank left without pairs (a batch smaller than N·K) still runs one pair at weight 0: DDP
-        # and FSDP need
-        # every rank in every exchange, and 0 · gradient adds nothing
+        # and FSDP need every rank in every exchange, and 0 · gradient adds nothing
         use, w = (part, weight(part)) if part else (list(idx[:1]), 0.0)
         with gradient_sync(engine, last=k == len(parts) - 1):
             loss, metrics = engine(loss_fn, use)
@@ -104,25 +98,21 @@ def train_epochs(
     progress: bool = True,
 ):
     """Train the model in `engine` (`chapters.distributed.wrap`'s module) on loss_fn(model, idx) ->
-    (mean loss of
-    pairs idx, metrics), for `epochs`.
+    (mean loss of pairs idx, metrics), for `epochs`.
 
     batches(epoch) -> the global batches (lists of indices) of that epoch, 1-based; weight(idx) ->
-    what the mean
-    loss of idx averages over (pairs, tokens). Callbacks fill `history` (rows, JSON-like):
-    on_begin(history) before
-    the first step of a fresh run, on_step(history, epoch, metrics) after each step,
-    on_epoch(history, epoch) after
-    each epoch (on every rank: evaluations are sharded). `clip` None: no gradient clipping. Returns
-    `history`,
-    restored first when resuming.
+    what the mean loss of idx averages over (pairs, tokens). Callbacks fill `history` (rows,
+    JSON-like): on_begin(history) before the first step of a fresh run, on_step(history, epoch,
+    metrics) after each step, on_epoch(history, epoch) after each epoch (on every rank: evaluations
+    are sharded). `clip` None: no gradient clipping. Returns `history`, restored first when
+    resuming.
     """
     run = run or Run()
     objective = unwrapped(engine)
     params = [p for p in objective.parameters() if p.requires_grad]
     epoch, start = 1, 0
     if run.resume and run.checkpoint is not None and Path(run.checkpoint).is_file():
-        state = load_checkpoint(run.checkpoint, run.fingerprint)
+        state = load_training_checkpoint(run.checkpoint, run.fingerprint)
         load_full_state(objective, optimizer, state["model"], state["optimizer"])
         if schedule is not None:
             schedule.load_state_dict(state["schedule"])
