@@ -1,0 +1,604 @@
+"""Chapter 11: likelihood displacement, its fixes, gradient asymmetry and R-DPO, exactly in float64.
+
+Each closed form is computed here independently: softmax scores and inner products in numpy,
+losses with math on floats, optima as π_ref·exp(·/β) normalised by hand. Newton's and autograd's
+answers are checked against them. Tolerances are stated where they are used.
+"""
+
+import contextlib
+import io
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chapters.ch4_dpo import dpo_loss
+from chapters.ch11_dpo_pitfalls import (
+    FeaturePair,
+    ches_score,
+    descent_path,
+    displacement_example,
+    dpo_logprob_gradients,
+    dpop_logprob_gradients,
+    dpop_loss,
+    fit_r_dpo,
+    predicted_chosen_change,
+    probability_gradients,
+    r_dpo_loss,
+    r_dpo_optimal_policy,
+    r_dpo_population_loss,
+    realised_chosen_change,
+    rpo_logprob_gradients,
+    rpo_loss,
+    smallest_fix,
+    step_readings,
+)
+from chapters.ch11_dpo_pitfalls.__main__ import main
+
+F64 = dict(dtype=torch.float64)
+LN2 = math.log(2.0)
+DISPLACED = torch.tensor([-2.0, 1.0], **F64)  # θ ten DPO-directions along: π(y_w) below π_ref(y_w)
+
+
+def t(*v):
+    return torch.tensor(v, **F64)
+
+
+def sigmoid(v):
+    return 1.0 / (1.0 + math.exp(-v))
+
+
+def hand_scores(pair, theta):
+    """∇_θ log π(y) = φ_y − Σ_y' π(y')·φ_y', with the softmax written out in numpy."""
+    phi = pair.features.numpy()
+    logits = phi @ theta.numpy()
+    pi = np.exp(logits - logits.max())
+    pi /= pi.sum()
+    return phi - pi @ phi, np.log(pi)
+
+
+def hand_terms(pair, theta, beta):
+    """(‖g_w‖², ⟨g_w, g_l⟩, σ(−z), log π(y_w) − log π_ref(y_w)) by hand."""
+    g, logp = hand_scores(pair, theta)
+    ref = pair.ref_logps.numpy()
+    gw, gl = g[pair.chosen], g[pair.rejected]
+    h = (logp[pair.chosen] - ref[pair.chosen]) - (logp[pair.rejected] - ref[pair.rejected])
+    return gw @ gw, gw @ gl, sigmoid(-beta * h), logp[pair.chosen] - ref[pair.chosen]
+
+
+def gibbs(pi_ref, reward, beta):
+    """Eq. (36) written out: π_ref·exp(reward/β), normalised per prompt (numpy)."""
+    w = pi_ref * np.exp(reward / beta)
+    return w / w.sum(-1, keepdims=True)
+
+
+# ----------------------------------------------------------------------- likelihood displacement
+def test_feature_scores_match_autograd():
+    pair, _ = displacement_example()
+    theta = t(0.7, -1.3)
+    jac = torch.autograd.functional.jacobian(pair.logprobs, theta)  # (Y, d)
+    assert torch.allclose(pair.scores(theta), jac, atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("theta", [torch.zeros(2, **F64), DISPLACED], ids=["at_ref", "displaced"])
+def test_predicted_change_is_eta_beta_sigma_times_inner_product(theta):
+    pair, _ = displacement_example()
+    beta, lr = 0.5, 1e-2
+    gw_gw, gw_gl, s, _ = hand_terms(pair, theta, beta)
+    by_hand = lr * beta * s * (gw_gw - gw_gl)  # η·β·σ(−z)·⟨g_w, g_w − g_l⟩
+    assert by_hand < 0  # the example displaces here
+    got = predicted_chosen_change(pair, theta, beta, lr).item()
+    assert got == pytest.approx(by_hand, rel=1e-13, abs=0)
+
+
+@pytest.mark.parametrize("kind, weight", [("dpo", 0.0), ("dpop", 1.0), ("rpo", 0.5)])
+@pytest.mark.parametrize("theta", [torch.zeros(2, **F64), DISPLACED], ids=["at_ref", "displaced"])
+def test_first_order_change_matches_real_step_as_lr_shrinks(kind, weight, theta):
+    pair, _ = displacement_example()
+    errors = []
+    for lr in (1e-3, 1e-5):
+        predicted = predicted_chosen_change(pair, theta, 1.0, lr, kind, weight)
+        real, _ = realised_chosen_change(pair, theta, 1.0, lr, kind, weight)
+        errors.append(abs((predicted / real).item() - 1))
+        assert errors[-1] <= 0.2 * lr  # the Taylor remainder is O(η²) against a change O(η)
+    assert errors[1] <= errors[0] / 50  # and it shrinks with η: first order, not a coincidence
+
+
+def test_dpo_lowers_the_chosen_logprob_while_the_loss_falls():
+    pair, theta0 = displacement_example()
+    d_chosen, d_loss = realised_chosen_change(pair, theta0, 1.0, 1.0)
+    assert d_chosen < 0 and d_loss < 0  # one real step: y_w less likely, loss lower
+    path = descent_path(pair, theta0, beta=1.0, lr=1.0, steps=300)
+    ref_w, ref_l = pair.ref_logps[pair.chosen], pair.ref_logps[pair.rejected]
+    assert bool((path["loss"].diff() < 0).all())  # the loss falls at every step ...
+    assert bool((path["chosen"].diff() < 0).all())  # ... and so does log π(y_w), at every step
+    assert path["chosen"][-1] < ref_w - 10  # by more than 10 nats below the reference
+    margin = (path["chosen"][-1] - ref_w) - (path["rejected"][-1] - ref_l)
+    assert margin > 2  # the pair is ordered: the implicit reward calls this a success
+    # every DPO step moves θ along −(φ_w − φ_l) = (−0.2, 0.1): θ stays on that ray
+    end = path["theta"]
+    assert end[0] < 0 and abs(end[0] / end[1] + 2.0) < 1e-12
+
+
+@pytest.mark.parametrize("theta", [torch.zeros(2, **F64), DISPLACED], ids=["at_ref", "displaced"])
+def test_dpop_lambda_above_threshold_stops_the_chosen_logprob_falling(theta):
+    pair, _ = displacement_example()
+    beta, lr = 1.0, 1e-4
+    gw_gw, gw_gl, _, below = hand_terms(pair, theta, beta)
+    assert below <= 0  # π(y_w) ≤ π_ref(y_w): DPOP's penalty is active (at the kink, by convention)
+    lam_star = gw_gl / gw_gw - 1  # Δℓ_w ∝ (1 + λ)‖g_w‖² − ⟨g_w, g_l⟩
+    assert lam_star > 0.1
+    assert smallest_fix(pair, theta, beta, "dpop") == pytest.approx(lam_star, rel=1e-13)
+    assert abs(predicted_chosen_change(pair, theta, beta, lr, "dpop", lam_star)) < 1e-18
+    for lam, sign in ((0.0, -1), (lam_star - 0.1, -1), (lam_star + 0.1, 1)):
+        predicted = predicted_chosen_change(pair, theta, beta, lr, "dpop", lam)
+        real, _ = realised_chosen_change(pair, theta, beta, lr, "dpop", lam)
+        assert sign * predicted > 0 and sign * real > 0, (lam, predicted, real)
+
+
+@pytest.mark.parametrize("theta", [torch.zeros(2, **F64), DISPLACED], ids=["at_ref", "displaced"])
+def test_rpo_alpha_above_threshold_stops_the_chosen_logprob_falling(theta):
+    pair, _ = displacement_example()
+    beta, lr = 1.0, 1e-4
+    gw_gw, gw_gl, s, _ = hand_terms(pair, theta, beta)
+    # Δℓ_w ∝ β·σ(−z)·(‖g_w‖² − ⟨g_w, g_l⟩) + (α/|y_w|)·‖g_w‖²
+    alpha_star = pair.chosen_length * beta * s * (gw_gl - gw_gw) / gw_gw
+    assert alpha_star > 0.1
+    assert smallest_fix(pair, theta, beta, "rpo") == pytest.approx(alpha_star, rel=1e-13)
+    assert abs(predicted_chosen_change(pair, theta, beta, lr, "rpo", alpha_star)) < 1e-18
+    for alpha, sign in ((0.0, -1), (alpha_star - 0.1, -1), (alpha_star + 0.1, 1)):
+        predicted = predicted_chosen_change(pair, theta, beta, lr, "rpo", alpha)
+        real, _ = realised_chosen_change(pair, theta, beta, lr, "rpo", alpha)
+        assert sign * predicted > 0 and sign * real > 0, (alpha, predicted, real)
+
+
+def test_fixes_keep_the_chosen_logprob_near_the_reference_over_a_run():
+    pair, theta0 = displacement_example()
+    ref_w = pair.ref_logps[pair.chosen]
+    dpo = descent_path(pair, theta0, 1.0, 1.0, 300)
+    dpop = descent_path(pair, theta0, 1.0, 1.0, 300, "dpop", 5.0)
+    rpo = descent_path(pair, theta0, 1.0, 1.0, 300, "rpo", 2.0)
+    assert dpo["chosen"].min() < ref_w - 10
+    # DPOP steps across its kink at π(y_w) = π_ref(y_w): one step of size η = 1 can overshoot it by
+    # a few hundredths of a nat (0.06 measured), against DPO's 14.7 nats
+    assert dpop["chosen"].min() > ref_w - 0.1 and dpop["chosen"][-1] > ref_w
+    assert rpo["chosen"].min() >= ref_w - 1e-12 and rpo["chosen"][-1] > ref_w + 0.5
+    for path in (dpop, rpo):  # and both still order the pair
+        margin = (path["chosen"][-1] - ref_w) - (path["rejected"][-1] - pair.ref_logps[1])
+        assert margin > 0.5
+
+
+def test_tabular_softmax_never_displaces_a_single_pair():
+    # one-hot features: g_y = e_y − π, so ⟨g_w, g_w − g_l⟩ = 1 − π_w + π_l > 0 for every π
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        theta = torch.randn(5, generator=gen, **F64) * 2
+        pair = FeaturePair(torch.eye(5, **F64), torch.log_softmax(torch.randn(5, **F64), -1), 1, 3)
+        pi = torch.softmax(theta, -1)
+        s = torch.sigmoid(
+            -(
+                pair.logprobs(theta)[1]
+                - pair.ref_logps[1]
+                - pair.logprobs(theta)[3]
+                + pair.ref_logps[3]
+            )
+        )
+        by_hand = 0.1 * 1.0 * s * (1 - pi[1] + pi[3])  # η = 0.1, β = 1
+        assert predicted_chosen_change(pair, theta, 1.0, 0.1).item() == pytest.approx(
+            by_hand.item(), rel=1e-12
+        )
+        assert smallest_fix(pair, theta, 1.0, "dpop") == 0.0
+        assert smallest_fix(pair, theta, 1.0, "rpo") == 0.0
+
+
+def test_dpop_cannot_help_while_the_chosen_response_is_above_reference():
+    pair, _ = displacement_example()
+    above = t(1.0, 0.0)  # lifts y_w above π_ref; the features still displace there
+    gw_gw, gw_gl, _, lift = hand_terms(pair, above, 1.0)
+    assert lift > 0 and gw_gl > gw_gw
+    assert smallest_fix(pair, above, 1.0, "dpop") == math.inf
+    assert predicted_chosen_change(pair, above, 1.0, 1e-3, "dpop", 100.0) == pytest.approx(
+        predicted_chosen_change(pair, above, 1.0, 1e-3).item(), rel=1e-15
+    )  # DPOP = DPO there
+
+
+# ----------------------------------------------------------------------- CHES
+def test_ches_matches_hand_computation():
+    chosen = t(1, 2, 0, 1, -1, 3).reshape(1, 3, 2)  # T_w = 3, d = 2
+    rejected = t(2, 0, 1, 1).reshape(1, 2, 2)  # T_l = 2
+    s_w, s_l = (1 + 0 - 1, 2 + 1 + 3), (2 + 1, 0 + 1)  # (0, 6) and (3, 1)
+    by_hand = (s_w[0] * s_l[0] + s_w[1] * s_l[1]) - (s_w[0] ** 2 + s_w[1] ** 2)  # 6 − 36
+    assert ches_score(chosen, rejected).tolist() == [by_hand]
+
+
+def test_ches_ignores_masked_padding_on_either_side():
+    gen = torch.Generator().manual_seed(1)
+    chosen = [torch.randn(n, 4, generator=gen, **F64) for n in (3, 5)]
+    rejected = [torch.randn(n, 4, generator=gen, **F64) for n in (4, 2)]
+    unpadded = torch.stack([ches_score(c[None], r[None])[0] for c, r in zip(chosen, rejected)])
+
+    def pad(rows, width, left):
+        out = torch.full((len(rows), width, 4), 1e3, **F64)  # garbage at the padding
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            span = slice(width - len(r), width) if left else slice(0, len(r))
+            out[i, span], mask[i, span] = r, True
+        return out, mask
+
+    for left in (False, True):
+        (cw, cm), (rw, rm) = pad(chosen, 6, left), pad(rejected, 5, left)
+        got = ches_score(cw, rw, cm, rm)
+        assert torch.allclose(got, unpadded, rtol=1e-14, atol=1e-12)
+    # and leading dims: (2, B, T, d) gives (2, B)
+    stacked = ches_score(
+        torch.stack([cw, cw]), torch.stack([rw, rw]), torch.stack([cm, cm]), torch.stack([rm, rm])
+    )
+    assert stacked.shape == (2, 2) and torch.allclose(stacked[1], unpadded, rtol=1e-14, atol=1e-12)
+
+
+# ----------------------------------------------------------------------- DPOP and DPO + NLL
+def test_dpop_loss_is_eq38_above_reference_and_penalised_below():
+    beta, lam = 0.3, 2.0
+    pr, rc, rr = -6.5, -5.0, -5.5
+    for pc in (-4.0, -5.0, -6.0):  # above, at and below π_ref(y_w)
+        h = (pc - rc) - (pr - rr)
+        by_hand = -math.log(sigmoid(beta * (h - lam * max(0.0, rc - pc))))
+        got = dpop_loss(t(pc), t(pr), t(rc), t(rr), beta, lam).item()
+        assert got == pytest.approx(by_hand, rel=1e-14)
+    gen = torch.Generator().manual_seed(2)
+    lp = torch.randn(4, 16, generator=gen, **F64) * 3
+    # λ = 0 is eq. (38), up to rounding (β·(a − b) against β·a − β·b)
+    assert torch.allclose(dpop_loss(*lp, beta, 0.0), dpo_loss(*lp, beta), rtol=1e-14, atol=1e-15)
+
+
+def test_rpo_loss_adds_alpha_times_the_per_token_nll():
+    beta, alpha, length = 0.3, 0.7, 12.0
+    pc, pr, rc, rr = -14.0, -16.5, -15.0, -15.5
+    by_hand = -math.log(sigmoid(beta * ((pc - rc) - (pr - rr)))) + alpha * (-pc / length)
+    got = rpo_loss(t(pc), t(pr), t(rc), t(rr), t(length), beta, alpha).item()
+    assert got == pytest.approx(by_hand, rel=1e-14)
+
+
+def test_logprob_gradients_match_autograd():
+    gen = torch.Generator().manual_seed(3)
+    pc, pr, rc, rr = (torch.randn(64, generator=gen, **F64) * 2 for _ in range(4))
+    pc[:4] = rc[:4]  # DPOP's kink: the penalty's derivative is taken as 1 there (torch.clamp's)
+    lengths = torch.randint(1, 30, (64,), generator=gen).to(torch.float64)
+    beta, lam, alpha = 0.7, 1.5, 0.4
+    cases = [
+        (lambda a, b: dpo_loss(a, b, rc, rr, beta), dpo_logprob_gradients(pc, pr, rc, rr, beta)),
+        (
+            lambda a, b: dpop_loss(a, b, rc, rr, beta, lam),
+            dpop_logprob_gradients(pc, pr, rc, rr, beta, lam),
+        ),
+        (
+            lambda a, b: rpo_loss(a, b, rc, rr, lengths, beta, alpha),
+            rpo_logprob_gradients(pc, pr, rc, rr, lengths, beta, alpha),
+        ),
+    ]
+    assert bool((pc < rc).any() and (pc > rc).any())  # both sides of the kink are covered
+    for loss_fn, (a_w, a_l) in cases:
+        w, l_ = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
+        grad_w, grad_l = torch.autograd.grad(loss_fn(w, l_).sum(), (w, l_))
+        assert torch.allclose(a_w, grad_w, rtol=1e-13, atol=1e-15)
+        assert torch.allclose(a_l, grad_l, rtol=1e-13, atol=1e-15)
+
+
+# ----------------------------------------------------------------------- gradient asymmetry
+def test_probability_gradients_match_autograd():
+    gen = torch.Generator().manual_seed(4)
+    probs = [torch.rand(32, generator=gen, **F64) * 0.98 + 0.01 for _ in range(4)]
+    beta = 0.4
+    leaves = [p.clone().requires_grad_(True) for p in probs[:2]]
+    pw, pl = leaves
+    rw, rl = probs[2:]
+    loss = -F.logsigmoid(beta * (torch.log(pw / rw) - torch.log(pl / rl)))  # eq. (38), by hand
+    grad_w, grad_l = torch.autograd.grad(loss.sum(), leaves)
+    got_w, got_l = probability_gradients(*probs, beta)
+    assert torch.allclose(got_w, grad_w, rtol=1e-13, atol=0)
+    assert torch.allclose(got_l, grad_l, rtol=1e-13, atol=0)
+
+
+def test_probability_gradient_ratio_is_chosen_over_rejected_probability():
+    pw, pl, rw, rl = t(0.5, 0.2), t(0.01, 0.4), t(0.3, 0.3), t(0.05, 0.3)
+    g_w, g_l = probability_gradients(pw, pl, rw, rl, beta=0.1)
+    assert bool((g_w < 0).all() and (g_l > 0).all())  # raise π(y_w), lower π(y_l)
+    ratio = (g_l.abs() / g_w.abs()).tolist()
+    assert ratio == pytest.approx([50.0, 0.5], rel=1e-14)  # π(y_w)/π(y_l)
+
+
+def test_first_step_reads_ln2_zero_margin_and_zero_accuracy():
+    gen = torch.Generator().manual_seed(5)
+    ref_w, ref_l = (torch.randn(32, generator=gen, **F64) * 10 for _ in range(2))
+    beta = 0.1
+    first = step_readings(ref_w, ref_l, ref_w, ref_l, beta)  # policy = reference
+    assert first["loss"] == pytest.approx(LN2, abs=1e-15)
+    assert first["margin"] == 0.0 and first["accuracy"] == 0.0
+    assert first["chosen_gradient"] == pytest.approx(-beta / 2, abs=1e-17)
+    moved = step_readings(ref_w + 1e-3, ref_l, ref_w, ref_l, beta)  # a step raising every y_w
+    assert moved["accuracy"] == 1.0 and moved["loss"] < LN2
+
+
+# ----------------------------------------------------------------------- length and R-DPO
+def test_r_dpo_loss_hand_value_and_its_sign():
+    beta, alpha = 0.2, 0.05
+    pc, pr, rc, rr, lw, ll = -30.0, -20.0, -31.0, -20.5, 40.0, 25.0
+    h = (pc - rc) - (pr - rr)
+    by_hand = -math.log(sigmoid(beta * h + alpha * (lw - ll)))
+    args = (t(pc), t(pr), t(rc), t(rr), t(lw), t(ll))
+    assert r_dpo_loss(*args, beta, alpha).item() == pytest.approx(by_hand, rel=1e-14)
+    # a longer chosen response already counts toward the preference: less loss, less push
+    assert r_dpo_loss(*args, beta, alpha) < dpo_loss(*args[:4], beta)
+    assert torch.allclose(
+        r_dpo_loss(*args, beta, 0.0), dpo_loss(*args[:4], beta), rtol=1e-14, atol=1e-15
+    )  # α = 0 is eq. (38)
+
+
+def _length_world(seed=6, prompts=2, responses=5):
+    gen = np.random.default_rng(seed)
+    pi_ref = gen.dirichlet(np.ones(responses), size=prompts)  # (X, Y)
+    quality = gen.normal(size=(prompts, responses))  # (X, Y)
+    lengths = gen.integers(1, 9, size=responses).astype(float)  # (Y,)
+    return pi_ref, quality, lengths
+
+
+def test_r_dpo_optimum_matches_newton_for_any_pair_weights():
+    pi_ref, rewards, lengths = _length_world()
+    beta, alpha = 0.5, 0.2
+    by_hand = gibbs(pi_ref, rewards - alpha * lengths, beta)  # (X, Y)
+    args = [torch.from_numpy(a) for a in (pi_ref, rewards, lengths)]
+    closed = r_dpo_optimal_policy(*args, beta, alpha).numpy()
+    assert np.abs(closed - by_hand).max() < 1e-14
+    x, y = pi_ref.shape
+    off_diagonal = torch.ones(x, y, y, **F64) - torch.eye(y, **F64)
+    random_weights = torch.from_numpy(np.random.default_rng(7).uniform(0.1, 2.0, (x, y, y)))
+    for weights in (None, off_diagonal, random_weights):  # π_ref·π_ref, uniform, arbitrary > 0
+        fitted = fit_r_dpo(*args, beta, alpha, pair_weights=weights).numpy()
+        assert np.abs(fitted - by_hand).max() < 1e-8
+        # and the fit is a real minimum: nudging it raises the loss
+        theta = torch.log(torch.from_numpy(fitted))
+        base = r_dpo_population_loss(theta, *args, beta, alpha, weights)
+        nudged = theta.clone()
+        nudged[0, 0] += 1e-3
+        assert r_dpo_population_loss(nudged, *args, beta, alpha, weights) > base
+
+
+def test_alpha_equal_to_gamma_removes_the_length_bias_exactly():
+    pi_ref, quality, lengths = _length_world(seed=8)
+    beta, gamma = 0.5, 0.3
+    biased = quality + gamma * lengths  # a labeller that also likes length
+    unbiased_optimum = gibbs(pi_ref, quality, beta)  # eq. (36) under q
+    args = [torch.from_numpy(a) for a in (pi_ref, biased, lengths)]
+    dpo_optimum = fit_r_dpo(*args, beta, 0.0).numpy()  # DPO on the biased labels
+    assert np.abs(dpo_optimum - gibbs(pi_ref, biased, beta)).max() < 1e-8
+    assert (dpo_optimum @ lengths > unbiased_optimum @ lengths + 0.5).all()  # longer answers
+    r_dpo = fit_r_dpo(*args, beta, gamma).numpy()  # α = γ
+    assert np.abs(r_dpo - unbiased_optimum).max() < 1e-8
+    assert np.abs(r_dpo_optimal_policy(*args, beta, gamma).numpy() - unbiased_optimum).max() < 1e-14
+    half = r_dpo_optimal_policy(*args, beta, gamma / 2).numpy()  # α = γ/2 removes half of it
+    assert np.abs(half - unbiased_optimum).max() > 1e-2
+
+
+# ----------------------------------------------------------------------- bad input
+def _v(*values):
+    return torch.tensor(values, **F64)
+
+
+ONE, THREE, FOUR = _v(-1.0), _v(-1.0, -2.0, -3.0), _v(-1.0, -2.0, -3.0, -4.0)
+PAIR, THETA = displacement_example()
+
+BAD = [
+    ("dpop_beta_zero", lambda: dpop_loss(ONE, ONE, ONE, ONE, 0.0, 1.0), "beta must be"),
+    ("dpop_beta_nan", lambda: dpop_loss(ONE, ONE, ONE, ONE, math.nan, 1.0), "beta must be"),
+    ("dpop_lam_negative", lambda: dpop_loss(ONE, ONE, ONE, ONE, 0.1, -0.5), "lam .* >= 0"),
+    ("dpop_shapes", lambda: dpop_loss(THREE, FOUR, THREE, THREE, 0.1, 1.0), "do not broadcast"),
+    ("rpo_alpha_negative", lambda: rpo_loss(ONE, ONE, ONE, ONE, _v(5), 0.1, -1.0), "alpha .* >= 0"),
+    ("rpo_length_zero", lambda: rpo_loss(ONE, ONE, ONE, ONE, _v(0), 0.1, 1.0), "lengths > 0"),
+    (
+        "rpo_length_shape",
+        lambda: rpo_loss(THREE, THREE, THREE, THREE, _v(4, 5), 0.1, 1.0),
+        "do not broadcast",
+    ),
+    ("rpo_beta_negative", lambda: rpo_loss(ONE, ONE, ONE, ONE, _v(5), -1.0, 1.0), "beta must be"),
+    (
+        "r_dpo_alpha_negative",
+        lambda: r_dpo_loss(ONE, ONE, ONE, ONE, _v(3), _v(4), 0.1, -0.1),
+        "alpha .* >= 0",
+    ),
+    (
+        "r_dpo_length_negative",
+        lambda: r_dpo_loss(ONE, ONE, ONE, ONE, _v(3), _v(-4), 0.1, 0.1),
+        "lengths > 0",
+    ),
+    (
+        "r_dpo_shapes",
+        lambda: r_dpo_loss(THREE, THREE, THREE, THREE, FOUR, THREE, 0.1, 0.1),
+        "do not broadcast",
+    ),
+    (
+        "r_dpo_optimum_alpha",
+        lambda: r_dpo_optimal_policy(_v(0.5, 0.5), _v(0, 1), _v(1, 2), 1.0, -1.0),
+        "alpha .* >= 0",
+    ),
+    (
+        "r_dpo_optimum_lengths",
+        lambda: r_dpo_optimal_policy(_v(0.5, 0.5), _v(0, 1), _v(0, 2), 1.0, 0.1),
+        "lengths > 0",
+    ),
+    (
+        "r_dpo_optimum_beta",
+        lambda: r_dpo_optimal_policy(_v(0.5, 0.5), _v(0, 1), _v(1, 2), 0.0, 0.1),
+        "beta must be",
+    ),
+    (
+        "r_dpo_optimum_shapes",
+        lambda: r_dpo_optimal_policy(_v(0.5, 0.5), _v(0, 1), THREE, 1.0, 0.1),
+        "do not broadcast",
+    ),
+    (
+        "population_weights",
+        lambda: r_dpo_population_loss(
+            torch.zeros(1, 2, **F64),
+            _v(0.5, 0.5)[None],
+            _v(0, 1)[None],
+            _v(1, 2),
+            1.0,
+            0.1,
+            -torch.ones(1, 2, 2, **F64),
+        ),
+        "pair_weights must be",
+    ),
+    (
+        "probability_zero",
+        lambda: probability_gradients(_v(0.0), _v(0.5), _v(0.5), _v(0.5), 0.1),
+        "probabilities in",
+    ),
+    (
+        "probability_above_one",
+        lambda: probability_gradients(_v(0.5), _v(1.5), _v(0.5), _v(0.5), 0.1),
+        "probabilities in",
+    ),
+    (
+        "probability_beta",
+        lambda: probability_gradients(_v(0.5), _v(0.5), _v(0.5), _v(0.5), -2),
+        "beta must be",
+    ),
+    (
+        "probability_shapes",
+        lambda: probability_gradients(_v(0.5, 0.4), _v(0.5, 0.2, 0.1), _v(0.5), _v(0.5), 0.1),
+        "do not broadcast",
+    ),
+    ("readings_beta", lambda: step_readings(ONE, ONE, ONE, ONE, 0), "beta must be"),
+    (
+        "dpop_gradients_lam",
+        lambda: dpop_logprob_gradients(ONE, ONE, ONE, ONE, 0.1, -1),
+        "lam .* >= 0",
+    ),
+    (
+        "rpo_gradients_length",
+        lambda: rpo_logprob_gradients(ONE, ONE, ONE, ONE, _v(0), 0.1, 1),
+        "lengths > 0",
+    ),
+    (
+        "ches_mask_shape",
+        lambda: ches_score(
+            torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.ones(2, 4, dtype=torch.bool)
+        ),
+        "chosen_mask must",
+    ),
+    ("ches_width", lambda: ches_score(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5)), "one d"),
+    (
+        "ches_empty_row",
+        lambda: ches_score(
+            torch.zeros(2, 3, 4),
+            torch.zeros(2, 3, 4),
+            None,
+            torch.tensor([[True] * 3, [False] * 3]),
+        ),
+        "no response",
+    ),
+    (
+        "ches_batch",
+        lambda: ches_score(torch.zeros(2, 3, 4), torch.zeros(3, 3, 4)),
+        "do not broadcast",
+    ),
+    ("kind_unknown", lambda: PAIR.loss(THETA, 0.1, "ipo"), "unknown kind"),
+    ("kind_dpo_weight", lambda: PAIR.loss(THETA, 0.1, "dpo", 1.0), "takes none"),
+    ("smallest_fix_kind", lambda: smallest_fix(PAIR, THETA, 0.1, "dpo"), "'dpop' or 'rpo'"),
+]
+
+
+@pytest.mark.parametrize("call, expected", [pytest.param(c, e, id=i) for i, c, e in BAD])
+def test_bad_input_raises_a_one_line_value_error(call, expected):
+    with pytest.raises(ValueError, match=expected) as err:
+        call()
+    assert "\n" not in str(err.value) and len(str(err.value)) <= 200, str(err.value)
+
+
+# ----------------------------------------------------------------------- the run
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`python -m chapters.ch11_dpo_pitfalls --quick`, once per module: (stdout, plots folder)."""
+    with pytest.MonkeyPatch.context() as mp:
+        out = tmp_path_factory.mktemp("ch11_plots")
+        mp.setenv("DPO_PLOTS_DIR", str(out))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            main(["--quick"])
+        return printed.getvalue(), out
+
+
+def _number(pattern, text):
+    match = re.search(pattern, text)
+    assert match, f"no line matches {pattern!r}"
+    return [float(g) for g in match.groups()]
+
+
+def test_quick_run_prints_each_claim_beside_a_number_that_checks_it(quick_run):
+    text, _ = quick_run
+    for title in (
+        "1. likelihood displacement",
+        "2. the fixes",
+        "3. gradient asymmetry",
+        "loss stuck at 0.693",
+        "4. length",
+    ):
+        assert f"--- {title}" in text or f'--- "{title}' in text, title
+    # 1: the first-order change against the real step, as η → 0, and the descent path
+    rows = re.findall(r"^\s+1e-05\s+\S+\s+\S+\s+\S+\s+(\S+)", text, re.M)
+    assert rows and abs(float(rows[0]) - 1) < 1e-5
+    falls, steps = _number(r"log π\(y_w\) falls in (\d+) of (\d+)", text)
+    assert falls == steps
+    agree, total = _number(r"first-order sign equals the real step's in (\d+) of (\d+)", text)
+    assert agree == total
+    # 2: the thresholds, and above them y_w no longer falls (DPOP: never from below π_ref(y_w))
+    lam, by_hand = _number(r"c = (\S+): smallest λ = (\S+) \(= c\)", text)
+    assert lam == by_hand > 0
+    assert re.search(r"^DPOP λ = 2λ\*\s+\S+\s+\d+ of \d+\s+\S+\s+0\s", text, re.M)
+    assert re.search(r"^RPO α = 2α\*\s+\S+\s+0 of \d+", text, re.M)
+    # 3: ∂L/∂π against autograd; the first step reads ln 2, margin 0, accuracy 0
+    (rel,) = _number(r"max relative \|formula − autograd\| = (\S+)", text)
+    assert rel < 1e-12
+    loss, ln2 = _number(r"policy = reference .*?loss = (\S+) \(ln 2 = (\S+)\)", text)
+    assert loss == ln2 == pytest.approx(LN2, abs=1e-12)
+    assert "margin = 0, accuracy = 0," in text
+    (stuck,) = _number(r"live policy \(bug\) : after \d+ steps of η = 1: loss = (\S+),", text)
+    assert stuck == pytest.approx(LN2, abs=1e-12)
+    # 4: R-DPO's optimum against Newton, and α = γ removing the length bias
+    (newton,) = _number(r"against Newton on its population loss.*max \|Δ\| = (\S+)", text)
+    assert newton < 1e-10
+    closed, fitted = _number(r"max \|π_R-DPO − π\*_q\| = (\S+) \(closed form\), (\S+)", text)
+    assert closed < 1e-12 and fitted < 1e-10
+    (longer,) = _number(r"DPO's answers are \+(\S+) tokens longer", text)
+    assert longer > 1
+
+
+def test_quick_run_writes_its_figures_and_is_deterministic(quick_run):
+    text, out = quick_run
+    for name in ("ch11_displacement_quick.png", "ch11_length_quick.png"):
+        assert (out / name).stat().st_size > 10_000, name
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again):
+        main(["--quick"])
+
+    def stable(t):  # the wall time and the plots folder differ between runs
+        return [line for line in t.splitlines() if not line.startswith(("done in", "figure:"))]
+
+    assert stable(again.getvalue()) == stable(text)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", "x"], "invalid int value"),
+        (["--steps", "3"], "unrecognized arguments"),
+    ],
+)
+def test_main_refuses_a_bad_flag_with_one_argparse_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and message in err[-1], err
