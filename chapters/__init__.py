@@ -11,11 +11,20 @@ CHAPTERS = [
     "ch8_instruction_dpo",
     "ch9_dpo_vs_ppo",
     "ch10_dpo_family",
+    "ch11_dpo_pitfalls",
+    "ch12_online_dpo",
 ]
 
 # chapters whose `main` takes --quick (a short form of the same run); `python -m chapters --quick`
 # passes it on
-QUICK_CHAPTERS = {"ch2_reward_model", "ch6_ppo", "ch7_frontier", "ch10_dpo_family"}
+QUICK_CHAPTERS = {
+    "ch2_reward_model",
+    "ch6_ppo",
+    "ch7_frontier",
+    "ch10_dpo_family",
+    "ch11_dpo_pitfalls",
+    "ch12_online_dpo",
+}
 
 # chapters that take hours at full size: `python -m chapters --quick` skips them unless they are in
 # QUICK_CHAPTERS
