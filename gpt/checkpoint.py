@@ -21,82 +21,33 @@ from gpt.model import GPT
 from gpt.tf_bundle import CheckpointError, TFCheckpoint, read_tf_checkpoint  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------------------------------
-# The one table: our parameter (a key of gpt.GPT's state_dict) <- its tensor in each format.
-# {i} is the block index. Hugging Face names are the hub layout (openai-community/gpt2*);
-# transformers' save_pretrained writes the same names behind a "transformer." prefix.
-# The last two columns say how the checkpoint's array turns into ours: nn.Linear holds (out, in),
-# Hugging Face's Conv1D holds (in, out), and OpenAI's conv1d holds (1, in, out).
+# The one table: our parameter (a key of gpt.GPT's state_dict) <- its tensor in OpenAI's files.
+# {i} is the block index. The Hugging Face name (hub layout, openai-community/gpt2*) is ours without
+# "transformer."; transformers' save_pretrained writes ours. conv: a projection's weight, held as
+# (out, in) by nn.Linear, (in, out) by Hugging Face's Conv1D and (1, in, out) by OpenAI's conv1d.
+# fmt: off
 NAME_TABLE = [
-    # ours                                   OpenAI (TensorFlow)           Hugging Face
-    # OpenAI   HF
-    ("transformer.wte.weight", "model/wte", "wte.weight", "same", "same"),
-    ("transformer.wpe.weight", "model/wpe", "wpe.weight", "same", "same"),
-    ("transformer.h.{i}.ln_1.weight", "model/h{i}/ln_1/g", "h.{i}.ln_1.weight", "same", "same"),
-    ("transformer.h.{i}.ln_1.bias", "model/h{i}/ln_1/b", "h.{i}.ln_1.bias", "same", "same"),
-    (
-        "transformer.h.{i}.attn.c_attn.weight",
-        "model/h{i}/attn/c_attn/w",
-        "h.{i}.attn.c_attn.weight",
-        "[0].T",
-        ".T",
-    ),
-    (
-        "transformer.h.{i}.attn.c_attn.bias",
-        "model/h{i}/attn/c_attn/b",
-        "h.{i}.attn.c_attn.bias",
-        "same",
-        "same",
-    ),
-    (
-        "transformer.h.{i}.attn.c_proj.weight",
-        "model/h{i}/attn/c_proj/w",
-        "h.{i}.attn.c_proj.weight",
-        "[0].T",
-        ".T",
-    ),
-    (
-        "transformer.h.{i}.attn.c_proj.bias",
-        "model/h{i}/attn/c_proj/b",
-        "h.{i}.attn.c_proj.bias",
-        "same",
-        "same",
-    ),
-    ("transformer.h.{i}.ln_2.weight", "model/h{i}/ln_2/g", "h.{i}.ln_2.weight", "same", "same"),
-    ("transformer.h.{i}.ln_2.bias", "model/h{i}/ln_2/b", "h.{i}.ln_2.bias", "same", "same"),
-    (
-        "transformer.h.{i}.mlp.c_fc.weight",
-        "model/h{i}/mlp/c_fc/w",
-        "h.{i}.mlp.c_fc.weight",
-        "[0].T",
-        ".T",
-    ),
-    (
-        "transformer.h.{i}.mlp.c_fc.bias",
-        "model/h{i}/mlp/c_fc/b",
-        "h.{i}.mlp.c_fc.bias",
-        "same",
-        "same",
-    ),
-    (
-        "transformer.h.{i}.mlp.c_proj.weight",
-        "model/h{i}/mlp/c_proj/w",
-        "h.{i}.mlp.c_proj.weight",
-        "[0].T",
-        ".T",
-    ),
-    (
-        "transformer.h.{i}.mlp.c_proj.bias",
-        "model/h{i}/mlp/c_proj/b",
-        "h.{i}.mlp.c_proj.bias",
-        "same",
-        "same",
-    ),
-    ("transformer.ln_f.weight", "model/ln_f/g", "ln_f.weight", "same", "same"),
-    ("transformer.ln_f.bias", "model/ln_f/b", "ln_f.bias", "same", "same"),
+    # ours                                  OpenAI (TensorFlow)          conv
+    ("transformer.wte.weight",               "model/wte",                 False),
+    ("transformer.wpe.weight",               "model/wpe",                 False),
+    ("transformer.h.{i}.ln_1.weight",        "model/h{i}/ln_1/g",         False),
+    ("transformer.h.{i}.ln_1.bias",          "model/h{i}/ln_1/b",         False),
+    ("transformer.h.{i}.attn.c_attn.weight", "model/h{i}/attn/c_attn/w",  True),
+    ("transformer.h.{i}.attn.c_attn.bias",   "model/h{i}/attn/c_attn/b",  False),
+    ("transformer.h.{i}.attn.c_proj.weight", "model/h{i}/attn/c_proj/w",  True),
+    ("transformer.h.{i}.attn.c_proj.bias",   "model/h{i}/attn/c_proj/b",  False),
+    ("transformer.h.{i}.ln_2.weight",        "model/h{i}/ln_2/g",         False),
+    ("transformer.h.{i}.ln_2.bias",          "model/h{i}/ln_2/b",         False),
+    ("transformer.h.{i}.mlp.c_fc.weight",    "model/h{i}/mlp/c_fc/w",     True),
+    ("transformer.h.{i}.mlp.c_fc.bias",      "model/h{i}/mlp/c_fc/b",     False),
+    ("transformer.h.{i}.mlp.c_proj.weight",  "model/h{i}/mlp/c_proj/w",   True),
+    ("transformer.h.{i}.mlp.c_proj.bias",    "model/h{i}/mlp/c_proj/b",   False),
+    ("transformer.ln_f.weight",              "model/ln_f/g",              False),
+    ("transformer.ln_f.bias",                "model/ln_f/b",              False),
 ]
-TIED = {
-    "lm_head.weight": "transformer.wte.weight"
-}  # the output head is the token embedding, one Parameter
+# fmt: on
+# the output head is the token embedding, one Parameter
+TIED = {"lm_head.weight": "transformer.wte.weight"}
 # Hugging Face tensors that are not weights: the causal-mask buffers older transformers saved (the
 # hub's gpt2 model.safetensors holds them). A save_pretrained file may also hold lm_head.weight: it
 # must equal wte.
@@ -108,18 +59,18 @@ TURNS = {
     ".T": (lambda a: a.T, lambda shape: shape[::-1]),
     "[0].T": (lambda a: a[0].T, lambda shape: (1, *shape[::-1])),
 }
-FORMAT_COLUMN = {"openai": 1, "hf": 2}
 
 
 def name_map(fmt: str, n_layer: int) -> dict:
     """{checkpoint name: (our name, turn)} for format "openai" or "hf" (hub layout) and n_layer
-    blocks.
-    """
-    col = FORMAT_COLUMN[fmt]
+    blocks: OpenAI's conv weights turn by "[0].T", Hugging Face's by ".T", every other tensor is the
+    same."""
     out = {}
-    for row in NAME_TABLE:
-        for i in range(n_layer) if "{i}" in row[0] else [None]:
-            out[row[col].format(i=i)] = (row[0].format(i=i), row[col + 2])
+    for ours, openai, conv in NAME_TABLE:
+        name = openai if fmt == "openai" else ours.removeprefix("transformer.")
+        turn = ("[0].T" if fmt == "openai" else ".T") if conv else "same"
+        for i in range(n_layer) if "{i}" in ours else [None]:
+            out[name.format(i=i)] = (ours.format(i=i), turn)
     return out
 
 

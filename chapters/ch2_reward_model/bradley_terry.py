@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from chapters.ch1_preference_models.probabilities import as_tensor
+from chapters.common.lbfgs import lbfgs_minimise
 
 # ---------------------------------------------------------------- eqs. (17)–(23): BT as a sigmoid
 # of the gap
@@ -137,25 +138,12 @@ def fit_bt_rewards(prompt, winner, loser, shape, l2: float = 1.0) -> torch.Tenso
     with N comparisons.
     """
     theta = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [theta],
-        lr=1.0,
-        max_iter=500,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-14,
-        line_search_fn="strong_wolfe",
-    )
 
-    def closure():
-        opt.zero_grad()
-        nll = reward_model_loss(
-            theta[prompt, winner], theta[prompt, loser]
-        )  # eq. (26), a mean over N
-        loss = nll + l2 / 2 * theta.pow(2).sum() / len(prompt)
-        loss.backward()
-        return loss
+    def loss():
+        nll = reward_model_loss(theta[prompt, winner], theta[prompt, loser])  # eq. (26), a mean
+        return nll + l2 / 2 * theta.pow(2).sum() / len(prompt)
 
-    opt.step(closure)
+    lbfgs_minimise([theta], loss, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14)
     return normalize_rewards(theta.detach())
 
 

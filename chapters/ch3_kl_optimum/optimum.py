@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from chapters.common.lbfgs import lbfgs_minimise
+
 
 def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Report §4.1: D_KL[P‖Q] = Σ_i P(i)·log P(i)/Q(i), over the last axis (with 0·log 0 = 0)."""
@@ -145,19 +147,11 @@ def ascend_logits(
     entries of π*). Returns π_θ (..., Y).
     """
     theta = torch.zeros_like(pi_ref, requires_grad=True)
-    opt = torch.optim.LBFGS(
+    lbfgs_minimise(
         [theta],
+        lambda: -kl_objective(torch.softmax(theta, -1), pi_ref, rewards, beta).sum(),
         max_iter=max_evals,
         tolerance_grad=1e-12,
         tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
     )
-
-    def closure():
-        opt.zero_grad()
-        loss = -kl_objective(torch.softmax(theta, -1), pi_ref, rewards, beta).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
     return torch.softmax(theta.detach(), -1)

@@ -200,15 +200,15 @@ def run_experiment(args):
     reward_fn = class_fraction_reward(token_class)
     ref = gpt.GPT(sft.config)
     ref.load_state_dict(sft.state_dict())
-    before = evaluate_on_chain(
-        sft,
-        ref,
-        reward_fn,
-        eval_prompts,
-        eval_mask,
-        response_len,
-        torch.Generator().manual_seed(args.seed),
-    )
+
+    def held_out(policy):
+        """The policy on the held-out prompts, sampled from the same seed before and after PPO."""
+        generator = torch.Generator().manual_seed(args.seed)
+        return evaluate_on_chain(
+            policy, ref, reward_fn, eval_prompts, eval_mask, response_len, generator
+        )
+
+    before = held_out(sft)
     print(
         f"reward = fraction of response tokens in {set(token_class)}: exact expectation under the "
         f"chain {exact:.3f}, "
@@ -239,15 +239,7 @@ def run_experiment(args):
             f"approx KL {h['approx_kl']:.4f}  value loss {h['value_loss']:.4f}  entropy "
             f"{h['entropy']:.3f}"
         )
-    after = evaluate_on_chain(
-        trainer.policy,
-        ref,
-        reward_fn,
-        eval_prompts,
-        eval_mask,
-        response_len,
-        torch.Generator().manual_seed(args.seed),
-    )
+    after = held_out(trainer.policy)
     gain = after["reward"] - before["reward"]
     se = math.hypot(after["reward_se"], before["reward_se"])
     print(

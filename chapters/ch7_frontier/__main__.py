@@ -65,6 +65,15 @@ COLUMNS = [
 ]
 
 
+def best_of_n_row(method: str, n: int, scores, logp_ref, rewards) -> dict:
+    """A table row for best-of-n picked by `scores` (r* or the reward model), exact by enumeration;
+    the sampled-KL columns are empty (nothing is sampled)."""
+    reward, kl = exact_reward_and_kl(best_of_n_logprobs(logp_ref, scores, n), logp_ref, rewards)
+    sampled = ("kl_per_token", "kl_per_token_se", "kl_log_ratio", "kl_log_ratio_se")
+    row = dict(method=method, setting=f"N={n}", step=0, reward=reward, kl=kl)
+    return row | dict.fromkeys(sampled, math.nan)
+
+
 def plot(rows, front_r, front_kl, ref_reward, dpo_logp, opt_logp, dpo_beta, kl_to_opt, name: str):
     """Fig. 1 left in miniature (exact frontier, each method's points) and DPO's log π against log
     π*_β."""
@@ -254,22 +263,8 @@ def _run(args):
             if sweep.keep_logp:
                 panel[float(sweep.setting.split("=")[1])] = torch.from_numpy(results[-1].logp)
         for n in cfg["best_of"]:
-            reward, kl = exact_reward_and_kl(
-                best_of_n_logprobs(logp_ref, rewards, n), logp_ref, rewards
-            )
-            rows.append(
-                dict(
-                    method="Best-of-N",
-                    setting=f"N={n}",
-                    step=0,
-                    reward=reward,
-                    kl=kl,
-                    kl_per_token=math.nan,
-                    kl_per_token_se=math.nan,
-                    kl_log_ratio=math.nan,
-                    kl_log_ratio_se=math.nan,
-                )
-            )
+            rows.append(best_of_n_row("Best-of-N", n, rewards, logp_ref, rewards))
+            kl = rows[-1]["kl"]
             print(
                 f"   Best-of-{n}: exact KL = {kl:.3f} ≤ log N − (N−1)/N = "
                 f"{math.log(n) - (n - 1) / n:.3f} "
@@ -295,22 +290,7 @@ def _run(args):
             f"{np.corrcoef(centred(rm_scores), centred(rewards))[0, 1]:.3f}"
         )
         for n in cfg["best_of"]:
-            reward, kl = exact_reward_and_kl(
-                best_of_n_logprobs(logp_ref, rm_scores, n), logp_ref, rewards
-            )
-            rows.append(
-                dict(
-                    method="Best-of-N (RM)",
-                    setting=f"N={n}",
-                    step=0,
-                    reward=reward,
-                    kl=kl,
-                    kl_per_token=math.nan,
-                    kl_per_token_se=math.nan,
-                    kl_log_ratio=math.nan,
-                    kl_log_ratio_se=math.nan,
-                )
-            )
+            rows.append(best_of_n_row("Best-of-N (RM)", n, rm_scores, logp_ref, rewards))
         for sweep, results in tqdm(
             zip(with_rm + with_r_star, itertools.chain(with_rm_results, with_r_star_results)),
             total=len(with_rm) + len(with_r_star),

@@ -20,6 +20,7 @@ from chapters.ch9_dpo_vs_ppo.problem import (
     measure,
     unseen_mask,
 )
+from chapters.common.lbfgs import lbfgs_minimise
 
 
 class Tabular:
@@ -85,22 +86,13 @@ def fit_reward_model(problem: Problem, linear: bool = False) -> torch.Tensor:
             problem.prompt, problem.chosen, problem.rejected, problem.shape, l2=0.0
         )
     psi = torch.zeros(problem.features.shape[-1], dtype=DT, requires_grad=True)
-    opt = torch.optim.LBFGS(
+    lbfgs_minimise(
         [psi],
-        lr=1,
+        lambda: data_reward_loss(problem.features @ psi, problem),
         max_iter=500,
         tolerance_grad=1e-12,
         tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
     )
-
-    def closure():
-        opt.zero_grad()
-        loss = data_reward_loss(problem.features @ psi, problem)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
     return problem.features @ psi.detach()  # (P, Y)
 
 
@@ -123,22 +115,13 @@ def minimise_dpo_lbfgs(policy, problem: Problem):
 
     Like plain gradient descent its steps stay in the span of the gradients, so it lands on the
     minimiser gradient flow picks (Adam's per-parameter scaling leaves that span)."""
-    opt = torch.optim.LBFGS(
+    lbfgs_minimise(
         policy.params,
-        lr=1,
+        lambda: empirical_dpo_loss(policy.logp(), problem),
         max_iter=3000,
         tolerance_grad=1e-12,
         tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
     )
-
-    def closure():
-        opt.zero_grad()
-        loss = empirical_dpo_loss(policy.logp(), problem)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
     return policy
 
 

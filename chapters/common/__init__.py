@@ -5,6 +5,7 @@ alone loads matplotlib, so the maths and the training code stay light.
 - `runtime`: `one_thread`, `available_cores`, `ChapterSkipped`;
 - `rows`: token-row layouts, how token lists become the (B, T) tensors a GPT-2 reads;
 - `newton`: Newton's method for the tabular chapters' small smooth losses;
+- `lbfgs`: L-BFGS to convergence, for the tabular chapters' fits;
 - `figures`: matplotlib without a screen, `save`.
 """
 
