@@ -175,14 +175,25 @@ def _config_from_hparams(folder: Path) -> GPTConfig:
         raise CheckpointError(
             f"checkpoint {folder}: hparams.json missing (OpenAI's folder has it); download it again"
         )
-    h = _read_json(path, ["n_vocab", "n_ctx", "n_embd", "n_layer", "n_head"])
-    return GPTConfig(
-        vocab_size=h["n_vocab"],
-        n_positions=h["n_ctx"],
-        n_embd=h["n_embd"],
-        n_layer=h["n_layer"],
-        n_head=h["n_head"],
-    )
+    return _config_from_json(path, OPENAI_HPARAMS)
+
+
+# GPTConfig's field <- its key in OpenAI's hparams.json (Hugging Face's config.json uses our names)
+OPENAI_HPARAMS = {
+    "vocab_size": "n_vocab",
+    "n_positions": "n_ctx",
+    "n_embd": "n_embd",
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+}
+
+
+def _config_from_json(path: Path, keys: dict) -> GPTConfig:
+    """GPTConfig from a JSON file holding each field under keys[field] (and layer_norm_epsilon, when
+    it is there)."""
+    d = _read_json(path, list(keys.values()))
+    eps = d.get("layer_norm_epsilon", 1e-5)
+    return GPTConfig(**{field: d[key] for field, key in keys.items()}, layer_norm_epsilon=eps)
 
 
 def _read_json(path: Path, keys) -> dict:
@@ -199,15 +210,7 @@ def _config_for_safetensors(ckpt: SafetensorsCheckpoint) -> GPTConfig:
     """From config.json beside the file when there is one, else from the tensor shapes."""
     path = ckpt.path.parent / "config.json"
     if path.is_file():
-        c = _read_json(path, ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head"])
-        return GPTConfig(
-            vocab_size=c["vocab_size"],
-            n_positions=c["n_positions"],
-            n_embd=c["n_embd"],
-            n_layer=c["n_layer"],
-            n_head=c["n_head"],
-            layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-5),
-        )
+        return _config_from_json(path, {field: field for field in OPENAI_HPARAMS})
     if "wte.weight" not in ckpt.entries or "wpe.weight" not in ckpt.entries:
         raise CheckpointError(
             f"checkpoint {ckpt.path}: no wte.weight/wpe.weight and no config.json; not a GPT-2"
