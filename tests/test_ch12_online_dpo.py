@@ -3,10 +3,16 @@
 import contextlib
 import io
 import math
+import random
+import string
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
+from chapters.ch8_instruction_dpo.data import Pair
+from chapters.ch8_instruction_dpo.miniature import disable_dropout
 from chapters.ch12_online_dpo import (
     bt_labeller,
     compare_schedules,
@@ -23,6 +29,19 @@ from chapters.ch12_online_dpo import (
     sample_pairs,
 )
 from chapters.ch12_online_dpo.__main__ import main
+from chapters.ch12_online_dpo.miniature_online import (
+    QUICK,
+    Clock,
+    Settings,
+    closer_wins,
+    compare_on_miniature,
+    cut_at_eos,
+    labelled_pairs,
+    prepare,
+    run_online,
+    sbert_judge,
+)
+from gpt import GPT, GPTConfig
 from gpt.cli import run
 
 DT = torch.float64
@@ -235,11 +254,17 @@ def _main_output(argv):
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def missing_data(tmp_path_factory):
+    """A --data path with no file: section 5 (the miniature) says so in one line, the rest runs."""
+    return str(tmp_path_factory.mktemp("ch12_data") / "missing.json")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, missing_data):
     with pytest.MonkeyPatch.context() as mp:
         plots = tmp_path_factory.mktemp("ch12_plots")
         mp.setenv("DPO_PLOTS_DIR", str(plots))
-        result, text = _main_output(["--quick"])
+        result, text = _main_output(["--quick", "--data", missing_data])
     return result, text, plots
 
 
@@ -256,8 +281,11 @@ def test_quick_run_prints_each_claim_beside_its_check_and_writes_both_figures(qu
         "every point on or below it: True",
         "vs offline, 95%: closer to π*:",
         "--- 4. the prior's weight in the hidden best world",
+        "--- 5. the miniature: online DPO with a Sentence-BERT judge",
     ]:
         assert line in text, line
+    skipped = [l for l in text.splitlines() if l.startswith("  skipped: no data set at")]
+    assert len(skipped) == 1 and result["miniature"] is None  # one line, and the rest ran
     for name in ("ch12_kl_to_optimum_quick.png", "ch12_frontier_quick.png"):
         assert (plots / name).stat().st_size > 10_000
         assert f"figure: {plots / name}" in text
@@ -272,13 +300,13 @@ def test_quick_run_prints_each_claim_beside_its_check_and_writes_both_figures(qu
     assert set(result["sweep"]) == {1e-2, 1e-3, 1e-4, 1e-5}
 
 
-def test_quick_run_is_deterministic(quick_run, tmp_path, monkeypatch):
+def test_quick_run_is_deterministic(quick_run, missing_data, tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_PLOTS_DIR", str(tmp_path))
 
     def numbers(text):  # all but the timing and where the figures went
         return [l for l in text.splitlines() if not l.startswith(("done in", "figure: "))]
 
-    assert numbers(_main_output(["--quick"])[1]) == numbers(quick_run[1])
+    assert numbers(_main_output(["--quick", "--data", missing_data])[1]) == numbers(quick_run[1])
 
 
 @pytest.mark.parametrize(
@@ -289,6 +317,7 @@ def test_quick_run_is_deterministic(quick_run, tmp_path, monkeypatch):
         (["--seeds", "1"], "argument --seeds: must be at least 2 for an interval, got 1"),
         (["--seed", "-1"], "argument --seed: must be 0 or more, got -1"),
         (["--seeds", "two"], "argument --seeds: 'two' is not an integer"),
+        (["--quick", "--full-miniature"], "argument --full-miniature: not with --quick"),
     ],
 )
 def test_bad_flags_give_one_error_line(argv, says, capsys):
@@ -299,3 +328,117 @@ def test_bad_flags_give_one_error_line(argv, says, capsys):
     errors = [line for line in captured.err.splitlines() if "error" in line]
     assert len(errors) == 1 and says in errors[0] and "Traceback" not in captured.err
     assert captured.out == ""  # refused before any work
+
+
+# ------------------------------------- the miniature: online DPO with a Sentence-BERT judge
+class BagOfLetters:
+    """A stub sentence encoder (sentence-transformers' `encode`): letter counts, + 1 so that no
+    vector is zero, normalised."""
+
+    def encode(self, texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64):
+        counts = [[t.lower().count(c) for c in string.ascii_lowercase] + [1] for t in texts]
+        v = np.array(counts, dtype=np.float64)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+class Letters:
+    """A vocabulary stub for a tiny GPT: token t reads as one letter, 0 is EOS."""
+
+    eos = 0
+
+    def decode(self, ids):
+        return "".join(string.ascii_lowercase[t % 26] for t in ids)
+
+
+def test_judge_prefers_the_response_closer_to_the_chosen_one():
+    ref = np.array([[1.0, 0.0]] * 3)
+    at = {deg: [math.cos(math.radians(deg)), math.sin(math.radians(deg))] for deg in (20, 50)}
+    a = np.array([3 * np.array(at[20]), 3 * np.array(at[50]), at[50]])  # any norm: angles count
+    b = np.array([at[50], at[20], at[50]])
+    a_wins, tie, cos_a, _ = closer_wins(ref, a, b)
+    assert a_wins.tolist() == [True, False, False] and tie.tolist() == [False, False, True]
+    assert cos_a[0] == pytest.approx(math.cos(math.radians(20)), abs=1e-12)
+    judge = sbert_judge(BagOfLetters())
+    a_wins, tie, _, _ = judge(
+        ["banana bread", "quiz", "same"], ["banana", "xyz", "same"], ["quiz", "quiet", "same"]
+    )
+    assert a_wins.tolist() == [True, False, False] and tie.tolist() == [False, False, True]
+
+
+def tiny_online_world(n: int = 8):
+    """A tiny random GPT as π_SFT, n training pairs (random prompts), entries with a chosen text."""
+    torch.manual_seed(0)
+    config = GPTConfig.tiny(vocab_size=32, n_positions=64)
+    sft = disable_dropout(GPT(config)).eval().requires_grad_(False)
+    rng = random.Random(0)
+    pairs = [
+        Pair(i, [rng.randrange(1, 32) for _ in range(rng.randrange(3, 7))], [1, 0], [2, 0])
+        for i in range(n)
+    ]
+    entries = [{"chosen": "".join(rng.choices("abcde", k=5))} for _ in range(n)]
+    return sft, pairs, entries
+
+
+def test_online_dpo_on_a_tiny_gpt_runs_rounds_deterministically_from_ln2():
+    sft, pairs, entries = tiny_online_world()
+    before = {k: v.clone() for k, v in sft.state_dict().items()}
+    settings = Settings(budget=8, batch_size=4, max_new_tokens=6, lr=1e-2, beta=0.5)
+    runs = [
+        run_online(sft, pairs, entries, sbert_judge(BagOfLetters()), Letters(), settings, Clock())
+        for _ in range(2)
+    ]
+    (policy, rows), (again, rows_again) = runs
+    assert rows == rows_again  # same seed, same samples, labels, steps
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), again.parameters()))
+    assert [r["indices"] for r in rows] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # each prompt once
+    assert sum(r["pairs"] for r in rows) == 8
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
+    assert rows[0]["rewards/accuracies"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in sft.state_dict().items())  # π_SFT frozen
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), sft.parameters()))
+
+
+def synthetic_entries(n: int = 60) -> list:
+    """A preference data set in the real one's schema: the chosen response repeats the word."""
+    rng = random.Random(1)
+    words = ["apple", "river", "stone", "cloud", "green", "quiet", "bread", "light"]
+    out = []
+    for _ in range(n):
+        w = rng.choice(words)
+        out.append(
+            {
+                "instruction": f"Say the word {w}.",
+                "input": "",
+                "output": w,
+                "chosen": f"The word is {w}.",
+                "rejected": f"No, not {rng.choice(words)}.",
+            }
+        )
+    return out
+
+
+def test_offline_and_online_spend_the_same_labelled_pairs_on_the_same_prompts():
+    settings = replace(QUICK, budget=12, batch_size=4, temperatures=(0.0, 1.0), limits=None)
+    result = compare_on_miniature(synthetic_entries(), BagOfLetters(), settings)
+    train = result["sizes"]["train"]
+    assert result["budget"] == 12 < train
+    rounds = result["online_rows"]
+    assert [len(r["indices"]) for r in rounds] == [4, 4, 4]
+    assert {len(v) for v in result["offline_steps"].values()} == {3, 6}  # 1 and 2 epochs of 3
+    online = [i for r in rounds for i in r["indices"]]
+    data = prepare(synthetic_entries(), settings)
+    assert online == [p.index for p in labelled_pairs(data["pairs"]["train"], 12, 0)]
+    sft_row = next(w for w in result["win_rows"] if w["model"] == "SFT" and w["temperature"] == 1)
+    assert sft_row["sequence_kl"] == 0.0  # KL(π_SFT‖π_SFT), sample by sample
+    models = {w["model"] for w in result["win_rows"]}
+    assert models == {"SFT", "offline 1 ep.", "offline 2 ep.", "online"}
+    assert result["validation"]["SFT"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_budget_beyond_the_training_pairs_is_one_line():
+    _, pairs, _ = tiny_online_world()
+    with pytest.raises(ValueError) as error:
+        labelled_pairs(pairs, 9, 0)
+    assert "budget must be 0 (all) or 1..8 labelled pairs" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert cut_at_eos([5, 3, 0, 0, 0], 0) == [5, 3, 0] and cut_at_eos([5, 3], 0) == [5, 3]

@@ -14,6 +14,8 @@ labelled by Bradley–Terry (eq. (23)) on the true reward, and each result is me
 - `rounds`: the labeller, pair sampling, eq. (38) on counts and its minimisation, the schedules.
 - `worlds`: two worlds (the best response hidden from π_ref, or covered), metrics, the frontier.
 - `experiment`: the schedules over seeds with intervals, and the sweep over the prior's weight.
+- `miniature_online`: the same question on chapter 8's miniature GPT-2: online DPO with a
+  Sentence-BERT judge against offline DPO on the data set's pairs, at one labelling budget.
 """
 
 from chapters.ch12_online_dpo.experiment import (
@@ -21,6 +23,15 @@ from chapters.ch12_online_dpo.experiment import (
     regulariser_sweep,
     run_experiment,
     schedules,
+)
+from chapters.ch12_online_dpo.miniature_online import (
+    closer_wins,
+    compare_on_miniature,
+    labelled_pairs,
+    run_offline,
+    run_online,
+    sbert_judge,
+    sequence_kl,
 )
 from chapters.ch12_online_dpo.rounds import (
     bt_labeller,
@@ -66,4 +77,11 @@ __all__ = [
     "compare_schedules",
     "run_experiment",
     "regulariser_sweep",
+    "closer_wins",
+    "sbert_judge",
+    "labelled_pairs",
+    "run_online",
+    "run_offline",
+    "sequence_kl",
+    "compare_on_miniature",
 ]

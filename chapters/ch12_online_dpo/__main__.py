@@ -7,17 +7,27 @@ pairs so far; Xiong et al. 2024) and online (a fresh pair from the current polic
 gradient step on it; Guo et al. 2024). The labeller is Bradley–Terry on the true reward (eq. (23)).
 Each result is measured exactly against π*, π_ref and the reward-vs-KL frontier, over many seeds.
 
-    python3 -m chapters.ch12_online_dpo          # --seed, --seeds, --budget; about 12 s on one core
-    python3 -m chapters.ch12_online_dpo --quick  # a short form; writes *_quick figures
+Then the same question on chapter 8's miniature GPT-2 (`miniature_online`): online DPO with a
+Sentence-BERT judge against offline DPO on the data set's pairs, at one number of labelled pairs.
+
+    python3 -m chapters.ch12_online_dpo          # --seed, --seeds, --budget; ~3 min, one core
+    python3 -m chapters.ch12_online_dpo --quick  # a short form (a tiny model); *_quick figures
+    python3 -m chapters.ch12_online_dpo --full-miniature  # every training pair, base 6 epochs
+    python3 -m chapters.ch12_online_dpo --no-miniature    # the exact worlds only, about 12 s
 """
 
 import argparse
 import math
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from chapters.ch8_instruction_dpo import data as pdata
+from chapters.ch8_instruction_dpo.win_rates import SBERT, load_sbert
+from chapters.ch12_online_dpo import miniature_online as mo
 from chapters.ch12_online_dpo.experiment import compare_schedules, regulariser_sweep, schedules
 from chapters.ch12_online_dpo.rounds import DT, bt_labeller, offline_dpo, preference_rounds
 from chapters.ch12_online_dpo.worlds import WORLDS, World
@@ -330,6 +340,199 @@ def _sweep_section(world: World, budget: int, seeds: int, seed: int) -> dict:
     return sweep
 
 
+# ----------------------------------------------------------------------------- 5. miniature
+def _miniature_section(args) -> dict:
+    """Online DPO with an SBERT judge vs offline DPO on chapter 8's miniature (`miniature_online`).
+
+    A missing data set or SBERT model is one line, and the chapter goes on without this part."""
+    mode = "quick" if args.quick else "full" if args.full_miniature else "main"
+    settings = {"quick": mo.QUICK, "full": mo.FULL, "main": mo.Settings()}[mode]
+    settings = replace(settings, seed=args.seed)
+    what = {
+        "quick": "--quick: a tiny model, 16 pairs; its numbers mean nothing",
+        "full": "--full-miniature",
+        "main": "the main job's budget; --full-miniature for every training pair",
+    }[mode]
+    _section(
+        "5. the miniature: online DPO with a Sentence-BERT judge vs offline DPO on the data "
+        f"set's pairs, at one number of labelled pairs ({what})"
+    )
+    where = Path(args.data) if args.data else pdata.CACHE
+    if not where.is_file():  # no download here: chapter 8 fetches it
+        print(
+            f"  skipped: no data set at {where} (python -m chapters.ch8_instruction_dpo downloads "
+            "it into data/; or pass --data PATH)"
+        )
+        return None
+    started = time.perf_counter()
+    try:
+        entries = pdata.load(args.data)
+        sbert = load_sbert(SBERT, "cpu")
+    except (ValueError, ImportError, OSError) as e:
+        print(f"  skipped: {str(e).splitlines()[0]}")
+        return None
+    loading = time.perf_counter() - started
+    result = mo.compare_on_miniature(entries, sbert, settings)
+    result["seconds"] = {"loading data and SBERT": loading, **result["seconds"]}
+    _print_miniature(result)
+    suffix = {"quick": "_quick", "full": "_full", "main": ""}[mode]
+    _miniature_figure(result, f"ch12_miniature{suffix}")
+    return result
+
+
+def _signed(d: tuple) -> str:
+    return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+
+
+def _print_miniature(r: dict) -> None:
+    st, n, rounds = r["settings"], r["budget"], r["online_rows"]
+    cfg, sizes, B = st.config, r["sizes"], st.batch_size
+    judged, ties = sum(x["pairs"] for x in rounds), sum(x["ties"] for x in rounds)
+    print(
+        f"  model: chapter 8's miniature, {cfg['n_embd']} wide × {cfg['n_layer']} layers; base "
+        f"{st.base_epochs} epoch(s) at lr {st.base_lr:g}, SFT {st.sft_epochs} epoch at lr "
+        f"{st.sft_lr:g}; eq. (38) with β = {st.beta:g}, AdamW lr {st.lr:g}, clip 1, batches of "
+        f"{B}; every arm starts at π_SFT with π_ref = π_SFT frozen"
+    )
+    print(
+        f"  data: {sizes['train']}/{sizes['validation']}/{sizes['test']} preference pairs "
+        f"(train/validation/test); N = {n} training prompts drawn (seed {st.seed}), the same N "
+        "for every arm"
+    )
+    for name, steps in r["offline_steps"].items():
+        print(f"  {name}: the data set's {n} (chosen, rejected) pairs, {len(steps)} steps")
+    print(
+        f"  online: {len(rounds)} rounds of {B} prompts: 2 samples each from the current policy "
+        f"(temperature {st.sample_temperature:g}, ≤ {st.max_new_tokens} new tokens, one batched "
+        "KV-cache generate call a round), the SBERT judge prefers the one closer to the chosen "
+        f"response; {judged} pairs judged, {ties} ties (no preference: left out), one step a round"
+    )
+    print(f"  labelled pairs: offline {n}, online {judged}; equal: {judged == n}")
+    q = max(1, len(rounds) // 4)
+
+    def avg(rows, key):
+        return float(np.mean([x[key] for x in rows if key in x]))
+
+    print(
+        f"  online, first {q} vs last {q} rounds: judge score (mean cosine of the samples to the "
+        f"chosen response) {avg(rounds[:q], 'cosine'):.3f} → {avg(rounds[-q:], 'cosine'):.3f}; "
+        f"sample length {avg(rounds[:q], 'sample_length'):.1f} → "
+        f"{avg(rounds[-q:], 'sample_length'):.1f} tokens; eq. (38) loss "
+        f"{avg(rounds[:q], 'loss'):.3f} → {avg(rounds[-q:], 'loss'):.3f} (first step "
+        f"{rounds[0]['loss']:.6f}, ln 2 = {math.log(2):.6f}: policy = reference); the policy's "
+        "implicit reward agrees with the judge on the fresh pairs (before their step) "
+        f"{avg(rounds[:q], 'rewards/accuracies'):.3f} → "
+        f"{avg(rounds[-q:], 'rewards/accuracies'):.3f} (0.5: a coin; a tie counts as a miss)"
+    )
+    print(
+        f"  held-out test prompts (n = {sizes['test']}), chapter 8's evaluation: SBERT win rate "
+        "(tie ½) [95% bootstrap], length-controlled (LC), mean length in GPT-2 tokens, mean "
+        "cosine to the chosen response (the online judge's score); KL(π‖π_SFT) per response on "
+        "the temperature-1 samples ± s.e."
+    )
+    print(
+        f"  {'model':14s} {'T':>4s} {'win rate [95%]':>20s} {'LC':>6s} {'length':>7s} "
+        f"{'cos→chosen':>10s} {'KL(π‖π_SFT)':>14s}"
+    )
+    for w in r["win_rows"]:
+        kl = (
+            f"{w['sequence_kl']:.3f} ± {w['sequence_kl_se']:.3f}"
+            if w["sequence_kl"] == w["sequence_kl"]  # not NaN
+            else ""
+        )
+        print(
+            f"  {w['model']:14s} {w['temperature']:4.2f} {w['win_rate']:7.3f} "
+            f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}] {w['lc_win_rate']:6.3f} "
+            f"{w['mean_length']:7.1f} {w['cos_chosen']:10.3f} {kl:>14s}"
+        )
+    print(
+        f"  validation pairs of the data set (n = {sizes['validation']}): eq. (38) loss, reward "
+        "accuracy, token-level KL(π‖π_SFT) on their responses (chapter 8's Fig. 3 measures)"
+    )
+    for name, v in r["validation"].items():
+        print(
+            f"  {name:14s} loss {v['loss']:.4f}  accuracy {v['rewards/accuracies']:.3f}  "
+            f"token KL {v['kl']:.4f}"
+        )
+    for key, what in (
+        ("score", "win rate"),
+        ("sim_chosen", "cosine to the chosen response (the online judge's score)"),
+    ):
+        print(f"  {what}, differences on the same test prompts [95% paired bootstrap]:")
+        for pair, by_temp in r["differences"][key].items():
+            cells = "; ".join(
+                f"T = {t:g}: {_signed(d)} → {_sign(d, 'lower', 'higher', 'no difference')}"
+                for t, d in by_temp.items()
+            )
+            print(f"    {pair}: {cells}")
+    seconds = r["seconds"]
+    print(
+        "  time (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+        + f"; total {sum(seconds.values()):.0f}"
+    )
+
+
+def _miniature_figure(r: dict, name: str):
+    st, rounds = r["settings"], r["online_rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    x = np.cumsum([x["pairs"] for x in rounds])
+    cos = np.array([x["cosine"] for x in rounds])
+    window = max(1, len(rounds) // 8)
+    smooth = np.convolve(cos, np.ones(window) / window, mode="valid")
+    axes[0].plot(x, cos, "o", ms=3, color="C3", alpha=0.5, label="each round (B prompts × 2)")
+    axes[0].plot(x[window - 1 :], smooth, color="C3", lw=2, label=f"mean of {window} rounds")
+    axes[0].set(
+        xlabel="labelled pairs so far",
+        ylabel="mean SBERT cosine to the chosen response",
+        title="online DPO: its samples, as the judge scores them",
+    )
+    axes[0].legend(fontsize=8)
+    models = list(dict.fromkeys(w["model"] for w in r["win_rows"]))
+    temps = list(st.temperatures)
+    width = 0.8 / len(models)
+    for k, model in enumerate(models):
+        rows = [w for w in r["win_rows"] if w["model"] == model]
+        pos = np.arange(len(temps)) + (k - (len(models) - 1) / 2) * width
+        wins = np.array([w["win_rate"] for w in rows])
+        err = [wins - [w["ci_low"] for w in rows], [w["ci_high"] for w in rows] - wins]
+        axes[1].bar(pos, wins, width, color=f"C{k}", label=model, alpha=0.8)
+        axes[1].errorbar(pos, wins, yerr=err, fmt="none", color="black", capsize=3, lw=1)
+    axes[1].axhline(0.5, color="gray", lw=0.8, ls="--")
+    axes[1].set_xticks(np.arange(len(temps)), [f"T = {t:g}" for t in temps])
+    axes[1].set(
+        ylabel="SBERT win rate vs the rejected response",
+        ylim=(0, 1),
+        title=f"held-out test prompts (n = {r['sizes']['test']}), 95% bootstrap",
+    )
+    axes[1].legend(fontsize=8, loc="upper right")
+    for k, model in enumerate(models):
+        w = next(w for w in r["win_rows"] if w["model"] == model and w["temperature"] == 1.0)
+        axes[2].errorbar(
+            [w["sequence_kl"]],
+            [w["win_rate"]],
+            xerr=[[1.96 * w["sequence_kl_se"]]],
+            yerr=[[w["win_rate"] - w["ci_low"]], [w["ci_high"] - w["win_rate"]]],
+            fmt="o",
+            color=f"C{k}",
+            capsize=3,
+            label=f"{model} ({w['mean_length']:.1f} tokens)",
+        )
+    axes[2].axhline(0.5, color="gray", lw=0.8, ls="--")
+    axes[2].set(
+        xlabel="KL(π ‖ π_SFT) per response, nats (T = 1 test samples)",
+        ylabel="win rate at T = 1",
+        title="win rate against distance from SFT",
+    )
+    axes[2].legend(fontsize=8, title="mean length at T = 1", title_fontsize=8)
+    fig.suptitle(
+        f"Chapter 12 on chapter 8's miniature: {r['budget']} labelled pairs each, online (SBERT "
+        f"judge) vs offline (the data set's pairs), β = {st.beta:g}"
+    )
+    fig.tight_layout()
+    return save(fig, name)
+
+
 # -------------------------------------------------------------------------------- figures
 def _legend_below(fig, ax, ncol):
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=9)
@@ -456,7 +659,20 @@ def main(argv=None):
         help=f"labelled pairs per schedule, at least {ITERATIONS} (default {FULL['budget']}, "
         f"--quick {QUICK['budget']})",
     )
+    parser.add_argument(
+        "--full-miniature",
+        action="store_true",
+        help="section 5 at full size: every training pair, the base model's 6 epochs (minutes)",
+    )
+    parser.add_argument(
+        "--no-miniature", action="store_true", help="leave out section 5 (the GPT-2 miniature)"
+    )
+    parser.add_argument(
+        "--data", help="section 5's instruction-data-with-preference.json (default: data/'s copy)"
+    )
     args = parser.parse_args(argv)
+    if args.full_miniature and (args.quick or args.no_miniature):
+        parser.error("argument --full-miniature: not with --quick or --no-miniature")
     cfg = dict(QUICK if args.quick else FULL)
     cfg.update({k: v for k, v in (("budget", args.budget), ("seeds", args.seeds)) if v})
     if cfg["seeds"] < 2:
@@ -493,8 +709,15 @@ def main(argv=None):
         _section("figures")
         _kl_figure(results, worlds, f"ch12_kl_to_optimum{quick}")
         _frontier_figure(results, f"ch12_frontier{quick}")
+        miniature = None if args.no_miniature else _miniature_section(args)
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
-    return {"labeller_worst_z": worst, "limit": limit, "worlds": results, "sweep": sweep}
+    return {
+        "labeller_worst_z": worst,
+        "limit": limit,
+        "worlds": results,
+        "sweep": sweep,
+        "miniature": miniature,
+    }
 
 
 if __name__ == "__main__":
