@@ -7,6 +7,7 @@ answers are checked against them. Tolerances are stated where they are used.
 
 import contextlib
 import io
+import json
 import math
 import re
 
@@ -15,7 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chapters.ch4_dpo import dpo_loss
+import chapters.ch11_dpo_pitfalls.__main__ as ch11_main
+from chapters.ch4_dpo import dpo_loss, response_logprobs
+from chapters.ch8_instruction_dpo import data as pdata
+from chapters.ch8_instruction_dpo.__main__ import parse_args as ch8_parse_args
+from chapters.ch8_instruction_dpo.data import Pair
+from chapters.ch8_instruction_dpo.dpo_step import dpo_batches
+from chapters.ch8_instruction_dpo.reference_store import pairs_sha256
+from chapters.ch8_instruction_dpo.scaled_run import Scale
+from chapters.ch8_instruction_dpo.trainers import train_dpo
+from chapters.ch8_instruction_dpo.win_rates import generate_responses
 from chapters.ch11_dpo_pitfalls import (
     FeaturePair,
     ches_score,
@@ -25,6 +35,7 @@ from chapters.ch11_dpo_pitfalls import (
     dpop_logprob_gradients,
     dpop_loss,
     fit_r_dpo,
+    miniature_runs,
     predicted_chosen_change,
     probability_gradients,
     r_dpo_loss,
@@ -37,6 +48,21 @@ from chapters.ch11_dpo_pitfalls import (
     step_readings,
 )
 from chapters.ch11_dpo_pitfalls.__main__ import main
+from chapters.ch11_dpo_pitfalls.miniature_runs import (
+    SETTINGS,
+    Objective,
+    greedy_responses,
+    objective_step,
+    train_objective,
+)
+from chapters.ch11_dpo_pitfalls.pair_readings import (
+    displacement_summary,
+    pair_readings,
+    spearman,
+)
+from chapters.common.rows import pair_rows
+from chapters.training.checkpoints import save_gpt2
+from gpt import GPT, GPTConfig
 
 F64 = dict(dtype=torch.float64)
 LN2 = math.log(2.0)
@@ -602,3 +628,254 @@ def test_main_refuses_a_bad_flag_with_one_argparse_line(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and message in err[-1], err
+
+
+# ----------------------------------------------------------------------- on a GPT-2 (section 5)
+EOS = 12  # the tiny vocabulary's end-of-text (and padding) id
+LN2_FLOAT32 = float(torch.tensor(LN2, dtype=torch.float32))  # 0.6931471824645996
+
+
+def _tiny_pairs(n, seed=0):
+    """n preference pairs of random tokens: prompts of 2-5 tokens, responses of 1-4 + EOS."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def tokens(lo, hi):
+        k = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        return torch.randint(0, EOS, (k,), generator=gen).tolist()
+
+    return [Pair(i, tokens(2, 5), tokens(1, 4) + [EOS], tokens(1, 4) + [EOS]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt(one_thread):
+    """A tiny random GPT-2 (vocabulary 13, width 16, one block), frozen, float32; the module's
+    tests run on one thread from here on (tiny matrices: more threads only wait on each other)."""
+    torch.manual_seed(0)
+    config = GPTConfig.tiny(vocab_size=13, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    return GPT(config).eval().requires_grad_(False)
+
+
+def _train(model, pairs, objective, epochs=1, lr=1e-3, val=None):
+    """`train_objective` on `pairs` (batch 4) against `model` as π_SFT; the train cache in the
+    first epoch's batches."""
+    splits = {"train": pairs, **({"validation": val} if val else {})}
+    caches = Scale().reference_caches(model, splits, EOS, 4, 32, seed=0)
+    settings = dict(epochs=epochs, lr=lr, batch_size=4, seed=0, device="cpu", pad_id=EOS)
+    policy, history = train_objective(
+        model, pairs, caches, objective, eos_id=EOS, tracked={}, every=1000, **settings
+    )
+    return policy, history, caches, settings
+
+
+def _plain(model, pairs):
+    """Full logits and final hidden states of chosen then rejected rows, laid out apart: (ids,
+    response mask, logits, hidden states), each (2B, T, ...)."""
+    ids, att, resp = pair_rows(pairs, EOS)
+    return ids, resp, model(ids, att).double(), model.hidden_states(ids, att).double()
+
+
+def test_pair_readings_match_full_logits_and_hidden_states_by_hand(tiny_gpt):
+    """Packed rows (pair_readings) against unpacked rows and full logits, hand sums in numpy."""
+    pairs = _tiny_pairs(7)
+    got = pair_readings(tiny_gpt, pairs, EOS, EOS, batch_size=3, hidden=True)
+    ids, resp, logits, hidden = _plain(tiny_gpt, pairs)
+    logp = torch.log_softmax(logits, -1).numpy()
+    h = hidden.numpy()
+    B = len(pairs)
+    hand = {k: [] for k in got}
+    for b in range(B):
+        sums = []
+        for r in (b, B + b):
+            where = np.flatnonzero(resp[r].numpy())  # the response tokens' positions
+            token = [logp[r, p - 1, ids[r, p]] for p in where]  # predicted from the one before
+            hand["chosen" if r < B else "rejected"].append(sum(token))
+            hand["chosen_eos" if r < B else "rejected_eos"].append(logp[r, where[-1] - 1, EOS])
+            if r < B:
+                early = [np.exp(logp[r, p - 1, EOS]) for p in where[:-1]]
+                hand["chosen_early_eos"].append(np.mean(early))
+            sums.append((h[r, where - 1], len(where)))
+        (hw, nw), (hl, nl) = sums
+        sw, sl = hw.sum(0), hl.sum(0)
+        hand["ches"].append(sw @ sl - sw @ sw)
+        hand["ches_per_token"].append((sw / nw) @ (sl / nl) - (sw / nw) @ (sw / nw))
+        unit_w = hw / np.linalg.norm(hw, axis=1, keepdims=True)
+        unit_l = hl / np.linalg.norm(hl, axis=1, keepdims=True)
+        hand["end_cosine"].append(unit_w[-1] @ unit_l[-1])
+        hand["cross_cosine"].append(np.mean(unit_w @ unit_l.T))
+    for k, values in hand.items():
+        np.testing.assert_allclose(got[k].numpy(), values, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_displacement_count_equals_a_hand_count(tiny_gpt):
+    """Pairs whose log π(y_w) fell, counted by hand from full logits before and after DPO."""
+    pairs = _tiny_pairs(16, seed=3)
+    policy, _, _, _ = _train(tiny_gpt, pairs, Objective("dpo", 0.5), epochs=3, lr=3e-2)
+    ids, att, resp = pair_rows(pairs, EOS)
+    B = len(pairs)
+
+    def chosen_and_rejected(model):
+        lp = response_logprobs(model(ids, att).double(), ids, resp)  # (2B,)
+        return lp[:B], lp[B:]
+
+    (w0, l0), (w1, l1) = chosen_and_rejected(tiny_gpt), chosen_and_rejected(policy)
+    assert (w1 - w0).abs().min() > 1e-3  # no pair near a tie: float32 layouts agree on the sign
+    summary = displacement_summary(
+        pair_readings(tiny_gpt, pairs, EOS, EOS), pair_readings(policy, pairs, EOS, EOS)
+    )
+    fell = sum(float(a) < float(b) for a, b in zip(w1, w0))
+    assert 0 < fell < B  # the count tells the two kinds apart
+    assert summary["displaced"] == fell and summary["pairs"] == B
+    assert summary["both_fell"] == sum((w1 < w0) & (l1 < l0)).item()
+    assert summary["chosen_change"] == pytest.approx((w1 - w0).mean().item(), abs=1e-4)
+
+
+def test_spearman_matches_scipy_with_ties():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n in (5, 12, 57, 300):
+        x = rng.integers(0, 6, n).astype(float)  # many ties
+        y = np.round(rng.normal(size=n) + 0.3 * x, 1)  # ties too
+        assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0, abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    "call, expected",
+    [
+        (lambda: spearman([1.0, 2.0], [1.0]), "one length"),
+        (lambda: spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), "constant"),
+        (lambda: spearman([1.0, math.nan], [1.0, 2.0]), "NaN"),
+        (lambda: Objective("ipo", 0.1), "unknown kind"),
+        (lambda: Objective("dpop", 0.1, -1.0), ">= 0"),
+        (lambda: Objective("dpo", 0.1, 1.0), "takes no weight"),
+        (lambda: Objective("rpo", 0.0, 1.0), "beta must be"),
+    ],
+)
+def test_miniature_bad_input_raises_a_one_line_value_error(call, expected):
+    with pytest.raises(ValueError, match=expected) as err:
+        call()
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kind, weight, without_eos",
+    [("dpo", 0.0, False), ("dpo", 0.0, True), ("dpop", 50.0, False), ("rpo", 1.0, False)]
+    + [("r-dpo", 0.2, False)],
+)
+def test_first_step_of_each_loss_reads_ln2_at_policy_equal_reference(
+    tiny_gpt, kind, weight, without_eos
+):
+    """π_θ = π_SFT at the first step: eq. (38) reads ln 2 (float32's), margin 0, accuracy 0, for
+    every loss; the loss trained on adds what its own term gives at margin 0, by hand."""
+    pairs = _tiny_pairs(8)
+    _, history, _, _ = _train(tiny_gpt, pairs, Objective(kind, 0.5, weight, without_eos))
+    first = history["steps"][0]
+    assert first["loss"] == LN2_FLOAT32
+    assert first["rewards/margins"] == 0.0 and first["rewards/accuracies"] == 0.0
+    batch = [pairs[i] for i in dpo_batches(pairs, 4, 0)(1)[0]]  # the pairs of the first step
+    ids, att, resp = pair_rows(batch, EOS)
+    chosen = response_logprobs(tiny_gpt(ids, att).double(), ids, resp)[: len(batch)]
+    gap = [len(p.chosen) - len(p.rejected) for p in batch]
+    extra = {
+        "dpo": 0.0,
+        "dpop": 0.0,  # π_θ(y_w) = π_ref(y_w): the penalty max(0, ·) is 0
+        "rpo": weight * np.mean([-c / len(p.chosen) for c, p in zip(chosen.tolist(), batch)]),
+        "r-dpo": np.mean([math.log1p(math.exp(-weight * g)) - LN2 for g in gap]),
+    }[kind]
+    assert first["objective"] == pytest.approx(LN2 + extra, abs=1e-5)
+
+
+def test_without_eos_the_margin_leaves_out_each_responses_last_token(tiny_gpt):
+    """The step's margin with `without_eos`, against full logits by hand: every response token but
+    the final EOS, for the policy and the reference alike (policy ≠ reference here)."""
+    pairs = _tiny_pairs(6)
+    policy, _, caches, _ = _train(tiny_gpt, pairs, Objective("dpo", 0.5), epochs=1, lr=3e-2)
+    idx = [4, 0, 2]
+    step = objective_step(Objective("dpo", 0.5, without_eos=True))
+    _, metrics = step(policy, pairs, idx, caches["train"], 0.5, "cpu", EOS)
+    batch = [pairs[i] for i in idx]
+    ids, att, resp = pair_rows(batch, EOS)
+    last = resp & ~torch.roll(resp, -1, dims=1)  # each row's final response token: its EOS
+    B = len(batch)
+
+    def logps(model):
+        full = response_logprobs(model(ids, att).double(), ids, resp)
+        return full - response_logprobs(model(ids, att).double(), ids, last)  # (2B,)
+
+    h = logps(policy) - logps(tiny_gpt)  # log π/π_ref without EOS
+    hand = 0.5 * (h[:B] - h[B:]).mean().item()
+    assert metrics["rewards/margins"] == pytest.approx(hand, abs=1e-5)
+    assert abs(hand) > 1e-3  # the policy moved: the check is not 0 = 0
+
+
+def test_the_dpo_loss_trains_exactly_as_chapter8s_train_dpo(tiny_gpt):
+    """`train_objective` with eq. (38) is chapter 8's DPO phase: the same weights, bit for bit."""
+    pairs, val = _tiny_pairs(8), _tiny_pairs(4, seed=1)
+    mine, _, caches, settings = _train(tiny_gpt, pairs, Objective("dpo", 0.5), 2, 1e-2, val)
+    theirs, _, _ = train_dpo(tiny_gpt, pairs, val, caches, 0.5, **settings)
+    for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_greedy_responses_are_chapter8s_at_temperature_zero(tiny_gpt):
+    class Digits:  # a tokenizer whose text shows every token
+        @staticmethod
+        def decode(ids):
+            return " ".join(map(str, ids))
+
+    pairs = _tiny_pairs(5)
+    settings = dict(max_new_tokens=6, batch_size=2, device="cpu", eos_id=EOS, tokenizer=Digits())
+    texts, stopped = greedy_responses(tiny_gpt, pairs, **settings)
+    assert texts == generate_responses(tiny_gpt, pairs, 0.0, seed=0, **settings)
+    assert stopped == [len(t.split()) < 6 for t in texts]
+
+
+def test_the_miniature_settings_are_chapter8s():
+    args = ch8_parse_args(["--miniature"])
+    assert {k: getattr(args, k) for k in SETTINGS} == SETTINGS
+
+
+def test_a_saved_sft_model_is_reused_only_with_the_miniatures_settings(
+    tiny_gpt, tmp_path, monkeypatch
+):
+    """A chapter 8 run folder's models/sft/ (history.json as chapter 8 writes it) is taken as it is;
+    another learning rate is not."""
+    pairs = _tiny_pairs(8)
+    data = {"sft_pairs": {"train": pairs}}
+    folder = tmp_path / "ch8_miniature"
+    save_gpt2(tiny_gpt.state_dict(), tiny_gpt.config, folder / "models" / "sft")
+    run = dict(model="miniature", seed=0, max_length=128, batch_size=8, warmup_steps=0)
+    run.update(lr_schedule="constant", mistakes_on="")
+    loss = "chapters.ch8_instruction_dpo.trainers.sft_loss"
+
+    def write(phase, **fields):
+        fp = {**run, "phase": phase, "loss": loss, "start_sha256": "…", **fields}
+        path = folder / "models" / phase / "history.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"fingerprint": fp, "history": []}))
+
+    write("base", lr=2e-3, epochs=6, pairs_sha256="…")
+    write("sft", lr=3e-4, epochs=1, pairs_sha256=pairs_sha256(pairs))
+    monkeypatch.setattr(miniature_runs, "SFT_FOLDERS", (folder,))
+    model, source = miniature_runs.miniature_sft(data, seed=0)
+    assert source.startswith("reused from") and not model.training
+    for a, b in zip(model.state_dict().values(), tiny_gpt.state_dict().values()):
+        assert torch.equal(a, b)
+    write("sft", lr=1e-3, epochs=1, pairs_sha256=pairs_sha256(pairs))
+    assert miniature_runs._saved_fingerprint(folder) != miniature_runs._fingerprint(data, 0)
+
+
+def test_the_miniature_section_says_in_one_line_when_the_data_set_is_missing(monkeypatch, capsys):
+    def missing(seed):
+        raise pdata.DownloadError("cannot download instruction-data-with-preference.json")
+
+    monkeypatch.setattr(ch11_main, "miniature_data", missing)
+    ch11_main._miniature_section("default", 0, quick=False)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("--- 5.") and len(lines) == 2 and lines[1].startswith("skipped: ")
+
+
+def test_quick_run_skips_the_miniature_section_in_one_line(quick_run):
+    text, _ = quick_run
+    after = [line for line in text.split("--- 5.")[1].splitlines() if line.strip()]
+    assert after[1].startswith("--quick: skipped") and after[2].startswith("done in")

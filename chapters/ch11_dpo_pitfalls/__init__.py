@@ -11,6 +11,10 @@
   |∂L/∂π(y_l)| / |∂L/∂π(y_w)| = π(y_w)/π(y_l); and why the first step reads ln 2 and accuracy 0.
 - Length (`length`, R-DPO, Park et al. 2024, arXiv 2403.19159): its optimum is eq. (36) with the
   reward r − α·|y|, so α = γ undoes a labeller that adds γ·|y| to the reward.
+- On chapter 8's miniature (`miniature_runs`, `pair_readings`, `miniature_figures`; not
+  re-exported, as they load chapter 8's trainers): DPO at chapter 8's β values, DPOP, DPO + NLL and
+  R-DPO from its SFT model; how many pairs end with a lower log π(y_w), CHES against that change,
+  and the end-of-text probability where the responses stop, the cause of DPO's longer answers.
 
     python -m chapters.ch11_dpo_pitfalls
 

@@ -7,19 +7,25 @@ log π(y_w) against the real step as η → 0, a descent path where both fall, a
 fixes: the smallest λ (DPOP) and α (DPO + NLL) that stop it, and what each costs in margin.
 Gradient asymmetry: ∂L/∂π against autograd, and why the first step reads ln 2 and accuracy 0.
 Length: R-DPO's optimum against Newton on its population loss, and α = γ undoing a length bias γ.
+Section 5, on chapter 8's miniature (a GPT-2 trained here): how many pairs end DPO with a lower
+log π(y_w), CHES against that fall, the fixes' margin, KL, length and win rate, and end-of-text
+where the responses stop, the cause of DPO's longer answers.
 
-    python3 -m chapters.ch11_dpo_pitfalls          # every claim beside the number that checks it
-    python3 -m chapters.ch11_dpo_pitfalls --quick  # a short form; writes *_quick figures
+    python3 -m chapters.ch11_dpo_pitfalls                   # every claim beside its number (~2 min)
+    python3 -m chapters.ch11_dpo_pitfalls --full-miniature  # section 5 at four β, two weights a fix
+    python3 -m chapters.ch11_dpo_pitfalls --quick           # seconds; no section 5; *_quick figures
 """
 
 import argparse
 import math
 import time
 
+import numpy as np
 import torch
 
 from chapters.ch3_kl_optimum import kl_divergence, optimal_policy
 from chapters.ch4_dpo import dpo_loss
+from chapters.ch8_instruction_dpo import data as pdata
 from chapters.ch11_dpo_pitfalls.displacement import (
     FeaturePair,
     descent_path,
@@ -32,7 +38,19 @@ from chapters.ch11_dpo_pitfalls.displacement import (
 from chapters.ch11_dpo_pitfalls.figures import displacement_figure, length_figure
 from chapters.ch11_dpo_pitfalls.gradients import probability_gradients, step_readings
 from chapters.ch11_dpo_pitfalls.length import fit_r_dpo, r_dpo_optimal_policy
+from chapters.ch11_dpo_pitfalls.lora_reference import main_section as lora_reference_section
 from chapters.ch11_dpo_pitfalls.losses import dpo_logprob_gradients
+from chapters.ch11_dpo_pitfalls.miniature_figures import (
+    miniature_displacement_figure,
+    miniature_length_figure,
+)
+from chapters.ch11_dpo_pitfalls.miniature_runs import (
+    SETTINGS,
+    Objective,
+    miniature_data,
+    miniature_experiment,
+)
+from chapters.ch11_dpo_pitfalls.pair_readings import displacement_summary, spearman
 from chapters.common.files import check_writable
 from chapters.common.runtime import one_thread
 from gpt.cli import run, summary
@@ -462,6 +480,220 @@ def _length_section(seed, beta, gamma, prompts, n_alphas, name):
     length_figure(alphas.numpy(), by_alpha, newton, marks, gamma, bars, lengths[0].numpy(), name)
 
 
+# --------------------------------------------------------------------------- 5. the miniature
+def _mean_delta(track, split, reading, marks):
+    """Mean over the tracked pairs of reading − its step-0 value, at the steps in `marks`."""
+    base = track[0][split][reading]
+    return ", ".join(f"{(t[split][reading] - base).mean():+.2f}" for t in marks)
+
+
+def _miniature_section(budget, seed, quick):
+    """Section 5; returns chapter 8's miniature data for section 6 (None when skipped)."""
+    _section(
+        "5. on chapter 8's miniature (a GPT-2 trained here on the report's data): displacement, "
+        "CHES, the fixes, and why DPO's answers grow"
+    )
+    if quick:
+        print(
+            "--quick: skipped (about 3 min when chapter 8's SFT model is on disk, 3 more to train "
+            "it); run without --quick"
+        )
+        return None
+    try:
+        data = miniature_data(seed)
+    except (pdata.DownloadError, ValueError, OSError) as e:
+        print(f"skipped: chapter 8's data set is not at hand ({str(e).splitlines()[0][:150]})")
+        return None
+    result = miniature_experiment(budget, seed, data=data)
+    result["suffix"] = "_full" if budget == "full" else ""  # the default's figures are committed
+    runs, pairs = result["runs"], data["pairs"]
+    first = runs[0]["history"]["steps"][0]
+    print(
+        f"SFT model: {result['source']}. Each run starts from it, with it as the frozen reference, "
+        f"for chapter 8's DPO phase ({len(runs[0]['history']['steps'])} steps: "
+        f"{SETTINGS['dpo_epochs']} epochs of batch {SETTINGS['batch_size']}, lr "
+        f"{SETTINGS['dpo_lr']:g}) with the named loss; {len(pairs['train'])} training, "
+        f"{len(pairs['validation'])} validation, {len(pairs['test'])} test pairs"
+    )
+    print(
+        f"first step at π_θ = π_SFT: eq. (38) reads {first['loss']:.7f} (ln 2 = {LN2:.7f}), "
+        f"accuracy {first['rewards/accuracies']:g}, margin {first['rewards/margins']:g}"
+    )
+    _miniature_displacement(result)
+    _miniature_fixes(result)
+    _miniature_length(result)
+    print("time of each part (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["times"].items()))
+    return data
+
+
+def _miniature_displacement(result):
+    beta, runs, sft, pairs = result["beta"], result["runs"], result["sft"], result["data"]["pairs"]
+    print(
+        "\n5a. likelihood displacement: pairs whose log π(y_w) ends DPO below the SFT model's, and "
+        "CHES (SFT model's final hidden states at the response positions) against that change, "
+        "by Spearman's ρ (< 0: higher CHES, larger fall); with π(EOS) where y_w ends (training "
+        f"pairs, SFT {sft['train']['chosen_eos'].exp().mean():.3f}) and the greedy answers' mean "
+        "length"
+    )
+    print(
+        f"{'β':>5s} {'y_w fell: train':>16s} {'validation':>11s} {'both fell':>10s} "
+        f"{'Δlog π(y_w) train / val':>24s} {'Δlog π(y_l) train / val':>24s} "
+        f"{'ρ(CHES, Δ) train / val':>23s} {'ρ(CHES per token, Δ)':>21s} "
+        f"{'π(EOS) end of y_w':>18s} {'length':>7s}"
+    )
+    wins = {row["model"]: row for row in result["win_rows"]}
+    for r in (r for r in runs if r["objective"] == Objective("dpo", r["objective"].beta)):
+        t, v = (displacement_summary(sft[k], r["readings"][k]) for k in ("train", "validation"))
+        dt, dv = (r["readings"][k]["chosen"] - sft[k]["chosen"] for k in ("train", "validation"))
+        print(
+            f"{r['objective'].beta:5g} {t['displaced']:>9d} of {t['pairs']} "
+            f"{v['displaced']:>5d} of {v['pairs']} {t['both_fell']:>10d} "
+            f"{t['chosen_change']:>12.2f} / {v['chosen_change']:<9.2f} "
+            f"{t['rejected_change']:>12.2f} / {v['rejected_change']:<9.2f} "
+            f"{spearman(sft['train']['ches'], dt):>11.3f} / "
+            f"{spearman(sft['validation']['ches'], dv):<9.3f} "
+            f"{spearman(sft['train']['ches_per_token'], dt):>21.3f} "
+            f"{r['readings']['train']['chosen_eos'].exp().mean():18.3f} "
+            f"{wins[r['objective'].label]['mean_length']:7.1f}"
+        )
+    dpo = next(r for r in runs if r["objective"] == Objective("dpo", beta))
+    change = dpo["readings"]["train"]["chosen"] - sft["train"]["chosen"]
+    ches = sft["train"]["ches"]
+    order = torch.argsort(ches)
+    tenth = len(order) // 10
+    length = torch.tensor([len(p.chosen) for p in pairs["train"]], dtype=torch.float64)
+    rho = spearman(ches, change)
+    print(
+        f"β = {beta:g}: the tenth of training pairs with the highest CHES lose "
+        f"{-change[order[-tenth:]].mean():.2f} nats of log π(y_w) on average, the lowest tenth "
+        f"{-change[order[:tenth]].mean():.2f}; but CHES also ranks length: ρ(CHES, |y_w|) = "
+        f"{spearman(ches, length):.3f}, ρ(|y_w|, Δ) = {spearman(length, change):.3f}, "
+        f"ρ(CHES, Δ/|y_w|) = {spearman(ches, change / length):.3f}"
+    )
+    track = dpo["history"]["track"]
+    marks = [t for t in track if t["step"] % 60 == 0 or t is track[-1]]
+    print(
+        f"β = {beta:g}, mean log π − log π_SFT over the {len(track[0]['train']['chosen'])} fixed "
+        f"training pairs at steps {', '.join(str(t['step']) for t in marks)}: y_w "
+        f"{_mean_delta(track, 'train', 'chosen', marks)}; y_l "
+        f"{_mean_delta(track, 'train', 'rejected', marks)}; validation y_w "
+        f"{_mean_delta(track, 'validation', 'chosen', marks)}; y_l "
+        f"{_mean_delta(track, 'validation', 'rejected', marks)}"
+    )
+    miniature_displacement_figure(result, rho, f"ch11_miniature_displacement{result['suffix']}")
+
+
+def _miniature_fixes(result):
+    beta, runs, sft = result["beta"], result["runs"], result["sft"]
+    print(
+        f"\n5b. the fixes at β = {beta:g}, same budget: validation loss (eq. (38)), accuracy, "
+        "margin β·h and token-level KL to the SFT model; log π(y_w) on all training pairs; greedy "
+        "answers to the test prompts: mean length (GPT-2 tokens), share ending with EOS within 64 "
+        "tokens, SBERT win rate (95% interval) and length-controlled win rate"
+    )
+    print(
+        f"{'run':22s} {'loss':>6s} {'acc':>6s} {'margin':>7s} {'KL':>6s} {'Δlog π(y_w)':>12s} "
+        f"{'y_w fell':>9s} {'Δlog π(y_l)':>12s} {'length':>7s} {'EOS':>5s} "
+        f"{'win rate (95% CI)':>19s} {'LC':>6s}"
+    )
+    wins = {row["model"]: row for row in result["win_rows"]}
+    stopped = {"SFT": result["sft_stopped"]}
+    stopped.update({r["objective"].label: r["stopped"] for r in runs})
+    rows = [("SFT", None)] + [
+        (r["objective"].label, r) for r in runs if r["objective"].beta == beta
+    ]
+    for label, r in rows:
+        w = wins[label]
+        if r is None:
+            head = f"{'':>6s} {'':>6s} {0:7.3f} {0:6.3f} {0:12.2f} {0:>9d} {0:12.2f}"
+        else:
+            v, t = r["validation"], displacement_summary(sft["train"], r["readings"]["train"])
+            head = (
+                f"{v['loss']:6.3f} {v['rewards/accuracies']:6.3f} {v['rewards/margins']:7.3f} "
+                f"{v['kl']:6.3f} {t['chosen_change']:12.2f} {t['displaced']:>9d} "
+                f"{t['rejected_change']:12.2f}"
+            )
+        print(
+            f"{label:22s} {head} {w['mean_length']:7.1f} {np.mean(stopped[label]):5.2f} "
+            f"{w['win_rate']:7.3f} ({w['ci_low']:.2f}–{w['ci_high']:.2f}) {w['lc_win_rate']:6.3f}"
+        )
+
+
+def _miniature_length(result):
+    beta, runs, sft, data = result["beta"], result["runs"], result["sft"], result["data"]
+    train = data["pairs"]["train"]
+    longer = np.mean([len(p.chosen) > len(p.rejected) for p in train])
+    shorter = np.mean([len(p.chosen) < len(p.rejected) for p in train])
+    print(
+        f"\n5c. length: in the {len(train)} training pairs |y_w| = "
+        f"{np.mean([len(p.chosen) for p in train]):.1f}, |y_l| = "
+        f"{np.mean([len(p.rejected) for p in train]):.1f} tokens on average (EOS included); y_w "
+        f"is the longer in {longer:.0%}, the shorter in {shorter:.0%}: no length to learn from "
+        "the labels"
+    )
+    print(
+        f"the SFT model's states at the two ends are alike: cos(h that predicts y_w's EOS, h that "
+        f"predicts y_l's EOS) = {sft['train']['end_cosine'].mean():.3f} on average, against "
+        f"{sft['train']['cross_cosine'].mean():.3f} for any two positions of the two responses: "
+        "what pushes y_l's EOS down pushes y_w's down with it (displacement at one token)"
+    )
+    print(
+        "π(EOS) where y_w and y_l end and mean π(EOS) inside y_w, on all training pairs (SFT → "
+        "after the run), with the part of Δlog π(y_w) that is the EOS token's, and the greedy "
+        "answers:"
+    )
+    print(
+        f"{'run':22s} {'π(EOS) end of y_w':>18s} {'end of y_l':>14s} {'inside y_w':>14s} "
+        f"{'EOS share of Δlog π(y_w)':>25s} {'length':>7s}"
+    )
+    wins = {row["model"]: row for row in result["win_rows"]}
+    s = sft["train"]
+    for r in (r for r in runs if r["objective"].beta == beta):
+        a = r["readings"]["train"]
+        share = (a["chosen_eos"] - s["chosen_eos"]).sum() / (a["chosen"] - s["chosen"]).sum()
+        print(
+            f"{r['objective'].label:22s} {s['chosen_eos'].exp().mean():8.3f} → "
+            f"{a['chosen_eos'].exp().mean():<7.3f} {s['rejected_eos'].exp().mean():6.3f} → "
+            f"{a['rejected_eos'].exp().mean():<5.3f} {s['chosen_early_eos'].mean():6.4f} → "
+            f"{a['chosen_early_eos'].mean():<6.4f} {share:25.2f} "
+            f"{wins[r['objective'].label]['mean_length']:7.1f}"
+        )
+    dpo = next(r for r in runs if r["objective"] == Objective("dpo", beta))
+    no_eos = next(r for r in runs if r["objective"] == Objective("dpo", beta, without_eos=True))
+    lengths = [wins[k]["mean_length"] for k in ("SFT", dpo["objective"].label)]
+    lengths.append(wins[no_eos["objective"].label]["mean_length"])
+    print(
+        "EOS left out of log π and log π_ref (eq. (38) then puts no force on end-of-text where the "
+        "responses stop): π(EOS) where y_w ends "
+        f"{no_eos['readings']['train']['chosen_eos'].exp().mean():.3f} (DPO "
+        f"{dpo['readings']['train']['chosen_eos'].exp().mean():.3f}), greedy answers "
+        f"{lengths[2]:.1f} tokens (DPO {lengths[1]:.1f}, SFT {lengths[0]:.1f}): the force on EOS "
+        f"accounts for {lengths[1] - lengths[2]:.1f} of DPO's {lengths[1] - lengths[0]:.1f} extra "
+        "tokens, the rest comes with what DPO does to the other tokens"
+    )
+    gain = dpo["end"] - result["sft_end"]
+    vocab, eos = data["vocab"], data["eos"]
+    top = [int(i) for i in torch.argsort(gain, descending=True)[:6]]
+    named = ", ".join(
+        f"{'UNK' if i == vocab.unk else vocab.decode([i])!r} {gain[i]:+.3f}" for i in top
+    )
+    print(
+        f"where the end-of-text mass went (DPO β = {beta:g}, mean next-token probability where y_w "
+        f"ends, training pairs): EOS {result['sft_end'][eos]:.3f} → {dpo['end'][eos]:.3f}; the "
+        f"largest gains {named}: a new sentence starts where y_w stopped"
+    )
+    track = dpo["history"]["track"]
+    marks = [t for t in track if t["step"] % 60 == 0 or t is track[-1]]
+    print(
+        f"π(EOS) at the end of y_w over DPO's steps ({', '.join(str(t['step']) for t in marks)}), "
+        f"fixed training pairs: "
+        + ", ".join(f"{t['train']['chosen_eos'].exp().mean():.3f}" for t in marks)
+        + "; validation: "
+        + ", ".join(f"{t['validation']['chosen_eos'].exp().mean():.3f}" for t in marks)
+    )
+    miniature_length_figure(result, f"ch11_miniature_length{result['suffix']}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python3 -m chapters.ch11_dpo_pitfalls", description=summary(__doc__)
@@ -469,6 +701,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a short form of the same run")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for every random draw (default 0)"
+    )
+    parser.add_argument(
+        "--full-miniature",
+        action="store_true",
+        help="section 5 at full size: chapter 8's four β values and two weights for each fix "
+        "(about 7 min more)",
     )
     args = parser.parse_args(argv)
     check_writable()
@@ -484,6 +722,12 @@ def main(argv=None):
         displacement_figure(paths, ref_w, ref_l, f"ch11_displacement{quick}")
         _asymmetry_section(args.seed, 0.5, cfg["tabular_steps"])
         _length_section(args.seed, 0.5, 0.05, cfg["prompts"], cfg["alphas"], f"ch11_length{quick}")
+        data = _miniature_section(
+            "full" if args.full_miniature else "default", args.seed, args.quick
+        )
+        lora_reference_section(
+            "large" if args.full_miniature else "small", seed=args.seed, quick=args.quick, data=data
+        )
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
 
 
