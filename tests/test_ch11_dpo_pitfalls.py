@@ -875,7 +875,8 @@ def test_the_miniature_section_says_in_one_line_when_the_data_set_is_missing(mon
     assert lines[0].startswith("--- 5.") and len(lines) == 2 and lines[1].startswith("skipped: ")
 
 
-def test_quick_run_skips_the_miniature_section_in_one_line(quick_run):
+def test_quick_run_skips_the_miniature_sections_in_one_line_each(quick_run):
     text, _ = quick_run
     after = [line for line in text.split("--- 5.")[1].splitlines() if line.strip()]
-    assert after[1].startswith("--quick: skipped") and after[2].startswith("done in")
+    assert after[1].startswith("--quick: skipped") and after[2].startswith("--- 6. LoRA")
+    assert after[3].startswith("--quick: skipped") and after[4].startswith("done in")
