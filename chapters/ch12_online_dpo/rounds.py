@@ -307,11 +307,7 @@ def preference_rounds(
     rounds: int,
     seed: int,
     steps_per_round: int = None,
-    *,
-    lr: float = 1.0,
-    l2: float = 1e-3,
-    keep_pairs: bool = True,
-    expected: bool = False,
+    **options,
 ) -> list:
     """Report eq. (38) on on-policy data: `rounds` rounds share `budget` pairs; π after each round.
 
@@ -322,18 +318,7 @@ def preference_rounds(
     gradient steps of size lr. rounds=1 is offline DPO (`offline_dpo`: the same numbers);
     rounds=budget, steps_per_round=1, keep_pairs=False is online DPO: a fresh pair each step, one
     gradient step on it alone. expected=True uses each round's mean counts (`expected_counts`):
-    infinite data. Each policy is a float64 tensor shaped like pi_ref, (Y,) or (P, Y).
+    infinite data. Each policy is a float64 tensor shaped like pi_ref, (Y,) or (P, Y). `options`
+    are `run_rounds`'s: lr=1.0, l2=1e-3, keep_pairs=True, expected=False.
     """
-    return run_rounds(
-        pi_ref,
-        rewards,
-        beta,
-        budget,
-        rounds,
-        seed,
-        steps_per_round,
-        lr=lr,
-        l2=l2,
-        keep_pairs=keep_pairs,
-        expected=expected,
-    )[0]
+    return run_rounds(pi_ref, rewards, beta, budget, rounds, seed, steps_per_round, **options)[0]
