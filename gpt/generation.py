@@ -13,7 +13,7 @@ import torch
 from gpt.checkpoint import load_gpt2
 from gpt.cli import nonnegative_float, nonnegative_int, positive_int, probability, run
 from gpt.config import PRESETS
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, KVCache, check_token_ids
 from gpt.tokenizer import EOS_ID, get_tokenizer
 
 
@@ -113,12 +113,7 @@ def check_prompt(model: GPT, input_ids, max_new_tokens, attention_mask=None, eos
             "e.g. GPT-2's <|endoftext|> (50256) to generate from nothing"
         )
     V = model.config.vocab_size
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= V:
-        raise ValueError(
-            f"input_ids hold token id {high if high >= V else low}, outside the model's vocabulary "
-            f"0..{V - 1}; encode with the tokenizer the checkpoint was trained with"
-        )
+    check_token_ids(input_ids, V)
     if eos_id is not None and not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the model's vocabulary 0..{V - 1}")
     if attention_mask is not None and tuple(attention_mask.shape) != (B, T):

@@ -15,6 +15,21 @@ import torch.nn.functional as F
 from gpt.config import GPTConfig
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, name="input_ids", whose="the model's"):
+    """ValueError, one line naming the offending id, the range and the vocabulary's size, unless
+    every id in `ids` lies in 0..vocab_size − 1 (an embedding or a gather would fail with a raw
+    indexing error, or on a GPU with a device-side assert)."""
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"{name} hold token id {high if high >= vocab_size else low}, outside {whose} "
+            f"vocabulary 0..{vocab_size - 1} ({vocab_size} tokens); encode with the tokenizer the "
+            f"checkpoint was trained with"
+        )
+
+
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` tokens and filled as tokens
     arrive.
@@ -205,6 +220,7 @@ class GPT(nn.Module):
         are zeros.
         """
         B, T = input_ids.shape
+        check_token_ids(input_ids, self.config.vocab_size)
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
             raise ValueError(

@@ -9,8 +9,10 @@ once per driver; each case runs its module's `__main__` through runpy, with its 
 For each: a non-zero exit, one short line on stderr (after argparse's usage block, for argparse
 errors), no traceback, nothing written, renamed, made or removed under plots/, runs/ or data/ (an
 audit hook in the driver sees what the case itself does there), and nothing new or changed under the
-case's own $DPO_PLOTS_DIR and $DPO_CACHE. Ctrl-C runs in real subprocesses that get SIGINT once they
-have started their work: exit 130, one line, and every file in their $DPO_PLOTS_DIR a whole PNG.
+case's own $DPO_PLOTS_DIR and $DPO_CACHE. Ctrl-C runs in real subprocesses that get SIGINT as soon
+as they print a known line, with seconds of work still ahead (no sleep, so no race with the load of
+the machine): exit 130, one line whatever progress frames came first, and every file in their
+$DPO_PLOTS_DIR a whole PNG.
 Library calls run here: each raises ValueError with one short line.
 """
 
@@ -23,6 +25,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -46,6 +49,7 @@ UNWRITABLE = {
 NO_FOLDER = r"\({tmp}/a_file is a file, not a folder\)"
 CH8 = "chapters.ch8_instruction_dpo"
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+ON_LINUX = pytest.mark.skipif(not Path("/proc/self/mounts").is_file(), reason="no /proc here")
 
 # (id, module or script, arguments, environment, what the one line says (a regex; {tmp} is the
 # test's folder), marks)
@@ -277,7 +281,7 @@ CLI = [
         CH8,
         ["--checkpoint", "{tmp}/no/such/ckpt"],
         {},
-        r"^error: checkpoint {tmp}/no/such/ckpt: no such file or folder$",
+        r"^error: --checkpoint {tmp}/no/such/ckpt: no such file or folder$",
         (),
     ),
     (
@@ -285,7 +289,7 @@ CLI = [
         CH8,
         ["--smoke", "--data", "{tmp}/no.json"],
         {},
-        r"^error: no data file at {tmp}/no\.json; give the path of "
+        r"^error: --data: no data file at {tmp}/no\.json; give the path of "
         r"instruction-data-with-preference\.json$",
         (),
     ),
@@ -320,7 +324,44 @@ CLI = [
         CH8,
         ["--smoke", "--out", "{tmp}/a_file/out"],
         {},
-        rf"^error: cannot write tables to {{tmp}}/a_file/out {NO_FOLDER}; pass another folder$",
+        rf"^error: --out: cannot write tables to {{tmp}}/a_file/out {NO_FOLDER}; pass another "
+        rf"folder$",
+        (),
+    ),
+    (
+        "ch8-out-in-proc",  # root may write anywhere, but /proc holds no folder of ours
+        CH8,
+        ["--smoke", "--out", "/proc/nope/run"],
+        {},
+        r"^error: --out: cannot write tables to /proc/nope/run \(/proc is on the virtual file "
+        r"system proc, which holds no files\); pass another folder$",
+        ON_LINUX,
+    ),
+    (
+        "ch8-out-held-by-another-run",  # this test's process holds {tmp}/held's lock meanwhile
+        CH8,
+        ["--smoke", "--out", "{tmp}/held"],
+        {},
+        rf"^error: --out {{tmp}}/held is in use by another run \(pid {os.getpid()}\); two runs in "
+        r"one folder would mix their files: wait for it to end, or pass another --out$",
+        (),
+    ),
+    (
+        "ch8-seed-negative",
+        CH8,
+        ["--smoke", "--seed", "-5"],
+        {},
+        r"argument --seed: must be 0 or more, got -5$",
+        (),
+    ),
+    (
+        "ch8-diverges",  # the issue's command: NaN weights at SFT's 2nd step, said in one line
+        CH8,
+        ["--smoke", "--dpo-lr", "1e6", "--sft-lr", "1e6", "--out", "{tmp}/diverges"],
+        {},
+        r"^error: SFT diverged at batch \d+ of \d+ in epoch 1: loss \S+, gradient norm \S+; "
+        r"stopped before the update, nothing saved after it; lower --sft-lr \(now 1e\+06\) and "
+        r"run again$",
         (),
     ),
     # chapter 8's scale flags (chapters.ch8_instruction_dpo.scaled_run): refused before the model or
@@ -557,12 +598,14 @@ SLOW = {
     "download-offline"
 }  # waits for the name lookup to fail: its own driver, so it waits beside the others
 
-# Ctrl-C: (id, command after `python -u -m`, what the one line says, marks); SIGINT once its first
-# line is out
+# Ctrl-C: (id, command after `python -u -m`, the line on stdout after which SIGINT goes (a regex:
+# a known point with seconds of work still ahead, never a time), what the one line says, marks)
+CH1_SGD = r"^§2\.1 Christiano et al\."  # then 200 SGD steps, ~10 s
 CTRL_C = [
     (
         "ctrl-c-chapters",
         ["chapters", "--only", "ch1_preference_models"],
+        CH1_SGD,
         r"^interrupted: stopped by Ctrl-C in ch1_preference_models \(0 of 1 chapters done\); files "
         r"already written are whole$",
         (),
@@ -570,12 +613,14 @@ CTRL_C = [
     (
         "ctrl-c-ch4",
         ["chapters.ch4_dpo"],
+        r"^infinite data \(expected loss\)",  # then 20 data sets at 11 sizes, ~5 s
         r"^interrupted: stopped by Ctrl-C; files already written are whole$",
         (),
     ),
     (
         "ctrl-c-ch1",
         ["chapters.ch1_preference_models"],
+        CH1_SGD,
         r"^interrupted: stopped by Ctrl-C; files already written are whole$",
         (),
     ),
@@ -654,7 +699,32 @@ LIBRARY = [
     (
         "generate-token-beyond-vocab",
         lambda: _gen(ids=_t(64).long()[None]),
-        r"token id 64, outside the model's vocabulary 0..63; encode with the tokenizer",
+        r"^input_ids hold token id 64, outside the model's vocabulary 0\.\.63 \(64 tokens\); "
+        r"encode with the tokenizer",
+        (),
+    ),
+    (
+        "forward-token-beyond-vocab",
+        lambda: _tiny_gpt()(torch.tensor([[1, 2, 70]])),
+        r"^input_ids hold token id 70, outside the model's vocabulary 0\.\.63 \(64 tokens\)",
+        (),
+    ),
+    (
+        "forward-negative-token",  # -100, the ignore index of a cross-entropy, fed as an input
+        lambda: _tiny_gpt()(torch.tensor([[1, -100, 3]])),
+        r"^input_ids hold token id -100, outside the model's vocabulary 0\.\.63 \(64 tokens\)",
+        (),
+    ),
+    (
+        "response-logprobs-token-beyond-vocab",
+        lambda: _call(
+            "chapters.ch4_dpo",
+            "response_logprobs",
+            _t(0).expand(1, 4, 5),
+            _t(0, 1, 5, 2).long()[None],
+            _t(0, 1, 1, 1).bool()[None],
+        ),
+        r"^input_ids hold token id 5, outside the logits' vocabulary 0\.\.4 \(5 tokens\)",
         (),
     ),
     (
@@ -950,7 +1020,10 @@ def _run_drivers(tmp, groups):
         return list(pool.map(one, enumerate(groups)))
 
 
-def _ctrl_c(tmp, name, argv):
+def _ctrl_c(tmp, name, argv, known):
+    """Run `python -m argv`, send SIGINT right after it prints a line matching `known` (its work is
+    then under way, with seconds of it left: no sleep, no race with its end), and collect what it
+    says."""
     env = {**os.environ, **_case_env(tmp, name), "PYTHONUNBUFFERED": "1"}
     # SIGINT's default action in the child: a shell's background job (`pytest &`) starts with SIGINT
     # ignored, and Python then installs no KeyboardInterrupt handler, so the signal would be lost
@@ -964,10 +1037,18 @@ def _ctrl_c(tmp, name, argv):
         stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    first = proc.stdout.readline()  # the work has started
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    watchdog = threading.Timer(CASE_SECONDS, proc.kill)  # a run that hangs before the line
+    watchdog.start()
+    first = ""
+    for line in proc.stdout:  # up to the known point; at EOF the run ended without it
+        first += line
+        if re.search(known, line.strip()):
+            proc.send_signal(signal.SIGINT)
+            break
+    watchdog.cancel()
+    stdout, stderr = proc.communicate(timeout=CASE_SECONDS)
+    if not re.search(known, first, re.M):
+        stderr += f"\n(test: no line matching {known!r} on stdout: SIGINT never sent)"
     plots = Path(env["DPO_PLOTS_DIR"])
     partial = [
         p.name
@@ -994,6 +1075,10 @@ def outcomes(tmp_path_factory):
         "rejected": "Hi.",
     }
     (tmp / "identical.json").write_text(json.dumps([pair] * 40))
+    from chapters.ch8_instruction_dpo.scaled_run import Scale
+
+    held = Scale()
+    held.hold(tmp / "held")  # as a run of chapter 8 would, for ch8-out-held-by-another-run
     cases = [
         {
             "id": i,
@@ -1007,12 +1092,13 @@ def outcomes(tmp_path_factory):
     groups = [fast[0::2], fast[1::2], [c for c in cases if c["id"] in SLOW]]
     with ThreadPoolExecutor(2) as pool:
         drivers = pool.submit(_run_drivers, tmp, groups)
-        ctrl_c = {i: pool.submit(_ctrl_c, tmp, i, argv) for i, argv, _, _ in CTRL_C}
+        ctrl_c = {i: pool.submit(_ctrl_c, tmp, i, argv, at) for i, argv, at, _, _ in CTRL_C}
         results = [r for group in drivers.result() for r in group]
         outcomes = {
             **{c["id"]: r for c, r in zip([c for g in groups for c in g], results)},
             **{i: f.result() for i, f in ctrl_c.items()},
         }
+    held.close()
     for o in outcomes.values():
         o["stdout"], o["stderr"] = (o[k].replace(str(tmp), "{tmp}") for k in ("stdout", "stderr"))
     return outcomes
@@ -1043,7 +1129,7 @@ def test_bad_command_line_gets_one_line_and_writes_nothing(outcomes, name, expec
 
 
 @pytest.mark.parametrize(
-    "name, expected", [pytest.param(i, e, id=i, marks=m) for i, _, e, m in CTRL_C]
+    "name, expected", [pytest.param(i, e, id=i, marks=m) for i, _, _, e, m in CTRL_C]
 )
 def test_ctrl_c_gets_one_line_exit_130_and_no_partial_file(outcomes, name, expected):
     assert outcomes[name]["code"] == 130, outcomes[name]

@@ -166,6 +166,54 @@ def test_efficiency_measures_gains_from_the_reference_reward_and_is_nan_at_zero_
         task.frontier_reward(1.0, [0.0, 1.0], [0.0])
 
 
+# two prompts, two responses each: π_ref(y1 | x) = p, r*(x, ·) = (a, b); E_ref[r*] = 2.4 and 0.1, so
+# their mean 1.25 is not 0 and a gain measured from 0 (or from |frontier|) is wrong
+BANDIT = [(0.7, 3.0, 1.0), (0.2, -0.5, 0.25)]
+
+
+def bandit_optimum(beta):
+    """Eq. (36) for the bandit in closed form, float64: π*_β(y1 | x) = σ((a − b)/β + logit p), then
+    E[r*] and KL(π*‖π_ref) by their two-term sums, each averaged over the two prompts."""
+    rewards, kls = [], []
+    for p, a, b in BANDIT:
+        q = 1 / (1 + math.exp(-((a - b) / beta + math.log(p / (1 - p)))))
+        rewards.append(q * a + (1 - q) * b)
+        kls.append(q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p)))
+    return sum(rewards) / 2, sum(kls) / 2
+
+
+def test_efficiency_on_a_bandit_whose_frontier_is_known_in_closed_form():
+    """Chapter 7's headline number, (reward − E_ref[r*]) / (frontier(KL) − E_ref[r*]), exact to 1e-9
+    where E_ref[r*] ≠ 0: at a frontier point and on the chord between two."""
+    logp_ref = torch.tensor([[p, 1 - p] for p, _, _ in BANDIT], dtype=torch.float64).log()
+    rewards = torch.tensor([[a, b] for _, a, b in BANDIT], dtype=torch.float64)
+    betas = [0.25, 0.5, 1.0, 2.0, 4.0]
+    front_rewards, front_kls = task.exact_frontier(logp_ref, rewards, betas)
+    closed = [bandit_optimum(beta) for beta in betas]
+    assert np.allclose(front_rewards, [r for r, _ in closed], rtol=0, atol=1e-12)
+    assert np.allclose(front_kls, [kl for _, kl in closed], rtol=0, atol=1e-12)
+    ref_reward = sum(p * a + (1 - p) * b for p, a, b in BANDIT) / 2  # 1.25
+    assert task.exact_reward_and_kl(logp_ref, logp_ref, rewards) == pytest.approx(
+        (ref_reward, 0.0), abs=1e-15
+    )
+    front = ([ref_reward, *front_rewards], [0.0, *front_kls])  # π_ref's point at KL 0, as ch7 adds
+
+    # at β = 1's KL the frontier is β = 1's reward: a point with 3/10 of its gain
+    (r1, kl1), (r2, kl2) = bandit_optimum(1.0), bandit_optimum(0.5)
+    point = ref_reward + 0.3 * (r1 - ref_reward)
+    assert task.efficiency(point, kl1, *front, ref_reward=ref_reward) == pytest.approx(
+        0.3, abs=1e-9
+    )
+    # between β = 1 and β = 0.5 the frontier is their chord
+    kl = 0.25 * kl1 + 0.75 * kl2
+    chord = 0.25 * r1 + 0.75 * r2
+    expected = (1.5 - ref_reward) / (chord - ref_reward)
+    assert task.efficiency(1.5, kl, *front, ref_reward=ref_reward) == pytest.approx(
+        expected, abs=1e-9
+    )
+    assert task.frontier_reward(kl, *front) == pytest.approx(chord, abs=1e-12)
+
+
 def best_of_n_by_brute_force(p_ref, scores, n):
     """Enumerate every n-tuple of draws; the best score wins, ties split evenly among the tied
     draws.

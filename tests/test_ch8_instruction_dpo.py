@@ -714,13 +714,13 @@ def test_max_length_beyond_the_context_is_refused_before_the_data(tmp_path, monk
             "too long",
             [
                 {
-                    "instruction": "word " * 300,
+                    "instruction": f"{i} " + "word " * 300,  # 30 entries, not one repeated
                     "input": "",
                     "output": "",
                     "chosen": "a",
                     "rejected": "b",
                 }
-                for _ in range(30)
+                for i in range(30)
             ],
             "16/4/4) 0 have chosen == rejected and 20 are longer than --max-length 256",
         ),

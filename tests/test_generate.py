@@ -159,12 +159,12 @@ BAD_GENERATE = [  # (keyword arguments of generate, what its ValueError says)
     (dict(max_new_tokens=-1), r"^max_new_tokens must be an integer >= 1, got -1$"),
     (
         dict(input_ids=torch.tensor([[1, 64]])),
-        r"^input_ids hold token id 64, outside the model's vocabulary 0..63; "
+        r"^input_ids hold token id 64, outside the model's vocabulary 0..63 \(64 tokens\); "
         "encode with the tokenizer the checkpoint was trained with$",
     ),
     (
         dict(input_ids=torch.tensor([[-1, 3]])),
-        r"^input_ids hold token id -1, outside the model's vocabulary 0..63;",
+        r"^input_ids hold token id -1, outside the model's vocabulary 0..63 \(64 tokens\);",
     ),
     (
         dict(input_ids=torch.zeros(1, 0, dtype=torch.long)),

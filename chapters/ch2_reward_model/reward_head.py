@@ -22,6 +22,7 @@ from tqdm import tqdm
 import gpt
 from chapters.ch2_reward_model.bradley_terry import bt_probability, reward_model_loss
 from chapters.common.rows import right_pad
+from chapters.training.loop import check_finite, gradient_norm
 
 
 @dataclass
@@ -124,14 +125,16 @@ def train_reward_model(
     (a list).
 
     Minibatches run through the data in a shuffled order (`generator` seeds it), epoch after epoch.
-    Leaves the model in eval mode.
+    Leaves the model in eval mode. A non-finite loss or gradient norm stops it before that step's
+    update (`chapters.training.loop.Diverged`, one line).
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
     order, losses = torch.empty(0, dtype=torch.long), []
-    for _ in tqdm(range(steps), desc="reward model", disable=not progress, leave=False):
+    bar = tqdm(range(steps), desc="reward model", disable=not progress, leave=False)
+    for step in bar:
         if len(order) < batch_size:
             order = torch.cat([order, torch.randperm(len(pairs), generator=generator)])
         batch, order = order[:batch_size], order[batch_size:]
@@ -139,6 +142,17 @@ def train_reward_model(
         loss = reward_model_loss(r_w, r_l)
         opt.zero_grad()
         loss.backward()
+        norm = float(gradient_norm(model.parameters()))
+        if not (math.isfinite(loss.item()) and math.isfinite(norm)):
+            bar.close()
+            where = f"step {step + 1} of {steps}"
+            check_finite(
+                "the reward model",
+                where,
+                loss.item(),
+                norm,
+                f"train_reward_model's lr (now {lr:g})",
+            )
         opt.step()
         losses.append(loss.item())
     model.eval()

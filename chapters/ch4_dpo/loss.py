@@ -45,6 +45,7 @@ def response_logprobs(
         )
     if input_ids.dtype != torch.long:
         raise ValueError(f"input_ids must be token ids of dtype torch.long, got {input_ids.dtype}")
+    gpt.model.check_token_ids(input_ids, logits.shape[-1], whose="the logits'")
     if response_mask[:, 0].any():
         raise ValueError(
             "response_mask marks position 0, which no logits predict; put the prompt (or a BOS) "

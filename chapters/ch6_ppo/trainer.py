@@ -29,6 +29,7 @@ from chapters.ch6_ppo.objective import (
     value_loss,
     whiten,
 )
+from chapters.training.loop import check_finite, gradient_norm
 from gpt.generation import left_pad
 
 
@@ -213,8 +214,14 @@ class PPOTrainer:
                 objective = ppo_objective(surrogate, v_loss, ent, mask, cfg.vf_coef, cfg.ent_coef)
                 self.optimizer.zero_grad()
                 (-objective).backward()
-                if cfg.max_grad_norm is not None:
+                norm = float(
                     nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if cfg.max_grad_norm is not None
+                    else gradient_norm(params)
+                )
+                where = f"iteration {len(self.history) + 1}, update {len(logs) + 1}"
+                lower = f"PPOConfig.lr (now {cfg.lr:g})"
+                check_finite("PPO", where, -objective.item(), norm, lower)  # before the update
                 self.optimizer.step()
                 with torch.no_grad():
                     ratio = torch.exp(logp - old_logp)

@@ -35,6 +35,7 @@ import copy
 import csv
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from chapters.ch8_instruction_dpo.win_rates import SBERT, generate_runs, load_sb
 from chapters.common.files import atomic_open, check_writable
 from chapters.common.runtime import ChapterSkipped, one_thread
 from gpt import GPT, GPTConfig, get_tokenizer
-from gpt.cli import nonnegative_float, positive_float, positive_int, run, summary
+from gpt.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, run, summary
 from gpt.config import PRESETS
 from gpt.download import DownloadError
 from gpt.tokenizer import EOS_ID
@@ -263,7 +264,7 @@ def parse_args(argv):
         help="path of instruction-data-with-preference.json (default: data/, downloaded once)",
     )
     p.add_argument("--out", help="folder for tables and generations (default runs/ch8_<model>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed, 0 or more")
     p.add_argument(
         "--betas",
         type=positive_float,
@@ -564,8 +565,29 @@ def run_ladder(args, base, data, sbert, scale) -> list:
     return rows
 
 
+def check_paths(args):
+    """Every path of the command line, judged in its first second (nothing loaded, nothing
+    written): the weights, the data file, the figures' and the tables' folders. ValueError or
+    PermissionError, one line naming the flag."""
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    if args.data is not None:
+        try:
+            pdata.data_file(args.data)
+        except ValueError as err:
+            raise ValueError(f"--data: {err}") from None
+    check_writable()
+    scaled_run.check_out_folder(args.out)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        check_paths(args)
+    except (ValueError, OSError):
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 says it, once
+            raise SystemExit(2) from None
+        raise
     scale = scaled_run.start(
         args, alone="--ladder" if args.ladder else "--authors-setup" if args.authors_setup else None
     )
@@ -634,9 +656,9 @@ def _main(args, scale):
             f"exceeds "
             f"the model's context of {context}; lower --max-new-tokens or --max-length"
         )
-    # the cheap checks first: a wrong folder is told before SBERT's seconds of loading
-    check_writable()
-    check_writable(args.out, "tables")
+    # the folders were judged at the start (check_paths); the run folder is now this run's alone,
+    # before SBERT's seconds of loading
+    scale.hold(args.out)
     sbert = (
         load_sbert(args.sbert, args.device) if scale.dist.main else None
     )  # now, not after hours of training

@@ -104,8 +104,23 @@ def validate(entries) -> list:
     return entries
 
 
+def deduplicate(entries) -> tuple:
+    """(the entries with each exact duplicate dropped, keeping its first copy in file order, the
+    number dropped). Two entries are duplicates when their instruction, input, chosen and rejected
+    texts are all equal: the same preference pair, which a split by rows could put in train and in
+    test alike."""
+    seen, kept = set(), []
+    for e in entries:
+        key = tuple(e[k] for k in ("instruction", "input", "chosen", "rejected"))
+        if key not in seen:
+            seen.add(key)
+            kept.append(e)
+    return kept, len(entries) - len(kept)
+
+
 def load(path=None) -> list:
-    """Fetch, parse and validate the data set; a list of dicts with keys KEYS."""
+    """Fetch, parse and validate the data set, and drop its exact duplicates (`deduplicate`, said
+    in one line) before anything splits it; a list of dicts with keys KEYS."""
     path = data_file(path)
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -113,7 +128,14 @@ def load(path=None) -> list:
         raise ValueError(
             f"{path} is not valid JSON ({e}); re-download it or fix the file"
         ) from None
-    return validate(entries)
+    entries, dropped = deduplicate(validate(entries))
+    if dropped:
+        print(
+            f"data: dropped {dropped} exact duplicate entr{'y' if dropped == 1 else 'ies'} of "
+            f"{len(entries) + dropped} in {path} (same instruction, input, chosen and rejected), "
+            f"before the split, so that no pair sits in two splits; {len(entries)} left"
+        )
+    return entries
 
 
 def split(n: int, seed: int = 0) -> dict:

@@ -132,6 +132,7 @@ def pretrain_base(
         pad_id=eos_id,
         label="base",
         scale=scale,
+        lr_flag="--base-lr",
     )
     return model.eval(), history
 

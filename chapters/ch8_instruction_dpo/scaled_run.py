@@ -13,7 +13,10 @@ The run folder (--out) holds, besides the tables:
   history.json (the phase's rows and fingerprint), written last: a phase whose history.json is there
   is finished, and --resume takes it as it is;
 - reference_<split>.safetensors: the frozen reference's cache
-  (`chapters.ch8_instruction_dpo.reference_store`).
+  (`chapters.ch8_instruction_dpo.reference_store`);
+- run.lock: held by the run writing the folder, for its whole life (`Scale.hold`; the kernel lets go
+  when the process ends, even by `kill -9`), with its pid inside: a second run into the folder stops
+  at once with one line, instead of mixing its files with the first one's.
 With every new flag left off, a run computes what it computed before them: one process, one
 micro-batch, a constant learning rate, and the same numbers; only the files above are added.
 
@@ -31,13 +34,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from chapters.ch8_instruction_dpo.dpo_step import ReferenceCache
 from chapters.ch8_instruction_dpo.reference_store import (
     build_order,
     cached_reference,
     reference_fingerprint,
 )
-from chapters.common.files import atomic_open
+from chapters.common.files import atomic_open, check_writable
 from chapters.training import distributed
 from chapters.training.checkpoints import DECAYS, fingerprint_difference, save_gpt2
 from gpt.cli import nonnegative_int, positive_int
@@ -79,13 +84,69 @@ def add_arguments(parser):
         "--save-every",
         type=nonnegative_int,
         default=0,
-        help="write a checkpoint every this many updates too (default: at epoch ends and on stop)",
+        help="also write a checkpoint every this many updates (default 0 = never: only at epoch "
+        "ends and on a stop)",
     )
     g.add_argument(
         "--rebuild-reference-cache",
         action="store_true",
         help="rebuild a reference cache whose fingerprint no longer matches, instead of stopping",
     )
+
+
+LOCK = "run.lock"
+# file systems that hold no files of ours, whatever the permissions say (/proc, /sys, ...)
+VIRTUAL_FILE_SYSTEMS = {
+    "proc",
+    "sysfs",
+    "cgroup",
+    "cgroup2",
+    "debugfs",
+    "tracefs",
+    "securityfs",
+    "configfs",
+    "devpts",
+    "mqueue",
+    "bpf",
+    "pstore",
+    "fusectl",
+}
+
+
+def _file_system(path: Path):
+    """The type of the file system holding `path` (Linux's /proc/self/mounts), or None where
+    unknown."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    path, best, kind = str(path.resolve()), "", None
+    for line in mounts:
+        _, point, fs, *_ = line.split()
+        point = point.replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fs
+    return kind
+
+
+def check_out_folder(folder) -> Path:
+    """--out, judged before anything loads and without writing anything: refused
+    (PermissionError, one line naming the flag) when its nearest existing folder is a file, not
+    writable, or on a virtual file system (/proc, /sys) where no folder can be made."""
+    folder = Path(folder)
+    try:
+        check_writable(folder, "tables")
+    except PermissionError as err:
+        raise PermissionError(f"--out: {err}") from None
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    kind = _file_system(existing)
+    if kind in VIRTUAL_FILE_SYSTEMS:
+        raise PermissionError(
+            f"--out: cannot write tables to {folder} ({existing} is on the virtual file system "
+            f"{kind}, which holds no files); pass another folder"
+        )
+    return folder
 
 
 @dataclass
@@ -104,9 +165,41 @@ class Scale:
     fingerprint: dict = field(
         default_factory=dict
     )  # what every phase of the run shares (model, data, lengths)
+    lock: FileLock = None  # the run folder's, while `hold` has it
+
+    def hold(self, folder):
+        """Make `folder` and hold its run.lock until `close` (or the process's end, however it
+        ends); rank 0 holds it for every rank. Another run holding it: ValueError with one line
+        naming the folder and that run's pid, on every rank."""
+        folder, error = Path(folder), None
+        if self.dist.main:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                lock = FileLock(folder / LOCK, timeout=0)
+                lock.acquire()
+                (folder / LOCK).write_text(f"{os.getpid()}\n")
+                self.lock = lock
+            except Timeout:
+                try:
+                    pid = (folder / LOCK).read_text().strip() or "unknown"
+                except OSError:
+                    pid = "unknown"
+                error = (
+                    f"--out {folder} is in use by another run (pid {pid}); two runs in one folder "
+                    "would mix their files: wait for it to end, or pass another --out"
+                )
+            except OSError as err:
+                error = f"--out: cannot make {folder} ({err.strerror or err}); pass another folder"
+        error = self.dist.broadcast(error)
+        if error:
+            raise ValueError(error)
 
     def close(self):
-        """End the process group (torchrun); a no-op for N = 1."""
+        """Let go of the run folder's lock and end the process group (torchrun; a no-op for N =
+        1)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         distributed.close(self.dist)
 
     def checkpoint(self, phase: str):

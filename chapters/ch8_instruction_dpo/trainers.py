@@ -157,13 +157,14 @@ def train_sft(
     label: str = "SFT",
     scale: Scale = None,
     weight=None,
+    lr_flag: str = "--sft-lr",
 ) -> list:
     """Fine-tune `model` in place on (prompt, chosen); returns rows {epoch, train_loss,
     validation_loss}.
 
     `label` names the phase in progress bars, printed lines and saved files. `weight(idx)`: what
     `loss_fn` averages over in pairs idx, for micro-batches (default: response tokens, as
-    `sft_loss`).
+    `sft_loss`). `lr_flag`: the flag a divergence asks to lower.
     """
     scale, phase = scale or Scale(), label.lower().replace(" ", "_")
     fingerprint = _fingerprint(
@@ -240,6 +241,7 @@ def train_sft(
             grad_accum=scale.grad_accum,
             stop=stop,
             desc=label,
+            lr_flag=lr_flag,
         )
     trained = _finish(scale, phase, engine, trained, history["rows"], run.fingerprint)
     if trained is not model:
@@ -308,6 +310,7 @@ def train_dpo(
     pad_id: int,
     step=dpo_step,
     scale: Scale = None,
+    lr_flag: str = "--dpo-lr",
 ):
     """Report eq. (38) minimised from π_θ = π_SFT with π_ref = π_SFT frozen (`caches` "train" and
     "validation" hold it); returns the policy, one row per step and rows per epoch (epoch 0:
@@ -315,7 +318,7 @@ def train_dpo(
 
     A train cache built in `first_epoch_batches(train, batch_size, seed)`
     (`Scale.reference_caches(..., seed=)`) makes the first step exact when the policy starts at the
-    reference: loss ln 2, every margin 0.
+    reference: loss ln 2, every margin 0. `lr_flag`: the flag a divergence asks to lower.
     """
     scale, phase = scale or Scale(), f"dpo_beta_{beta:g}"
     fingerprint = _fingerprint(
@@ -413,6 +416,7 @@ def train_dpo(
             grad_accum=scale.grad_accum,
             stop=stop,
             desc=f"DPO β={beta}",
+            lr_flag=lr_flag,
         )
     policy = _finish(scale, phase, engine, policy, history, run.fingerprint)
     policy.eval()

@@ -173,10 +173,11 @@ def save_checkpoint(
     return path
 
 
-def load_training_checkpoint(path, fingerprint: dict) -> dict:
+def load_training_checkpoint(path, fingerprint: dict, may_differ=()) -> dict:
     """The checkpoint at `path`, refused with one line (ValueError) when it is unreadable or cut
     short, not a training checkpoint of this project, or written by a run with other settings or
-    data than `fingerprint`."""
+    data than `fingerprint` (the keys in `may_differ` aside: a learning rate lowered after a
+    divergence)."""
     path = Path(path)
     resume = "rerun without --resume to start afresh"
     try:
@@ -204,7 +205,11 @@ def load_training_checkpoint(path, fingerprint: dict) -> dict:
         raise ValueError(
             f"checkpoint {path} lacks {', '.join(missing)}: it is incomplete; {resume}"
         )
-    differ = fingerprint_difference(state["fingerprint"], _jsonable(fingerprint))
+    saved, wanted = state["fingerprint"], _jsonable(fingerprint)
+    differ = fingerprint_difference(
+        {k: v for k, v in saved.items() if k not in may_differ},
+        {k: v for k, v in wanted.items() if k not in may_differ},
+    )
     if differ:
         raise ValueError(
             f"checkpoint {path} was written by another run ({differ}); resume with the same "
