@@ -31,16 +31,14 @@ from chapters.ch8_instruction_dpo import miniature
 from chapters.ch8_instruction_dpo.data import Pair, length_grouped_batches
 from chapters.ch8_instruction_dpo.dpo_step import (
     ReferenceCache,
-    autocast,
     first_epoch_batches,
     sequence_logprobs,
 )
 from chapters.ch8_instruction_dpo.length_control import add_length_columns
 from chapters.ch8_instruction_dpo.trainers import dpo_evaluate, dpo_step, train_dpo, train_sft
-from chapters.ch8_instruction_dpo.win_rates import bootstrap_interval, score_runs
+from chapters.ch8_instruction_dpo.win_rates import bootstrap_interval, sample_rows, score_runs
 from chapters.common.rows import rows_batch
-from gpt import generate, get_tokenizer
-from gpt.generation import left_pad
+from gpt import get_tokenizer
 from gpt.tokenizer import EOS_ID
 
 
@@ -162,19 +160,17 @@ def cut_at_eos(tokens: list, eos_id: int) -> list:
 
 def sample_tokens(model, prompts, temperature, *, max_new_tokens, eos_id, generator, device):
     """One response per prompt (token lists, through EOS) from one batched KV-cache `generate`
-    call on the left-padded prompts; `temperature` 0 is greedy."""
-    ids, mask = left_pad(prompts, eos_id)  # (B, T) each
-    with autocast(device):
-        new = generate(
-            model,
-            ids.to(device),
-            max_new_tokens,
-            temperature=temperature,
-            eos_id=eos_id,
-            attention_mask=mask.to(device),
-            generator=generator,
-        )[:, ids.shape[1] :]  # (B, new)
-    return [cut_at_eos(row, eos_id) for row in new.tolist()]
+    call on the left-padded prompts (chapter 8's `sample_rows`); `temperature` 0 is greedy."""
+    rows = sample_rows(
+        model,
+        prompts,
+        temperature,
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        generator=generator,
+        device=device,
+    )
+    return [cut_at_eos(row, eos_id) for row in rows]
 
 
 def decode(vocab, tokens, eos_id: int) -> str:

@@ -26,6 +26,24 @@ from gpt.generation import left_pad
 SBERT = "all-MiniLM-L6-v2"
 
 
+def sample_rows(model, prompts, temperature, *, max_new_tokens, eos_id, generator, device) -> list:
+    """The new tokens of one batched KV-cache `generate` call on the left-padded `prompts` (token
+    lists), one list a prompt, up to `max_new_tokens` (EOS and what follows it included);
+    `temperature` 0 is greedy."""
+    ids, mask = left_pad(prompts, eos_id)  # (B, T) each
+    with autocast(device):
+        new = generate(
+            model,
+            ids.to(device),
+            max_new_tokens,
+            temperature=temperature,
+            eos_id=eos_id,
+            attention_mask=mask.to(device),
+            generator=generator,
+        )[:, ids.shape[1] :]  # (B, new)
+    return new.tolist()
+
+
 def generate_responses(
     model,
     pairs,
@@ -43,19 +61,16 @@ def generate_responses(
     generator = torch.Generator(device=device).manual_seed(seed + round(1000 * temperature))
     out = [None] * len(pairs)
     for idx in length_grouped_batches([len(p.prompt) for p in pairs], batch_size, 0, shuffle=False):
-        ids, mask = left_pad([pairs[i].prompt for i in idx], eos_id)
-        with autocast(device):
-            new = generate(
-                model,
-                ids.to(device),
-                max_new_tokens,
-                temperature=temperature,
-                eos_id=eos_id,
-                attention_mask=mask.to(device),
-                generator=generator,
-            )[:, ids.shape[1] :]  # (B, new)
-        for row, i in enumerate(idx):
-            tokens = new[row].tolist()
+        rows = sample_rows(
+            model,
+            [pairs[i].prompt for i in idx],
+            temperature,
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            generator=generator,
+            device=device,
+        )
+        for tokens, i in zip(rows, idx):
             out[i] = tokenizer.decode(
                 tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
             ).strip()
