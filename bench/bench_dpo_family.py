@@ -1,8 +1,8 @@
 """Chapter 10's losses against TRL 1.16's, on the same log-probs: max |Δ| per kind, and where TRL's
 convention differs.
 
-    python3 -m venv --system-site-packages /tmp/benchvenv && /tmp/benchvenv/bin/pip install
-    trl==1.16.0
+    python3 -m venv --system-site-packages /tmp/benchvenv
+    /tmp/benchvenv/bin/pip install trl==1.16.0
     /tmp/benchvenv/bin/python bench/bench_dpo_family.py [--pairs 256] [--seed 0]
 
 TRL computes its losses inside its trainers' loss methods, from a model's outputs. Here each method

@@ -1,12 +1,12 @@
 """Time per DPO step: chapter 8's fast step vs TRL's DPOTrainer vs a plain loop, on identical
 weights and data.
 
-    python3 -m venv --system-site-packages /tmp/benchvenv && /tmp/benchvenv/bin/pip install
-    trl==1.16.0
-    /tmp/benchvenv/bin/python bench/bench_dpo_step.py                      # CPU, gpt2 (124M) shape,
-    float32
-    /tmp/benchvenv/bin/python bench/bench_dpo_step.py --shape gpt2-medium --device cuda   # GPU,
-    bf16 autocast
+    python3 -m venv --system-site-packages /tmp/benchvenv
+    /tmp/benchvenv/bin/pip install trl==1.16.0
+    # CPU, gpt2 (124M) shape, float32:
+    /tmp/benchvenv/bin/python bench/bench_dpo_step.py
+    # GPU, bf16 autocast:
+    /tmp/benchvenv/bin/python bench/bench_dpo_step.py --shape gpt2-medium --device cuda
 
 Random weights of the GPT-2 shape (the same tensors in transformers' GPT2LMHeadModel for TRL and in
 gpt.GPT for ours, through gpt.load_gpt2), 8 pairs a batch from the instruction-preference data set's

@@ -1,23 +1,19 @@
 """A GPU check of chapter 8's DPO step, ready to run: gpt2-medium shape, bf16 autocast, against TRL
 on the same GPU.
 
-    python3 bench/gpu_check.py             # needs CUDA; about 3 min on one H100/H200, at most
-    --budget-s (7.5 min)
+    python3 bench/gpu_check.py   # needs CUDA; about 3 min on one H100/H200, at most --budget-s
 
 Random weights of the gpt2-medium shape (no weights can be downloaded), built and compared with the
 helpers of bench/bench_dpo_step.py (the same tensors in transformers' GPT2LMHeadModel for TRL and in
 gpt.GPT for ours).
 1. bf16 against fp32: the DPO loss and its gradient on the same batches, chapter 8's fast step in
-bf16 autocast
-   (as chapter 8 trains on a GPU) and the plain step in bf16, each against the plain step in fp32.
+   bf16 autocast (as chapter 8 trains on a GPU) and the plain step in bf16, each against the plain
+   step in fp32.
 2. s / step, tokens / s and MFU of TRL's DPOTrainer (bf16=True) and of the fast step, on the same
-GPU, ours timed
-   right after each of TRL's steps (bench_dpo_step.StepTimer). MFU = the FLOPs each method's
-   algorithm performs on
-   the real (non-padding) tokens / (s / step × the GPU's dense bf16 peak): 2 FLOPs per weight per
-   token forward,
-   4 backward, the output head only where the method applies it, attention's T² term left out (< 5%
-   at 256 tokens).
+   GPU, ours timed right after each of TRL's steps (bench_dpo_step.StepTimer). MFU = the FLOPs
+   each method's algorithm performs on the real (non-padding) tokens / (s / step × the GPU's dense
+   bf16 peak): 2 FLOPs per weight per token forward, 4 backward, the output head only where the
+   method applies it, attention's T² term left out (< 5% at 256 tokens).
 3. With 2+ GPUs: the fast step under DDP and under FSDP2 on 2 processes (NCCL), global batch 2 ×
 --batch-size. Without CUDA it stops with one line. TRL rows need `trl` (and datasets, accelerate)
 importable; else one line says they were skipped and the rest runs.

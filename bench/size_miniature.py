@@ -1,8 +1,8 @@
-"""Sizing chapter 8's miniature: base pretraining then SFT for one width/depth, on one thread,
+r"""Sizing chapter 8's miniature: base pretraining then SFT for one width/depth, on one thread,
 measured.
 
-    python3 bench/size_miniature.py --n-embd 128 --n-layer 2 --n-head 4 --base-epochs 6 --base-lr
-    2e-3 --dropout 0.1
+    python3 bench/size_miniature.py --n-embd 128 --n-layer 2 --n-head 4 --base-epochs 6 \
+        --base-lr 2e-3 --dropout 0.1
 
 Prints one JSON line: the base model's validation loss per epoch, the SFT loss on the validation
 split's chosen responses per SFT epoch (the number the size is chosen by, with the unigram baseline

@@ -1,8 +1,8 @@
 """Run every chapter in the report's order and end with a summary table.
 
     python -m chapters                 # all chapters, default settings
-    python -m chapters --quick         # each chapter's quick form, where it has one; hours-long
-    chapters skipped
+    python -m chapters --quick         # each chapter's quick form where it has one; hours-long
+                                       # chapters skipped
     python -m chapters --only ch4_dpo  # a subset
     python -m chapters --serial        # every chapter in this process, one after another
 

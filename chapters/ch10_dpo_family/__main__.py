@@ -9,10 +9,8 @@ recover it, which recover it for a changed reward, which do not, and by how much
 Then, on chapter 7's miniature (same π_ref, pairs, budget; two of its β), every variant is trained
 and each checkpoint placed on the exact reward–KL frontier, with chapter 7's efficiency.
 
-    python3 -m chapters.ch10_dpo_family          # every claim beside the number that checks it
-    (under 3 min, 2 cores)
-    python3 -m chapters.ch10_dpo_family --quick  # a short form of the same run; writes *_quick
-    files
+    python3 -m chapters.ch10_dpo_family          # every claim beside its check (< 3 min, 2 cores)
+    python3 -m chapters.ch10_dpo_family --quick  # a short form of the same run; *_quick files
 """
 
 import argparse

@@ -1,21 +1,17 @@
 """Chapter 8 (report §6.2, Figs. 3–4): the report's GPT-2 SFT → DPO experiment, done right, with
 SBERT win rates.
 
-    python -m chapters.ch8_instruction_dpo --model gpt2-medium   # the report's model
-    python -m chapters.ch8_instruction_dpo --model gpt2          # 124M, faster
-    python -m chapters.ch8_instruction_dpo --checkpoint PATH     # local GPT-2 files
-    python -m chapters.ch8_instruction_dpo --miniature           # a GPT-2 trained here from random
-    weights (~3 min)
-    python -m chapters.ch8_instruction_dpo --miniature --authors-setup   # the report authors'
-    pipeline, mistakes in
-    python -m chapters.ch8_instruction_dpo --miniature --ladder  # their mistakes fixed one at a
-    time (~23 min)
-    python -m chapters.ch8_instruction_dpo --smoke               # whole pipeline, tiny random
-    GPT-2, < 1 min
-    torchrun --standalone --nproc_per_node 2 -m chapters.ch8_instruction_dpo --model gpt2-medium   #
-    DDP (--fsdp)
-    python -m chapters.ch8_instruction_dpo --model gpt2-medium --resume   # after Ctrl-C: continue
-    the run in --out
+    python -m chapters.ch8_instruction_dpo --model gpt2-medium  # the report's model
+    python -m chapters.ch8_instruction_dpo --model gpt2         # 124M, faster
+    python -m chapters.ch8_instruction_dpo --checkpoint PATH    # local GPT-2 files
+    python -m chapters.ch8_instruction_dpo --miniature          # GPT-2 trained here (~6 min)
+    python -m chapters.ch8_instruction_dpo --miniature --authors-setup  # the authors' pipeline
+    python -m chapters.ch8_instruction_dpo --miniature --ladder # their mistakes fixed one by one
+    python -m chapters.ch8_instruction_dpo --smoke              # tiny random GPT-2, < 1 min
+    # DDP (or --fsdp) on 2 processes:
+    torchrun --standalone --nproc_per_node 2 -m chapters.ch8_instruction_dpo --model gpt2-medium
+    # after Ctrl-C: continue the run in --out
+    python -m chapters.ch8_instruction_dpo --model gpt2-medium --resume
 
 With no model named and no GPT-2 weights in the cache, the chapter runs the miniature
 (`chapters.ch8_instruction_dpo.miniature`): a base model pretrained here on the training split's
