@@ -1,13 +1,10 @@
 """The GPT-2 reward model r_φ(x, y) and its training on eq. (26): the machinery chapters 2, 7 and 10
 train and query.
 
-    pairs = PreferencePairs.from_token_lists(chosen, rejected)   # prompt + y_w, prompt + y_l token
-    lists
-    rm = RewardModel(gpt.GPT(config))                            # or
-    RewardModel(copy.deepcopy(sft_model))
-    train_reward_model(rm, pairs, steps=400)                     # AdamW on eq. (26)
-    pair_accuracy(rm, pairs)                                     # share of pairs with r_φ(y_w) >
-    r_φ(y_l)
+    pairs = PreferencePairs.from_token_lists(chosen, rejected)  # prompt + y_w, prompt + y_l
+    rm = RewardModel(gpt.GPT(config))           # or RewardModel(copy.deepcopy(sft_model))
+    train_reward_model(rm, pairs, steps=400)    # AdamW on eq. (26)
+    pair_accuracy(rm, pairs)                    # share of pairs with r_φ(y_w) > r_φ(y_l)
 
 The loss itself, eq. (26), is `chapters.ch2_reward_model.reward_model_loss`.
 """
@@ -67,10 +64,8 @@ class RewardModel(nn.Module):
     """Report §3.3: r_φ(x, y), a GPT-2 with a linear layer on top giving one scalar, read at the
     last real token.
 
-        rm = RewardModel(gpt.GPT(config))        # or RewardModel(copy.deepcopy(sft_model)): start
-        from π_SFT
-        r = rm(input_ids, attention_mask)        # (B, T) ids of prompt + response, mask 1 = real ->
-        (B,)
+        rm = RewardModel(gpt.GPT(config))  # or RewardModel(copy.deepcopy(sft_model)): from π_SFT
+        r = rm(input_ids, attention_mask)  # (B, T) ids of prompt + response, mask 1 = real -> (B,)
 
     Padding may sit on the right (as `PreferencePairs` builds it) or on the left (as `gpt.generate`
     returns); either way the head reads `backbone.hidden_states` at the last position whose mask is

@@ -169,10 +169,9 @@ class SweepPool:
     (one under `chapters.common.one_thread`); workers = 1 trains them in this process, lazily, as
     they are asked for.
 
-        with SweepPool(shared, workers=2) as pool:   # shared: cfg, ref, data, prompts, logp_ref,
-        rewards
-            results = pool.run(sweeps)   # an iterator over train_and_enumerate(sweep), in the order
-            given
+        # shared: cfg, ref, data, prompts, logp_ref, rewards
+        with SweepPool(shared, workers=2) as pool:
+            results = pool.run(sweeps)  # train_and_enumerate(sweep) of each, in the order given
     """
 
     def __init__(self, shared: dict, workers: int):

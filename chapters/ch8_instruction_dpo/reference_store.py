@@ -2,9 +2,8 @@
 stale.
 
     cache = cached_reference(out / "reference_train.safetensors", reference, pairs, EOS_ID,
-    batch_size=8,
-                             fingerprint=reference_fingerprint(reference, pairs, max_length=256),
-                             dist=d)
+                             batch_size=8, dist=d,
+                             fingerprint=reference_fingerprint(reference, pairs, max_length=256))
 
 The file holds `chapters.ch8_instruction_dpo.dpo_step.ReferenceCache`'s tensors (log π_ref of each
 chosen and rejected response and the reference's final hidden states at the response positions) and,

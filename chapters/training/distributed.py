@@ -1,18 +1,16 @@
 """Chapter 8 on N processes: torch.distributed from torchrun's environment; a plain run is the N = 1
 case.
 
-    torchrun --standalone --nproc_per_node 2 -m chapters.ch8_instruction_dpo ...   # gloo on CPU,
-    NCCL on CUDA
-    python -m chapters.ch8_instruction_dpo ...                                      # N = 1, the
-    same code
+    # gloo on CPU, NCCL on CUDA:
+    torchrun --standalone --nproc_per_node 2 -m chapters.ch8_instruction_dpo ...
+    python -m chapters.ch8_instruction_dpo ...  # N = 1, the same code
 
 Every rank draws the same length-grouped global batches (same seed). Rank r takes pairs r, r + N,
-... of each
-(`shard`), cut into K = --grad-accum micro-batches (`micro_batches`). A micro-batch's mean loss is
-weighted by its share of the global batch, times N because DDP and FSDP average gradients over ranks
-(`loss_scale`), so the summed gradient is the gradient of the global batch's mean loss whatever N
-and K (tests/test_ch8_scale.py checks it). Rank 0 alone writes files (`Dist.main`); sharded
-evaluations are summed over ranks (`Dist.sum`).
+... of each (`shard`), cut into K = --grad-accum micro-batches (`micro_batches`). A micro-batch's
+mean loss is weighted by its share of the global batch, times N because DDP and FSDP average
+gradients over ranks (`loss_scale`), so the summed gradient is the gradient of the global batch's
+mean loss whatever N and K (tests/test_ch8_scale.py checks it). Rank 0 alone writes files
+(`Dist.main`); sharded evaluations are summed over ranks (`Dist.sum`).
 """
 
 import os

@@ -1,10 +1,10 @@
 """SFT's next-token loss, and `finetune`: chapters 6, 7 and 10's Adam steps on random minibatches.
 
+    # SFT on token sequences (chapter 6):
     losses, saved = finetune(model, next_token_loss, {"ids": sequences}, steps=600, batch_size=64,
-    lr=3e-3,
-                             generator=g)                       # SFT on token sequences (chapter 6)
-    _, saved = finetune(policy, loss_fn, data, steps, batch_size, lr, g, checkpoints=(100, 200))  #
-    chapter 7
+                             lr=3e-3, generator=g)
+    # chapter 7:
+    _, saved = finetune(policy, loss_fn, data, steps, batch_size, lr, g, checkpoints=(100, 200))
 
 Each step draws `batch_size` row indices uniformly with replacement (`generator` seeds them) and
 takes those rows of every tensor in `data`, so `loss_fn(model, batch)` sees a dict with the same
