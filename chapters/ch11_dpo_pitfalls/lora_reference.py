@@ -41,14 +41,13 @@ from chapters.ch8_instruction_dpo import data as pdata
 from chapters.ch8_instruction_dpo import miniature
 from chapters.ch8_instruction_dpo.dpo_step import (
     ReferenceCache,
-    dpo_batches,
     first_epoch_batches,
     sequence_logprobs,
 )
 from chapters.ch8_instruction_dpo.trainers import (
     dpo_evaluate,
-    dpo_step,
     sft_evaluate,
+    train_dpo,
     train_sft,
 )
 from chapters.ch8_instruction_dpo.win_rates import (
@@ -58,12 +57,10 @@ from chapters.ch8_instruction_dpo.win_rates import (
     score_runs,
     win_scores,
 )
-from chapters.ch11_dpo_pitfalls.miniature_runs import miniature_data
+from chapters.ch11_dpo_pitfalls.miniature_runs import generation_settings, miniature_data
 from chapters.common.figures import plt, save
 from chapters.common.rows import packed_pairs_batch
 from chapters.common.runtime import one_thread
-from chapters.training.distributed import Dist, wrap
-from chapters.training.loop import train_epochs
 from gpt import GPT
 from gpt.lora import ADAPTER_NAMES, DEFAULT_TARGETS, add_lora, lora_disabled, merge_lora
 
@@ -81,7 +78,8 @@ BUDGETS = {
     "large": dict(base_epochs=6, sft_epochs=1, dpo_epochs=2, temperatures=(0.0, 1.0), n_boot=1000),
 }
 # shared by both budgets; the learning rates: the lowest validation loss (SFT, DPO) on small grids
-# at the small budget (LoRA SFT 1e-3, 3e-3, 1e-2; DPO full 1e-4, 3e-4, 1e-3; LoRA 3e-4, 1e-3, 3e-3)
+# at the small budget (LoRA SFT 1e-3, 3e-3, 1e-2; DPO full 1e-4, 3e-4, 1e-3; LoRA 3e-4, 1e-3, 3e-3);
+# answers are generated as on chapter 8's miniature (`miniature_runs.generation_settings`)
 SETTINGS = dict(
     max_length=128,
     batch_size=8,
@@ -91,8 +89,6 @@ SETTINGS = dict(
     lora_dpo_lr=1e-3,
     rank=8,
     alpha=16,
-    max_new_tokens=64,
-    eval_batch_size=16,
 )
 
 
@@ -157,49 +153,26 @@ def first_step(policy, pairs, cache: ReferenceCache, beta: float, pad_id: int, i
     return losses, margins
 
 
-def train_preference(
-    policy,
-    train,
-    cache: ReferenceCache,
-    beta: float,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    device,
-    pad_id: int,
-) -> list:
+def train_preference(policy, train, cache: ReferenceCache, beta: float, **loop) -> list:
     """Report eq. (38) minimised in place on the parameters of `policy` that need a gradient (the
     adapters alone for a LoRA policy, every weight for a plain one), against the cached reference:
-    chapter 8's DPO step, batches and AdamW settings (no weight decay, gradients clipped at 1),
-    through `chapters.training.loop.train_epochs`. Returns one row per step (chapter 8's metrics).
-
-    Chapter 8's `train_dpo` would make every parameter trainable (and evaluates inside the loop),
-    hence this one.
+    chapter 8's `train_dpo` with `in_place`, no validation and AdamW's per-parameter loop (the
+    section's numbers were measured with it). `loop`: train_dpo's epochs, lr, batch_size, seed,
+    device, pad_id. Returns one row per step (chapter 8's metrics).
     """
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-    def loss_fn(model, idx):
-        return dpo_step(model, train, idx, cache, beta, device, pad_id)
-
-    def on_step(history, epoch, metrics):
-        history.append({"epoch": epoch, "step": len(history) + 1, **metrics})
-
-    return train_epochs(
-        wrap(policy, Dist()),
-        opt,
+    _, steps, _ = train_dpo(
+        policy,
+        train,
         None,
-        loss_fn=loss_fn,
-        batches=dpo_batches(train, batch_size, seed),  # epoch 1's: `first_epoch_batches`
-        weight=len,
-        epochs=epochs,
-        dist=Dist(),
-        history=[],
-        on_step=on_step,
+        {"train": cache},
+        beta,
+        in_place=True,
+        fused=False,
         progress=False,
+        lr_flag=None,
+        **loop,
     )
+    return steps
 
 
 # ---------------------------------------------------------------- measuring
@@ -404,15 +377,8 @@ def win_rates(rows, policies, sft, data, cfg, seed, device):
     """Add to `rows` (in place) each model's SBERT win rate on the test prompts at each temperature
     (chapter 8's: closer to chosen than to rejected, tie ½) and, for the DPO models, head to head
     against SFT's generation (closer to the chosen response than SFT's is)."""
-    s, test = SETTINGS, data["pairs"]["test"]
-    gen = dict(
-        max_new_tokens=s["max_new_tokens"],
-        batch_size=s["eval_batch_size"],
-        seed=seed,
-        device=device,
-        eos_id=data["eos"],
-        tokenizer=data["vocab"],
-    )
+    test = data["pairs"]["test"]
+    gen = dict(seed=seed, **generation_settings(data, device))
     runs = generate_runs("sft", sft, test, cfg["temperatures"], **gen)
     for setup, policy in policies.items():
         runs += generate_runs(setup, policy, test, cfg["temperatures"], **gen)

@@ -5,8 +5,8 @@
   chapter) when one is on disk with the same settings, else trained here as chapter 8 trains it;
 - `Objective`: one loss of this chapter (eq. (38), DPOP, DPO + NLL, R-DPO) at a β and a weight;
   `objective_step`: chapter 8's fast packed step with that loss, in `trainers.dpo_step`'s signature;
-- `train_objective`: chapter 8's DPO phase (same optimiser, batches, budget) with that loss,
-  through `chapters.training.loop.train_epochs`, reading `pair_readings` of fixed pairs as it goes;
+- `train_objective`: chapter 8's DPO phase with that loss, a call of chapter 8's `train_dpo` (same
+  loop, optimiser, batches, budget), reading `pair_readings` of fixed pairs as it goes;
 - `greedy_responses`: greedy answers to the test prompts, as chapter 8 generates them, and whether
   each stopped (EOS) within the token budget;
 - `miniature_experiment`: all of it at a budget (`BUDGETS`), with SBERT win rates and the time of
@@ -14,7 +14,6 @@
 """
 
 import contextlib
-import copy
 import io
 import json
 import random
@@ -30,7 +29,6 @@ from chapters.ch8_instruction_dpo import data as pdata
 from chapters.ch8_instruction_dpo import miniature
 from chapters.ch8_instruction_dpo.dpo_step import (
     autocast,
-    dpo_batches,
     head_logprobs,
     sequence_logprobs,
     token_kl,
@@ -38,7 +36,7 @@ from chapters.ch8_instruction_dpo.dpo_step import (
 from chapters.ch8_instruction_dpo.length_control import add_length_columns
 from chapters.ch8_instruction_dpo.reference_store import pairs_sha256
 from chapters.ch8_instruction_dpo.scaled_run import Scale
-from chapters.ch8_instruction_dpo.trainers import dpo_evaluate, train_sft
+from chapters.ch8_instruction_dpo.trainers import dpo_evaluate, train_dpo, train_sft
 from chapters.ch8_instruction_dpo.win_rates import SBERT, load_sbert, score_runs
 from chapters.ch11_dpo_pitfalls.length import r_dpo_loss
 from chapters.ch11_dpo_pitfalls.losses import dpop_loss, rpo_loss
@@ -47,8 +45,6 @@ from chapters.ch11_dpo_pitfalls.validation import check_beta, check_weight
 from chapters.common.files import atomic_open
 from chapters.common.rows import packed_pairs_batch
 from chapters.training.checkpoints import save_gpt2
-from chapters.training.distributed import Dist, wrap
-from chapters.training.loop import train_epochs
 from gpt import generate, get_tokenizer
 from gpt.generation import left_pad
 from gpt.tokenizer import EOS_ID
@@ -90,6 +86,23 @@ def miniature_data(seed: int = 0, path=None) -> dict:
     }
     return dict(
         entries=entries, vocab=vocab, gpt2=gpt2, eos=vocab.eos, sft_pairs=sft_pairs, pairs=pairs
+    )
+
+
+def _loop(seed: int, device, pad_id: int) -> dict:
+    """What chapter 8's SFT and DPO loops take alike on the miniature."""
+    return dict(batch_size=SETTINGS["batch_size"], seed=seed, device=device, pad_id=pad_id)
+
+
+def generation_settings(data: dict, device) -> dict:
+    """How chapter 8's miniature generates answers to test prompts: its token budget and batch
+    size, `device`, and the data's EOS and compact vocabulary (the tokenizer)."""
+    return dict(
+        max_new_tokens=SETTINGS["max_new_tokens"],
+        batch_size=SETTINGS["eval_batch_size"],
+        device=device,
+        eos_id=data["eos"],
+        tokenizer=data["vocab"],
     )
 
 
@@ -164,10 +177,7 @@ def miniature_sft(data: dict, seed: int = 0, device="cpu"):
         sft_pairs["validation"],
         epochs=SETTINGS["sft_epochs"],
         lr=SETTINGS["sft_lr"],
-        batch_size=SETTINGS["batch_size"],
-        seed=seed,
-        device=device,
-        pad_id=eos,
+        **_loop(seed, device, eos),
     )
     miniature.disable_dropout(model.eval()).requires_grad_(False)
     folder = save_gpt2(model.state_dict(), model.config, SFT_FOLDERS[-1] / "models" / "sft")
@@ -263,68 +273,46 @@ def tracked_pairs(pairs, n: int, seed: int) -> list:
     return [pairs[i] for i in keep]
 
 
-def train_objective(
-    sft,
-    train,
-    caches,
-    objective: Objective,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    device,
-    pad_id: int,
-    eos_id: int,
-    tracked: dict,
-    every: int,
-):
-    """Chapter 8's DPO phase with `objective`'s loss: from π_θ = π_SFT (a copy of `sft`, the frozen
-    reference whose log-probs `caches["train"]` holds), AdamW (weight decay 0, constant lr), clip 1,
-    `dpo_batches`' seeded batches, through `chapters.training.loop.train_epochs`. With kind "dpo"
-    it is `trainers.train_dpo`'s run step for step.
+def train_objective(sft, train, caches, objective: Objective, *, eos_id, tracked, every, **loop):
+    """Chapter 8's DPO phase with `objective`'s loss: `trainers.train_dpo` (π_θ from a copy of
+    `sft`, the frozen reference whose log-probs `caches["train"]` holds; AdamW, weight decay 0,
+    constant lr, clip 1, `dpo_batches`' seeded batches) with `objective_step` for its step and no
+    validation. With kind "dpo" it is chapter 8's run step for step. `loop`: train_dpo's epochs,
+    lr, batch_size, seed, device, pad_id.
 
     tracked: {name: pairs}; their `pair_readings` (log π(y_w), log π(y_l), end-of-text) are read
     before the first step, every `every` steps and after the last. Returns (policy in eval mode,
     history with "steps" (each step's metrics) and "track" ([{"step", name: readings}])).
     """
-    policy = copy.deepcopy(sft).requires_grad_(True)
-    engine = wrap(policy, Dist())
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0, fused=True)
-    step = objective_step(objective)
+    track = []
 
-    def read(history):
+    def read(policy, steps):
         readings = {
-            name: pair_readings(policy, ps, pad_id, eos_id, device=device)
+            name: pair_readings(policy, ps, loop["pad_id"], eos_id, device=loop["device"])
             for name, ps in tracked.items()
         }
-        history["track"].append({"step": len(history["steps"]), **readings})
+        track.append({"step": len(steps), **readings})
 
-    def loss_fn(model, idx):
-        return step(model, train, idx, caches["train"], objective.beta, device, pad_id)
+    def watch(policy, steps):
+        if len(steps) % every == 0:  # before the first step too
+            read(policy, steps)
 
-    def on_step(history, epoch, metrics):
-        history["steps"].append({"epoch": epoch, "step": len(history["steps"]) + 1, **metrics})
-        if len(history["steps"]) % every == 0:
-            read(history)
-
-    history = train_epochs(
-        engine,
-        opt,
+    policy, steps, _ = train_dpo(
+        sft,
+        train,
         None,
-        loss_fn=loss_fn,
-        batches=dpo_batches(train, batch_size, seed),
-        weight=len,
-        epochs=epochs,
-        dist=Dist(),
-        history={"steps": [], "track": []},
-        on_begin=read,
-        on_step=on_step,
+        caches,
+        objective.beta,
+        step=objective_step(objective),
+        watch=watch,
+        label=objective.label,
         progress=False,
+        lr_flag=None,
+        **loop,
     )
-    if history["track"][-1]["step"] != len(history["steps"]):
-        read(history)  # the end, when `every` does not divide the step count
-    return policy.eval().requires_grad_(False), history
+    if track[-1]["step"] != len(steps):
+        read(policy, steps)  # the end, when `every` does not divide the step count
+    return policy.requires_grad_(False), {"steps": steps, "track": track}
 
 
 # ---------------------------------------------------------------- generation
@@ -418,13 +406,7 @@ def miniature_experiment(budget: str = "default", seed: int = 0, device="cpu", d
         k: pair_readings(sft, pairs[k], eos, eos, device=device, hidden=True) for k in splits
     }
     sft_end = end_distribution(sft, pairs["train"], eos, device=device)
-    generation = dict(
-        max_new_tokens=s["max_new_tokens"],
-        batch_size=s["eval_batch_size"],
-        device=device,
-        eos_id=eos,
-        tokenizer=data["vocab"],
-    )
+    generation = generation_settings(data, device)
     sft_texts, sft_stopped = greedy_responses(sft, pairs["test"], **generation)
     start = _timed(times, "reference cache, SFT readings and answers", start)
     objectives = [Objective("dpo", b) for b in plan["betas"]]
@@ -437,15 +419,12 @@ def miniature_experiment(budget: str = "default", seed: int = 0, device="cpu", d
             pairs["train"],
             caches,
             objective,
-            epochs=s["dpo_epochs"],
-            lr=s["dpo_lr"],
-            batch_size=s["batch_size"],
-            seed=seed,
-            device=device,
-            pad_id=eos,
             eos_id=eos,
             tracked=tracked,
             every=TRACK["every"],
+            epochs=s["dpo_epochs"],
+            lr=s["dpo_lr"],
+            **_loop(seed, device, eos),
         )
         start = _timed(times, f"train {objective.label}", start)
         validation = dpo_evaluate(

@@ -5,11 +5,13 @@
   through the fast step of `chapters.ch8_instruction_dpo.dpo_step` (the reference's log-probs and
   hidden states cached once, pairs packed one a row).
 Batches are grouped by length and seeded (`preference_data.length_grouped_batches`); the optimiser
-is AdamW with gradients clipped at norm 1. Both loops run through
-`chapters.training.loop.train_epochs`, so a `scale`
+is AdamW with gradients clipped at norm 1. Both loops run through `_train`, the set-up they share,
+and `chapters.training.loop.train_epochs`, so a `scale`
 (`chapters.ch8_instruction_dpo.scaled_run.Scale`) adds torchrun's processes, micro-batches, a
 schedule, checkpoints, --resume and the saved models; without one they run as one process and save
 nothing. The loops return plain dict rows (one per epoch or step) for tables and figures.
+`train_dpo` is the DPO loop of every chapter: chapter 11 gives it its other losses (`step`), LoRA
+policies trained in place (`in_place`) and readings along the way (`watch`).
 """
 
 import copy
@@ -62,35 +64,29 @@ def _name(fn) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
-def _run(
-    scale: Scale,
-    phase: str,
-    model,
-    fingerprint: dict,
-    *,
-    lr: float,
-    weight_decay: float,
-    device,
-    epochs: int,
-    batches,
-):
-    """What both loops set up: the engine (DDP/FSDP2 or the plain model), AdamW, the schedule over
-    epochs × batches an epoch, and the phase's Run."""
-    engine = wrap(model, scale.dist, fsdp=scale.fsdp)
-    fused = (
-        not scale.fsdp or torch.device(device).type == "cuda"
-    )  # FSDP2 on the CPU: AdamW's default kernels
-    opt = torch.optim.AdamW(
-        unwrapped(engine).parameters(), lr=lr, weight_decay=weight_decay, fused=fused
-    )
-    schedule = lr_schedule(opt, scale.warmup_steps, epochs * len(batches(1)), scale.lr_schedule)
-    run = Run(
-        checkpoint=scale.checkpoint(phase),
-        fingerprint=fingerprint,
-        resume=scale.resume,
-        every=scale.save_every,
-    )
-    return engine, opt, schedule, run
+def _train(scale, phase, engine, fingerprint, adamw: dict, *, device, **loop):
+    """What both loops run on `engine` (`wrap`'s: DDP/FSDP2 or the plain model): AdamW with `adamw`
+    (lr, weight_decay; fused None or left out: its fused kernels, but for FSDP2 on the CPU), the
+    schedule over epochs × batches an epoch, and `chapters.training.loop.train_epochs` (`loop`:
+    loss_fn, batches, weight, epochs, history, callbacks, desc, lr_flag, progress) with the phase's
+    checkpoint, under a stop request (Ctrl-C, SIGTERM). Returns the history."""
+    if adamw.get("fused") is None:  # FSDP2 on the CPU: AdamW's default kernels
+        adamw = {**adamw, "fused": not scale.fsdp or torch.device(device).type == "cuda"}
+    opt = torch.optim.AdamW(unwrapped(engine).parameters(), **adamw)
+    total = loop["epochs"] * len(loop["batches"](1))
+    schedule = lr_schedule(opt, scale.warmup_steps, total, scale.lr_schedule)
+    run = Run(scale.checkpoint(phase), fingerprint, scale.resume, every=scale.save_every)
+    with StopRequest() as stop:
+        return train_epochs(
+            engine,
+            opt,
+            schedule,
+            dist=scale.dist,
+            run=run,
+            grad_accum=scale.grad_accum,
+            stop=stop,
+            **loop,
+        )
 
 
 def _finish(scale: Scale, phase: str, engine, model, history, fingerprint):
@@ -117,17 +113,15 @@ def sft_loss(model, batch):
 
 def sft_batch(pairs, idx, pad_id: int, device):
     """Rows prompt + chosen of pairs[idx] as a TokenBatch on `device`."""
-    return rows_batch([pairs[i].prompt for i in idx], [pairs[i].chosen for i in idx], pad_id).to(
-        device
-    )
+    prompts, responses = [pairs[i].prompt for i in idx], [pairs[i].chosen for i in idx]
+    return rows_batch(prompts, responses, pad_id).to(device)
 
 
 def sft_evaluate(
     model, pairs, *, batch_size: int, device, pad_id: int, loss_fn=sft_loss, dist: Dist = None
 ) -> float:
     """Mean over length-sorted batches of `loss_fn` on (prompt, chosen) of `pairs`, without
-    gradients; under
-    torchrun each rank takes every N-th batch and the losses are gathered."""
+    gradients; under torchrun each rank takes every N-th batch and the losses are gathered."""
     d = dist or Dist()
     model.eval()
     batches = length_grouped_batches(
@@ -149,14 +143,14 @@ def train_sft(
     *,
     epochs: int,
     lr: float,
+    loss_fn=sft_loss,
+    weight=None,
     batch_size: int,
     seed: int,
     device,
     pad_id: int,
-    loss_fn=sft_loss,
     label: str = "SFT",
     scale: Scale = None,
-    weight=None,
     lr_flag: str = "--sft-lr",
 ) -> list:
     """Fine-tune `model` in place on (prompt, chosen); returns rows {epoch, train_loss,
@@ -176,22 +170,8 @@ def train_sft(
         print(f"{label}: finished by an earlier run; weights from {scale.model_folder(phase)}/")
         return done
     lengths = [len(p.prompt) + len(p.chosen) for p in train]
-
-    def batches(epoch):
-        return length_grouped_batches(lengths, batch_size, seed + epoch)
-
     trained = copy.deepcopy(model) if scale.fsdp else model  # FSDP2 shards what it trains
-    engine, opt, schedule, run = _run(
-        scale,
-        phase,
-        trained,
-        fingerprint,
-        lr=lr,
-        weight_decay=0.1,
-        device=device,
-        epochs=epochs,
-        batches=batches,
-    )
+    engine = wrap(trained, scale.dist, fsdp=scale.fsdp)
 
     def step(m, idx):
         with autocast(device):
@@ -211,39 +191,31 @@ def train_sft(
             loss_fn=loss_fn,
             dist=scale.dist,
         )
+        train_loss = float(np.mean(history["losses"]))
         history["rows"].append(
-            {
-                "epoch": epoch,
-                "train_loss": float(np.mean(history["losses"])),
-                "validation_loss": val_loss,
-            }
+            {"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss}
         )
         history["losses"] = []
-        print(
-            f"{label} epoch {epoch}: train loss {history['rows'][-1]['train_loss']:.4f}, "
-            f"validation loss {val_loss:.4f}"
-        )
+        print(f"{label} epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}")
 
-    with StopRequest() as stop:
-        history = train_epochs(
-            engine,
-            opt,
-            schedule,
-            loss_fn=step,
-            batches=batches,
-            epochs=epochs,
-            dist=scale.dist,
-            weight=weight or (lambda idx: sum(len(train[i].chosen) for i in idx)),
-            run=run,
-            history={"rows": [], "losses": []},
-            on_step=on_step,
-            on_epoch=on_epoch,
-            grad_accum=scale.grad_accum,
-            stop=stop,
-            desc=label,
-            lr_flag=lr_flag,
-        )
-    trained = _finish(scale, phase, engine, trained, history["rows"], run.fingerprint)
+    history = _train(
+        scale,
+        phase,
+        engine,
+        fingerprint,
+        dict(lr=lr, weight_decay=0.1),
+        device=device,
+        history={"rows": [], "losses": []},
+        loss_fn=step,
+        batches=lambda epoch: length_grouped_batches(lengths, batch_size, seed + epoch),
+        weight=weight or (lambda idx: sum(len(train[i].chosen) for i in idx)),
+        epochs=epochs,
+        on_step=on_step,
+        on_epoch=on_epoch,
+        desc=label,
+        lr_flag=lr_flag,
+    )
+    trained = _finish(scale, phase, engine, trained, history["rows"], fingerprint)
     if trained is not model:
         model.load_state_dict(trained.state_dict())
     return history["rows"]
@@ -272,15 +244,14 @@ def dpo_evaluate(
     device,
     pad_id: int,
     step=dpo_step,
-    dist: Dist = None,
+    dist=None,
 ) -> dict:
     """`METRICS` of `policy` over all of `pairs` (no gradients), averaged per pair; under torchrun
     each rank takes every N-th batch and the sums run over the gathered batches in their order."""
     d = dist or Dist()
     policy.eval()
-    batches = evaluation_batches(
-        pairs, batch_size
-    )  # a default-built cache's order: epoch 0 is exact too
+    # a default-built cache's order: epoch 0 is exact too
+    batches = evaluation_batches(pairs, batch_size)
     with torch.no_grad():
         mine = [
             (len(idx), call(policy, step, pairs, idx, cache, beta, device, pad_id)[1], kept)
@@ -311,113 +282,107 @@ def train_dpo(
     step=dpo_step,
     scale: Scale = None,
     lr_flag: str = "--dpo-lr",
+    label: str = None,
+    in_place: bool = False,
+    watch=None,
+    progress: bool = True,
+    fused: bool = None,
 ):
     """Report eq. (38) minimised from π_θ = π_SFT with π_ref = π_SFT frozen (`caches` "train" and
     "validation" hold it); returns the policy, one row per step and rows per epoch (epoch 0:
-    validation before training).
+    validation before training). The one DPO loop of the chapters: chapter 8's phase, chapter 11's
+    other losses and its LoRA policies, chapter 12's offline arm.
 
     A train cache built in `first_epoch_batches(train, batch_size, seed)`
     (`Scale.reference_caches(..., seed=)`) makes the first step exact when the policy starts at the
-    reference: loss ln 2, every margin 0. `lr_flag`: the flag a divergence asks to lower.
+    reference: loss ln 2, every margin 0. What a caller may change:
+
+    - `step(policy, pairs, idx, cache, beta, device, pad_id)` -> (mean loss, metrics): the loss
+      (default `dpo_step`, eq. (38)); the epoch rows average the `METRICS` its metrics hold;
+    - `in_place`: train `sft_model` itself, on those of its parameters that need a gradient (a LoRA
+      model: its adapters alone), instead of a copy with every parameter trained;
+    - `val` None: no validation (`caches` needs only "train"), no printed lines, and one "train"
+      row per epoch;
+    - `watch(policy, steps)`: called before the first step (`steps` empty) and after each, with the
+      step rows so far, for readings of the caller's own (not kept in checkpoints);
+    - `label`: the run's name in progress bars and messages (default "DPO β=<beta>"); `lr_flag`: the
+      flag a divergence asks to lower (None: "the learning rate"); `progress`: the progress bars;
+      `fused` False: AdamW's per-parameter loop instead of its fused kernels (the same maths,
+      rounded otherwise).
     """
-    scale, phase = scale or Scale(), f"dpo_beta_{beta:g}"
+    scale, phase, label = scale or Scale(), f"dpo_beta_{beta:g}", label or f"DPO β={beta}"
     fingerprint = _fingerprint(
         scale, phase, sft_model, train, beta=beta, lr=lr, epochs=epochs, seed=seed, step=_name(step)
     )
     done = scale.finished(phase, fingerprint)
     if done is not None:
-        print(f"DPO β={beta}: finished by an earlier run; policy from {scale.model_folder(phase)}/")
+        print(f"{label}: finished by an earlier run; policy from {scale.model_folder(phase)}/")
         return gpt.load_gpt2(scale.model_folder(phase)).to(device), done["steps"], done["epochs"]
-    policy = copy.deepcopy(sft_model).requires_grad_(
-        True
-    )  # every β starts from the same SFT weights
-    batches = dpo_batches(
-        train, batch_size, seed
-    )  # the train cache's order too (`first_epoch_batches`)
-    engine, opt, schedule, run = _run(
-        scale,
-        phase,
-        policy,
-        fingerprint,
-        lr=lr,
-        weight_decay=0.0,
-        device=device,
-        epochs=epochs,
-        batches=batches,
-    )
+    # a copy: every β starts from the same SFT weights
+    policy = sft_model if in_place else copy.deepcopy(sft_model).requires_grad_(True)
+    engine = wrap(policy, scale.dist, fsdp=scale.fsdp)
     settings = dict(batch_size=batch_size, device=device, pad_id=pad_id, step=step, dist=scale.dist)
-    objective = unwrapped(engine)
+
+    def validation(epoch):
+        result = dpo_evaluate(unwrapped(engine), val, caches["validation"], beta, **settings)
+        return {"beta": beta, "epoch": epoch, "split": "validation", **result}
 
     def on_begin(history):
-        history["epochs"].append(
-            {
-                "beta": beta,
-                "epoch": 0,
-                "split": "validation",
-                **dpo_evaluate(objective, val, caches["validation"], beta, **settings),
-            }
-        )
+        if val is not None:
+            history["epochs"].append(validation(0))
+        if watch is not None:
+            watch(policy, history["steps"])
 
     def on_step(history, epoch, metrics):
         history["steps"].append(
             {"beta": beta, "epoch": epoch, "step": len(history["steps"]) + 1, **metrics}
         )
+        if watch is not None:
+            watch(policy, history["steps"])
 
     def on_epoch(history, epoch):
-        t = {
-            "beta": beta,
-            "epoch": epoch,
-            "split": "train",
-            **{
-                k: float(np.mean([s[k] for s in history["steps"] if s["epoch"] == epoch]))
-                for k in METRICS
-            },
-        }
-        v = {
-            "beta": beta,
-            "epoch": epoch,
-            "split": "validation",
-            **dpo_evaluate(objective, val, caches["validation"], beta, **settings),
-        }
-        history["epochs"] += [t, v]
+        rows = [s for s in history["steps"] if s["epoch"] == epoch]
+        means = {k: float(np.mean([s[k] for s in rows])) for k in METRICS if k in rows[0]}
+        t = {"beta": beta, "epoch": epoch, "split": "train", **means}
+        history["epochs"].append(t)
+        if val is None:
+            return
+        v = validation(epoch)
+        history["epochs"].append(v)
         print(
-            f"DPO β={beta} epoch {epoch}: train loss {t['loss']:.4f} acc "
-            f"{t['rewards/accuracies']:.3f} "
+            f"{label} epoch {epoch}: train loss {t['loss']:.4f} acc {t['rewards/accuracies']:.3f} "
             f"KL {t['kl']:.4f} | validation loss {v['loss']:.4f} acc {v['rewards/accuracies']:.3f} "
             f"margin {v['rewards/margins']:.3f} KL {v['kl']:.4f}"
         )
 
     def loss_fn(model, idx):
         loss, metrics = step(model, train, idx, caches["train"], beta, device, pad_id)
-        if (
-            "kl" in metrics
-        ):  # a mean over response tokens: micro-batches weigh in by their tokens, not their pairs
-            metrics["kl"] = (
-                metrics["kl"],
-                sum(len(train[i].chosen) + len(train[i].rejected) for i in idx),
-            )
+        if "kl" in metrics:
+            # a mean over response tokens: micro-batches weigh in by their tokens, not their pairs
+            tokens = sum(len(train[i].chosen) + len(train[i].rejected) for i in idx)
+            metrics["kl"] = (metrics["kl"], tokens)
         return loss, metrics
 
-    with StopRequest() as stop:
-        history = train_epochs(
-            engine,
-            opt,
-            schedule,
-            loss_fn=loss_fn,
-            batches=batches,
-            weight=len,
-            epochs=epochs,
-            dist=scale.dist,
-            run=run,
-            history={"steps": [], "epochs": []},
-            on_begin=on_begin,
-            on_step=on_step,
-            on_epoch=on_epoch,
-            grad_accum=scale.grad_accum,
-            stop=stop,
-            desc=f"DPO β={beta}",
-            lr_flag=lr_flag,
-        )
-    policy = _finish(scale, phase, engine, policy, history, run.fingerprint)
+    history = _train(
+        scale,
+        phase,
+        engine,
+        fingerprint,
+        dict(lr=lr, weight_decay=0.0, fused=fused),
+        device=device,
+        history={"steps": [], "epochs": []},
+        loss_fn=loss_fn,
+        # the train cache's order too (`first_epoch_batches`)
+        batches=dpo_batches(train, batch_size, seed),
+        weight=len,
+        epochs=epochs,
+        on_begin=on_begin,
+        on_step=on_step,
+        on_epoch=on_epoch,
+        desc=label,
+        lr_flag=lr_flag,
+        progress=progress,
+    )
+    policy = _finish(scale, phase, engine, policy, history, fingerprint)
     policy.eval()
     return policy, history["steps"], history["epochs"]
