@@ -87,7 +87,7 @@ CLI = [
         "chapters.ch1_preference_models",
         ["--seed", "one"],
         {},
-        r"argument --seed: invalid int value: 'one'$",
+        r"argument --seed: 'one' is not an integer$",
         (),
     ),
     (
@@ -183,7 +183,7 @@ CLI = [
         "chapters.ch7_frontier",
         ["--seed", "1.5"],
         {},
-        r"argument --seed: invalid int value: '1.5'$",
+        r"argument --seed: '1.5' is not an integer$",
         (),
     ),
     (
@@ -215,7 +215,7 @@ CLI = [
         "chapters.ch10_dpo_family",
         ["--seed", "x"],
         {},
-        r"argument --seed: invalid int value: 'x'$",
+        r"argument --seed: 'x' is not an integer$",
         (),
     ),
     (

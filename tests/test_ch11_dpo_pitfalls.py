@@ -619,7 +619,7 @@ def test_quick_run_writes_its_figures_and_is_deterministic(quick_run):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--seed", "x"], "invalid int value"),
+        (["--seed", "x"], "'x' is not an integer"),
         (["--steps", "3"], "unrecognized arguments"),
     ],
 )

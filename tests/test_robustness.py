@@ -5,6 +5,7 @@ are judged before anything loads. (Token ids outside the vocabulary, and the com
 errors: tests/test_bad_inputs.py.)
 """
 
+import importlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import torch
 
 import chapters.ch8_instruction_dpo.__main__ as ch8
 import gpt
+from chapters import CHAPTERS
 from chapters.ch2_reward_model.reward_head import (
     RewardModel,
     count_task_pairs,
@@ -295,6 +297,18 @@ def test_the_real_data_set_has_no_duplicate_and_keeps_its_split():
 
 
 # ---------------------------------------------------------------- paths first
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_every_chapter_refuses_a_negative_seed_naming_the_flag(chapter, capsys):
+    main = importlib.import_module(f"chapters.{chapter}.__main__").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--seed", "-5"])
+    assert exit_.value.code == 2  # argparse, before anything loads
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: argument --seed: must be 0 or more, got -5"
+    )
+
 
 
 def test_chapter_8_judges_its_paths_before_loading_anything(monkeypatch, capsys):

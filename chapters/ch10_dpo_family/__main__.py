@@ -58,7 +58,7 @@ from chapters.ch10_dpo_family.optima import (
 )
 from chapters.common.files import check_writable
 from chapters.common.runtime import available_cores, one_thread
-from gpt.cli import run, summary
+from gpt.cli import nonnegative_int, run, summary
 
 
 # --------------------------------------------------------------------------- the script
@@ -464,12 +464,10 @@ def _miniature_section(cfg, betas, seed, name):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python3 -m chapters.ch10_dpo_family", description=summary(__doc__)
-    )
+    parser = argparse.ArgumentParser(prog=f"python3 -m {__package__}", description=summary(__doc__))
     parser.add_argument("--quick", action="store_true", help="a short form of the same run")
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed for every random draw (default 0)"
+        "--seed", type=nonnegative_int, default=0, help="seed for every random draw (default 0)"
     )
     args = parser.parse_args(argv)
     check_writable()

@@ -95,14 +95,8 @@ def train_and_place(setup: dict, runs, cfg: dict, seed: int, workers: int = 1) -
     with SweepPool(shared, workers) as pool:
         per_run = list(tqdm(pool.run(sweeps), total=len(sweeps), desc="runs", leave=False))
     rows = [
-        dict(
-            variant=sweep.method,
-            setting=sweep.setting,
-            step=c.step,
-            reward=c.reward,
-            kl=c.kl,
-            efficiency=front.efficiency(c.reward, c.kl),
-        )
+        dict(variant=sweep.method, setting=sweep.setting, step=c.step, reward=c.reward, kl=c.kl,
+             efficiency=front.efficiency(c.reward, c.kl))
         for sweep, checkpoints in zip(sweeps, per_run)
         for c in checkpoints
     ]

@@ -53,7 +53,7 @@ from chapters.ch11_dpo_pitfalls.miniature_runs import (
 from chapters.ch11_dpo_pitfalls.pair_readings import displacement_summary, spearman
 from chapters.common.files import check_writable
 from chapters.common.runtime import one_thread
-from gpt.cli import run, summary
+from gpt.cli import nonnegative_int, run, summary
 
 F64 = dict(dtype=torch.float64)
 LN2 = math.log(2.0)
@@ -481,6 +481,12 @@ def _length_section(seed, beta, gamma, prompts, n_alphas, name):
 
 
 # --------------------------------------------------------------------------- 5. the miniature
+def _marks(track):
+    """The tracked readings at every 60th step and the last, and those steps as text."""
+    marks = [t for t in track if t["step"] % 60 == 0 or t is track[-1]]
+    return marks, ", ".join(str(t["step"]) for t in marks)
+
+
 def _mean_delta(track, split, reading, marks):
     """Mean over the tracked pairs of reading − its step-0 value, at the steps in `marks`."""
     base = track[0][split][reading]
@@ -571,10 +577,10 @@ def _miniature_displacement(result):
         f"ρ(CHES, Δ/|y_w|) = {spearman(ches, change / length):.3f}"
     )
     track = dpo["history"]["track"]
-    marks = [t for t in track if t["step"] % 60 == 0 or t is track[-1]]
+    marks, steps = _marks(track)
     print(
         f"β = {beta:g}, mean log π − log π_SFT over the {len(track[0]['train']['chosen'])} fixed "
-        f"training pairs at steps {', '.join(str(t['step']) for t in marks)}: y_w "
+        f"training pairs at steps {steps}: y_w "
         f"{_mean_delta(track, 'train', 'chosen', marks)}; y_l "
         f"{_mean_delta(track, 'train', 'rejected', marks)}; validation y_w "
         f"{_mean_delta(track, 'validation', 'chosen', marks)}; y_l "
@@ -682,11 +688,9 @@ def _miniature_length(result):
         f"ends, training pairs): EOS {result['sft_end'][eos]:.3f} → {dpo['end'][eos]:.3f}; the "
         f"largest gains {named}: a new sentence starts where y_w stopped"
     )
-    track = dpo["history"]["track"]
-    marks = [t for t in track if t["step"] % 60 == 0 or t is track[-1]]
+    marks, steps = _marks(dpo["history"]["track"])
     print(
-        f"π(EOS) at the end of y_w over DPO's steps ({', '.join(str(t['step']) for t in marks)}), "
-        f"fixed training pairs: "
+        f"π(EOS) at the end of y_w over DPO's steps ({steps}), fixed training pairs: "
         + ", ".join(f"{t['train']['chosen_eos'].exp().mean():.3f}" for t in marks)
         + "; validation: "
         + ", ".join(f"{t['validation']['chosen_eos'].exp().mean():.3f}" for t in marks)
@@ -695,19 +699,13 @@ def _miniature_length(result):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python3 -m chapters.ch11_dpo_pitfalls", description=summary(__doc__)
-    )
+    parser = argparse.ArgumentParser(prog=f"python3 -m {__package__}", description=summary(__doc__))
     parser.add_argument("--quick", action="store_true", help="a short form of the same run")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed for every random draw (default 0)"
-    )
-    parser.add_argument(
-        "--full-miniature",
-        action="store_true",
-        help="section 5 at full size: chapter 8's four β values and two weights for each fix "
-        "(about 7 min more)",
-    )
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="seed for every random draw (default 0)")
+    parser.add_argument("--full-miniature", action="store_true",
+                        help="section 5 at full size: chapter 8's four β values and two weights "
+                        "for each fix (about 7 min more)")
     args = parser.parse_args(argv)
     check_writable()
     started = time.perf_counter()

@@ -21,7 +21,13 @@ from chapters.ch11_dpo_pitfalls.losses import (
 )
 from chapters.ch11_dpo_pitfalls.validation import check_beta
 
-KINDS = ("dpo", "dpop", "rpo")
+# each kind's loss and its (∂L/∂ℓ_w, ∂L/∂ℓ_l) in closed form, which take the same arguments
+FORMS = {
+    "dpo": (dpo_loss, dpo_logprob_gradients),
+    "dpop": (dpop_loss, dpop_logprob_gradients),
+    "rpo": (rpo_loss, rpo_logprob_gradients),
+}
+KINDS = tuple(FORMS)
 
 
 def first_order_chosen_change(
@@ -64,36 +70,29 @@ class FeaturePair:
         return self.features - pi @ self.features  # (Y, d) − (d,) -> (Y, d)
 
     def _args(self, theta):
-        lp = self.logprobs(theta)
-        return (
-            lp[self.chosen],
-            lp[self.rejected],
-            self.ref_logps[self.chosen],
-            self.ref_logps[self.rejected],
-        )
+        lp, ref = self.logprobs(theta), self.ref_logps
+        return lp[self.chosen], lp[self.rejected], ref[self.chosen], ref[self.rejected]
 
     def loss(self, theta, beta: float, kind: str = "dpo", weight: float = 0.0) -> torch.Tensor:
         """The loss at θ (0-d): eq. (38), DPOP with λ = weight, or DPO + NLL with α = weight."""
-        _check_kind(kind, weight)
-        args = self._args(theta)
-        if kind == "dpop":
-            return dpop_loss(*args, beta, weight)
-        if kind == "rpo":
-            return rpo_loss(*args, self._length(args[0]), beta, weight)
-        return dpo_loss(*args, beta)
+        inputs = self._inputs(theta, beta, kind, weight)  # checks `kind` first
+        return FORMS[kind][0](*inputs)
 
     def logprob_gradients(self, theta, beta: float, kind: str = "dpo", weight: float = 0.0):
         """(∂L/∂ℓ_w, ∂L/∂ℓ_l) at θ in closed form (the `losses` module's formulas), each 0-d."""
+        inputs = self._inputs(theta, beta, kind, weight)
+        return FORMS[kind][1](*inputs)
+
+    def _inputs(self, theta, beta, kind, weight):
+        """What `kind`'s loss and gradients take at θ: the four log-probs, then |y_w| for RPO, β,
+        and λ or α for DPOP and RPO."""
         _check_kind(kind, weight)
         args = self._args(theta)
         if kind == "dpop":
-            return dpop_logprob_gradients(*args, beta, weight)
+            return (*args, beta, weight)
         if kind == "rpo":
-            return rpo_logprob_gradients(*args, self._length(args[0]), beta, weight)
-        return dpo_logprob_gradients(*args, beta)
-
-    def _length(self, like):
-        return torch.tensor(self.chosen_length, dtype=like.dtype)
+            return (*args, torch.tensor(self.chosen_length, dtype=args[0].dtype), beta, weight)
+        return (*args, beta)
 
 
 def _check_kind(kind, weight):

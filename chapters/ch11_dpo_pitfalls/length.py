@@ -21,14 +21,8 @@ from chapters.common import newton_minimise
 
 
 def r_dpo_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_lengths,
-    rejected_lengths,
-    beta: float,
-    alpha: float,
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    chosen_lengths, rejected_lengths, beta: float, alpha: float,
 ) -> torch.Tensor:
     """Park et al. 2024, R-DPO: −log σ(β·h + α·(|y_w| − |y_l|)), h the margin of report eq. (38).
 
@@ -43,12 +37,8 @@ def r_dpo_loss(
     beta = check_beta(beta)
     alpha = check_weight("alpha", alpha, "R-DPO's length weight")
     check_broadcast(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        chosen_lengths,
-        rejected_lengths,
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        chosen_lengths, rejected_lengths,
     )
     dtype = policy_chosen_logps.dtype
     chosen_len = check_lengths("chosen_lengths", chosen_lengths, dtype)
@@ -77,13 +67,8 @@ def r_dpo_optimal_policy(
 
 
 def r_dpo_population_loss(
-    theta: torch.Tensor,
-    pi_ref: torch.Tensor,
-    rewards: torch.Tensor,
-    lengths,
-    beta: float,
-    alpha: float,
-    pair_weights: torch.Tensor = None,
+    theta: torch.Tensor, pi_ref: torch.Tensor, rewards: torch.Tensor, lengths, beta: float,
+    alpha: float, pair_weights: torch.Tensor = None,
 ) -> torch.Tensor:
     """Park et al. 2024, R-DPO's loss with infinite data, for π_θ(·|x) = softmax(θ[x]), θ (X, Y).
 
@@ -106,14 +91,8 @@ def r_dpo_population_loss(
     ref = torch.log(pi_ref)  # (X, Y)
     # every (x, y ≻ y') at once: (X, Y, 1) chosen against (X, 1, Y) rejected -> (X, Y, Y)
     wins = r_dpo_loss(
-        logp[:, :, None],
-        logp[:, None, :],
-        ref[:, :, None],
-        ref[:, None, :],
-        lengths[:, :, None],
-        lengths[:, None, :],
-        beta,
-        alpha,
+        logp[:, :, None], logp[:, None, :], ref[:, :, None], ref[:, None, :],
+        lengths[:, :, None], lengths[:, None, :], beta, alpha,
     )
     p = torch.sigmoid(rewards[:, :, None] - rewards[:, None, :])  # (X, Y, Y): P(y ≻ y')
     expected = p * wins + (1 - p) * wins.transpose(-1, -2)  # labelled y ≻ y' or y' ≻ y
@@ -121,13 +100,8 @@ def r_dpo_population_loss(
 
 
 def fit_r_dpo(
-    pi_ref: torch.Tensor,
-    rewards: torch.Tensor,
-    lengths,
-    beta: float,
-    alpha: float,
-    pair_weights: torch.Tensor = None,
-    max_iter: int = 50,
+    pi_ref: torch.Tensor, rewards: torch.Tensor, lengths, beta: float, alpha: float,
+    pair_weights: torch.Tensor = None, max_iter: int = 50,
 ) -> torch.Tensor:
     """Park et al. 2024, R-DPO's population loss minimised by Newton's method; returns π_θ (X, Y).
 

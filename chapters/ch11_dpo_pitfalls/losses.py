@@ -29,13 +29,17 @@ def _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_re
     return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
 
 
+def _rpo_checked(policy_chosen_logps, chosen_lengths, beta, alpha):
+    """RPO's arguments checked: (β, α, |y_w| as ℓ_w's dtype), |y_w| > 0 broadcasting with ℓ_w."""
+    beta = check_beta(beta)
+    alpha = check_weight("alpha", alpha, "RPO's weight on the chosen NLL")
+    check_broadcast(policy_chosen_logps, chosen_lengths)
+    return beta, alpha, check_lengths("chosen_lengths", chosen_lengths, policy_chosen_logps.dtype)
+
+
 def dpop_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    beta: float,
-    lam: float,
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    beta: float, lam: float,
 ) -> torch.Tensor:
     """Pal et al. 2024 (Smaug, DPOP), eq. (3): −log σ(β·(h − λ·max(0, log π_ref(y_w)/π(y_w)))).
 
@@ -53,13 +57,8 @@ def dpop_loss(
 
 
 def rpo_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_lengths,
-    beta: float,
-    alpha: float,
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    chosen_lengths, beta: float, alpha: float,
 ) -> torch.Tensor:
     """Pang et al. 2024 (Iterative RPO), DPO + NLL: eq. (38) + α·(−log π_θ(y_w|x) / |y_w|).
 
@@ -68,10 +67,7 @@ def rpo_loss(
     (Σ NLL / Σ |y_w|, one number), and Pang et al. divide by |x| + |y_w| (pass that as
     `chosen_lengths` to follow them). α = 0 is eq. (38). chosen_lengths: |y_w| in tokens, > 0.
     """
-    beta = check_beta(beta)
-    alpha = check_weight("alpha", alpha, "RPO's weight on the chosen NLL")
-    check_broadcast(policy_chosen_logps, chosen_lengths)
-    lengths = check_lengths("chosen_lengths", chosen_lengths, policy_chosen_logps.dtype)
+    beta, alpha, lengths = _rpo_checked(policy_chosen_logps, chosen_lengths, beta, alpha)
     _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     dpo = dpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
@@ -94,12 +90,8 @@ def dpo_logprob_gradients(
 
 
 def dpop_logprob_gradients(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    beta: float,
-    lam: float,
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    beta: float, lam: float,
 ):
     """Pal et al. 2024, eq. (3), differentiated: (−β·σ(−u)·(1 + λ·[ℓ_w ≤ ℓ_ref,w]), +β·σ(−u)).
 
@@ -118,23 +110,15 @@ def dpop_logprob_gradients(
 
 
 def rpo_logprob_gradients(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_lengths,
-    beta: float,
-    alpha: float,
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    chosen_lengths, beta: float, alpha: float,
 ):
     """Pang et al. 2024, DPO + NLL differentiated: ∂L/∂ℓ_w = −β·σ(−z) − α/|y_w|, ∂L/∂ℓ_l = β·σ(−z).
 
     Against eq. (41) the chosen side gets an extra pull α/|y_w| that does not fade with the margin
     (σ(−z) → 0 leaves it on): the NLL keeps raising ℓ_w after the pair is ordered.
     """
-    beta = check_beta(beta)
-    alpha = check_weight("alpha", alpha, "RPO's weight on the chosen NLL")
-    check_broadcast(policy_chosen_logps, chosen_lengths)
-    lengths = check_lengths("chosen_lengths", chosen_lengths, policy_chosen_logps.dtype)
+    beta, alpha, lengths = _rpo_checked(policy_chosen_logps, chosen_lengths, beta, alpha)
     h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     weight = beta * torch.sigmoid(-beta * h)
     return -weight - alpha / lengths, weight

@@ -10,6 +10,8 @@
 No training here: the readings run without gradients on any `gpt.GPT`.
 """
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -23,6 +25,18 @@ from chapters.ch11_dpo_pitfalls.displacement import ches_score
 from chapters.common.rows import packed_pairs_batch
 
 READINGS = ("chosen", "rejected", "chosen_eos", "rejected_eos", "chosen_early_eos")
+
+
+@contextmanager
+def _evaluating(model):
+    """`model` in eval mode (no dropout) with gradients off inside the block; its mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def _padded(parts):
@@ -54,9 +68,7 @@ def pair_readings(
     names = READINGS + extra
     out = {k: torch.zeros(len(pairs), dtype=torch.float64) for k in names}
     head = model.lm_head.weight
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with _evaluating(model):
         for idx in evaluation_batches(pairs, batch_size):
             batch = packed_pairs_batch([pairs[i] for i in idx], pad_id).to(device)
             B = len(idx)
@@ -87,7 +99,6 @@ def pair_readings(
                 mean_unit = torch.zeros(2 * B, h.shape[-1], dtype=torch.float64)
                 mean_unit = mean_unit.index_add(0, batch.seq, unit) / counts[:, None]  # (2B, C)
                 out["cross_cosine"][ids] = (mean_unit[:B] * mean_unit[B:]).sum(-1)
-    model.train(was_training)
     return out
 
 
@@ -96,16 +107,13 @@ def end_distribution(model, pairs, pad_id: int, *, batch_size: int = 16, device=
     chosen response stops: (vocab,) float64. Set against another model's, it shows where the
     end-of-text mass went."""
     total = torch.zeros(model.lm_head.weight.shape[0], dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with _evaluating(model):
         for idx in evaluation_batches(pairs, batch_size):
             batch = packed_pairs_batch([pairs[i] for i in idx], pad_id).to(device)
             B = len(idx)
             ends = torch.bincount(batch.seq, minlength=2 * B).cumsum(0)[:B] - 1  # (B,)
             h = batch_hidden_states(model, batch)[batch.rows[ends], batch.cols[ends]]  # (B, C)
             total += head_logprobs(h, model.lm_head.weight).exp().double().sum(0)
-    model.train(was_training)
     return total / len(pairs)
 
 

@@ -639,37 +639,23 @@ def _frontier_figure(results: dict, name: str):
 
 # ------------------------------------------------------------------------------------ main
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python3 -m chapters.ch12_online_dpo", description=summary(__doc__)
-    )
+    parser = argparse.ArgumentParser(prog=f"python3 -m {__package__}", description=summary(__doc__))
     parser.add_argument("--quick", action="store_true", help="a short form of the same run")
-    parser.add_argument(
-        "--seed", type=nonnegative_int, default=0, help="the first seed of the runs (default 0)"
-    )
-    parser.add_argument(
-        "--seeds",
-        type=positive_int,
-        default=None,
-        help=f"runs per schedule, at least 2 (default {FULL['seeds']}, --quick {QUICK['seeds']})",
-    )
-    parser.add_argument(
-        "--budget",
-        type=positive_int,
-        default=None,
-        help=f"labelled pairs per schedule, at least {ITERATIONS} (default {FULL['budget']}, "
-        f"--quick {QUICK['budget']})",
-    )
-    parser.add_argument(
-        "--full-miniature",
-        action="store_true",
-        help="section 5 at full size: every training pair, the base model's 6 epochs (minutes)",
-    )
-    parser.add_argument(
-        "--no-miniature", action="store_true", help="leave out section 5 (the GPT-2 miniature)"
-    )
-    parser.add_argument(
-        "--data", help="section 5's instruction-data-with-preference.json (default: data/'s copy)"
-    )
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="the first seed of the runs (default 0)")
+    parser.add_argument("--seeds", type=positive_int, default=None,
+                        help=f"runs per schedule, at least 2 (default {FULL['seeds']}, --quick "
+                        f"{QUICK['seeds']})")
+    parser.add_argument("--budget", type=positive_int, default=None,
+                        help=f"labelled pairs per schedule, at least {ITERATIONS} (default "
+                        f"{FULL['budget']}, --quick {QUICK['budget']})")
+    parser.add_argument("--full-miniature", action="store_true",
+                        help="section 5 at full size: every training pair, the base model's 6 "
+                        "epochs (minutes)")
+    parser.add_argument("--no-miniature", action="store_true",
+                        help="leave out section 5 (the GPT-2 miniature)")
+    parser.add_argument("--data", help="section 5's instruction-data-with-preference.json "
+                        "(default: data/'s copy)")
     args = parser.parse_args(argv)
     if args.full_miniature and (args.quick or args.no_miniature):
         parser.error("argument --full-miniature: not with --quick or --no-miniature")

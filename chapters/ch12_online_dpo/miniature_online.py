@@ -369,30 +369,14 @@ def build_sft(data: dict, settings: Settings, clock: Clock, device="cpu"):
     t = time.perf_counter()
     vocab, sft_pairs = data["vocab"], data["sft_pairs"]
     base, _ = miniature.pretrain_base(
-        vocab.size,
-        sft_pairs["train"],
-        sft_pairs["validation"],
-        epochs=settings.base_epochs,
-        lr=settings.base_lr,
-        batch_size=miniature.BASE_BATCH,
-        seed=settings.seed,
-        device=device,
-        eos_id=vocab.eos,
-        config=settings.config,
+        vocab.size, sft_pairs["train"], sft_pairs["validation"], epochs=settings.base_epochs,
+        lr=settings.base_lr, batch_size=miniature.BASE_BATCH, seed=settings.seed, device=device,
+        eos_id=vocab.eos, config=settings.config,
     )
     t = clock.add("base model", t)
     torch.manual_seed(settings.seed)
-    train_sft(
-        base,
-        sft_pairs["train"],
-        sft_pairs["validation"],
-        epochs=settings.sft_epochs,
-        lr=settings.sft_lr,
-        batch_size=8,
-        seed=settings.seed,
-        device=device,
-        pad_id=vocab.eos,
-    )
+    train_sft(base, sft_pairs["train"], sft_pairs["validation"], epochs=settings.sft_epochs,
+              lr=settings.sft_lr, batch_size=8, seed=settings.seed, device=device, pad_id=vocab.eos)
     clock.add("SFT", t)
     return miniature.disable_dropout(base.eval()).requires_grad_(False)
 

@@ -221,15 +221,8 @@ def _generators(seed: int):
 
 
 # --------------------------------------------------------------------------------- schedules
-def offline_dpo(
-    pi_ref: torch.Tensor,
-    rewards: torch.Tensor,
-    beta: float,
-    budget: int,
-    seed: int,
-    *,
-    l2: float = 1e-3,
-) -> torch.Tensor:
+def offline_dpo(pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float, budget: int, seed: int, *,
+                l2: float = 1e-3) -> torch.Tensor:
     """Report eq. (38), offline: `budget` pairs from π_ref, labelled once, DPO to convergence."""
     check_world(pi_ref, rewards, beta)
     if not (isinstance(budget, int) and budget >= 1):
@@ -243,20 +236,9 @@ def offline_dpo(
     return torch.softmax(theta, -1).reshape(pi_ref.shape)
 
 
-def run_rounds(
-    pi_ref: torch.Tensor,
-    rewards: torch.Tensor,
-    beta: float,
-    budget: int,
-    rounds: int,
-    seed: int,
-    steps_per_round: int = None,
-    *,
-    lr: float = 1.0,
-    l2: float = 1e-3,
-    keep_pairs: bool = True,
-    expected: bool = False,
-):
+def run_rounds(pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float, budget: int, rounds: int,
+               seed: int, steps_per_round: int = None, *, lr: float = 1.0, l2: float = 1e-3,
+               keep_pairs: bool = True, expected: bool = False):
     """`preference_rounds`, also returning the counts (P, Y, Y) of all pairs labelled so far."""
     check_world(pi_ref, rewards, beta)
     for name, value in (("budget", budget), ("rounds", rounds)):
@@ -299,16 +281,8 @@ def run_rounds(
     return policies, data
 
 
-def preference_rounds(
-    pi_ref: torch.Tensor,
-    rewards: torch.Tensor,
-    beta: float,
-    budget: int,
-    rounds: int,
-    seed: int,
-    steps_per_round: int = None,
-    **options,
-) -> list:
+def preference_rounds(pi_ref: torch.Tensor, rewards: torch.Tensor, beta: float, budget: int,
+                      rounds: int, seed: int, steps_per_round: int = None, **options) -> list:
     """Report eq. (38) on on-policy data: `rounds` rounds share `budget` pairs; π after each round.
 
     Round k samples its share (budget // rounds, one more in the first budget % rounds rounds) from

@@ -31,7 +31,7 @@ from chapters.ch1_preference_models.probabilities import (
 )
 from chapters.common.figures import plt, save
 from chapters.common.files import check_writable
-from gpt.cli import run, summary
+from gpt.cli import nonnegative_int, run, summary
 
 # ---------------------------------------------------------------- the script
 
@@ -50,13 +50,10 @@ def _pl_frequency_check(rewards, num_samples, generator):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python3 -m chapters.ch1_preference_models", description=summary(__doc__)
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--samples", type=int, default=40_000, help="rankings sampled for the chi-square test"
-    )
+    parser = argparse.ArgumentParser(prog=f"python3 -m {__package__}", description=summary(__doc__))
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    parser.add_argument("--samples", type=int, default=40_000,
+                        help="rankings sampled for the chi-square test")
     args = parser.parse_args(argv)
     if args.samples < 100:
         raise SystemExit(

@@ -40,16 +40,14 @@ from chapters.ch2_reward_model.reward_head import (
 from chapters.common.figures import plt, save
 from chapters.common.files import check_writable
 from chapters.common.runtime import one_thread
-from gpt.cli import positive_int, run, summary
+from gpt.cli import nonnegative_int, positive_int, run, summary
 
 # ---------------------------------------------------------------- the script
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python3 -m chapters.ch2_reward_model", description=summary(__doc__)
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser = argparse.ArgumentParser(prog=f"python3 -m {__package__}", description=summary(__doc__))
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--rm-steps",
         type=positive_int,
@@ -204,48 +202,36 @@ def _run(args):
     )
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.loglog(
-        sizes, errors.mean(1), "o-", lw=2, label=f"MLE (eq. (26)), mean of {repeats} data sets"
-    )
+    ax.loglog(sizes, errors.mean(1), "o-", lw=2,
+              label=f"MLE (eq. (26)), mean of {repeats} data sets")
     ax.fill_between(sizes, errors.min(1), errors.max(1), alpha=0.25, label="min–max over data sets")
     ax.loglog(sizes, errors.mean(1)[0] * np.sqrt(sizes[0] / np.array(sizes)), "k--", label="∝ 1/√n")
-    ax.set(
-        xlabel="comparisons per prompt n",
-        ylabel="RMSE of centred rewards vs r*",
-        title=f"BT maximum likelihood recovers r* up to a per-prompt constant\n"
-        f"({P} prompts × {Y} responses; fitted slope {slope:.2f})",
-    )
+    ax.set(xlabel="comparisons per prompt n", ylabel="RMSE of centred rewards vs r*",
+           title=f"BT maximum likelihood recovers r* up to a per-prompt constant\n"
+           f"({P} prompts × {Y} responses; fitted slope {slope:.2f})")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    save(
-        fig, "ch2_mle_recovery" + ("_quick" if args.quick else "")
-    )  # --quick never overwrites the committed figure
+    # --quick never overwrites the committed figure
+    save(fig, "ch2_mle_recovery" + ("_quick" if args.quick else ""))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     ax.plot(losses, alpha=0.35, label="minibatch loss")
     window = min(20, len(losses))
-    ax.plot(
-        np.arange(window - 1, len(losses)),
-        np.convolve(losses, np.ones(window) / window, mode="valid"),
-        lw=2,
-        label=f"moving average ({window} steps)",
-    )
+    ax.plot(np.arange(window - 1, len(losses)),
+            np.convolve(losses, np.ones(window) / window, mode="valid"), lw=2,
+            label=f"moving average ({window} steps)")
     ax.axhline(math.log(2), color="gray", ls=":", label="log 2 (no preference)")
     ax.axhline(floor, color="k", ls="--", label="r* itself, held-out pairs")
-    ax.set(
-        xlabel="step", ylabel="eq. (26) loss", title="Training the GPT-2 reward model on eq. (26)"
-    )
+    ax.set(xlabel="step", ylabel="eq. (26) loss",
+           title="Training the GPT-2 reward model on eq. (26)")
     ax.legend()
     ax.grid(alpha=0.3)
     ax = axes[1]
     counts = np.arange(ts.max() + 1)
     ax.boxplot([rs[ts == c] for c in counts], positions=counts, widths=0.6)
-    ax.set(
-        xlabel="true reward r*(x, y) = count of token 7",
-        ylabel="learned reward r_φ(x, y)",
-        title=f"Held-out responses: r_φ orders {truth_acc:.1%} of pairs as r*",
-    )
+    ax.set(xlabel="true reward r*(x, y) = count of token 7", ylabel="learned reward r_φ(x, y)",
+           title=f"Held-out responses: r_φ orders {truth_acc:.1%} of pairs as r*")
     ax.grid(alpha=0.3)
     save(fig, "ch2_reward_model" + ("_quick" if args.quick else ""))
 

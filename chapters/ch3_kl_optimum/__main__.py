@@ -28,7 +28,7 @@ from chapters.ch3_kl_optimum.optimum import (
 )
 from chapters.common.figures import plt, save
 from chapters.common.files import check_writable
-from gpt.cli import run, summary
+from gpt.cli import nonnegative_int, run, summary
 
 
 def _plot_policies(pi_ref, rewards, betas):
@@ -42,19 +42,11 @@ def _plot_policies(pi_ref, rewards, betas):
     colours = plt.cm.viridis(np.linspace(0.1, 0.9, len(betas)))
     for i, (beta, colour) in enumerate(zip(betas, colours)):
         pi_star = optimal_policy(pi_ref, rewards, beta)
-        ax_p.bar(
-            y - 0.4 + width * (i + 1.5),
-            pi_star.numpy(),
-            width,
-            color=colour,
-            label=f"π*, β = {beta:g}",
-        )
-    ax_p.set(
-        xlabel="response y",
-        ylabel="probability",
-        xticks=y,
-        title="eq. (36): π* = π_ref·exp(r/β)/Z — small β piles on argmax r, large β stays at π_ref",
-    )
+        ax_p.bar(y - 0.4 + width * (i + 1.5), pi_star.numpy(), width, color=colour,
+                 label=f"π*, β = {beta:g}")
+    ax_p.set(xlabel="response y", ylabel="probability", xticks=y,
+             title="eq. (36): π* = π_ref·exp(r/β)/Z — small β piles on argmax r, large β stays "
+             "at π_ref")
     ax_p.legend(ncol=2, fontsize=8)
     fig.tight_layout()
     save(fig, "ch3_optimal_policy_vs_beta")
@@ -120,13 +112,10 @@ def _plot_objective(pi_ref, rewards, betas, random_pis):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python3 -m chapters.ch3_kl_optimum", description=summary(__doc__)
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--responses", type=int, default=8, help="number of responses Y, 2..50 (default 8)"
-    )
+    parser = argparse.ArgumentParser(prog=f"python3 -m {__package__}", description=summary(__doc__))
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    parser.add_argument("--responses", type=int, default=8, help="number of responses Y, "
+                        "2..50 (default 8)")
     args = parser.parse_args(argv)
     if not 2 <= args.responses <= 50:
         raise SystemExit(f"error: --responses must be between 2 and 50, got {args.responses}")

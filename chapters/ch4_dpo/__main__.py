@@ -36,7 +36,7 @@ from chapters.common.figures import plt, save
 from chapters.common.files import check_writable
 from chapters.common.rows import prompt_response_rows
 from chapters.common.runtime import one_thread
-from gpt.cli import positive_float, positive_int, run, summary
+from gpt.cli import nonnegative_int, positive_float, positive_int, run, summary
 
 
 def _random_pairs(vocab: int, n: int, generator):
@@ -335,11 +335,9 @@ def _central_claim(beta, seed, sizes, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python3 -m chapters.ch4_dpo", description=summary(__doc__)
-    )
+    parser = argparse.ArgumentParser(prog=f"python3 -m {__package__}", description=summary(__doc__))
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed for every random draw (default 0)"
+        "--seed", type=nonnegative_int, default=0, help="seed for every random draw (default 0)"
     )
     parser.add_argument(
         "--beta", type=positive_float, default=0.5, help="DPO's β, > 0 (default 0.5)"

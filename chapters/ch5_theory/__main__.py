@@ -36,7 +36,7 @@ from chapters.ch5_theory.equivalence import (
 )
 from chapters.common.figures import plt, save
 from chapters.common.files import check_writable
-from gpt.cli import run
+from gpt.cli import nonnegative_int, run
 
 # ---------------------------------------------------------------------------------------------- the
 # script
@@ -53,41 +53,22 @@ def _plot_classes(pi_ref, rewards, beta, offsets):
     for k, (c, colour) in enumerate(zip(offsets, colours)):
         member = rewards + c
         ax_r.plot(y, member.numpy(), "o-", color=colour, lw=1, ms=3, label=f"r + {c:g}")
-        ax_p.scatter(
-            y,
-            optimal_policy(pi_ref, member, beta).numpy(),
-            s=160 - 25 * k,
-            facecolors="none",
-            edgecolors=colour,
-            label=f"π* of r + {c:g}",
-        )
+        ax_p.scatter(y, optimal_policy(pi_ref, member, beta).numpy(), s=160 - 25 * k,
+                     facecolors="none", edgecolors=colour, label=f"π* of r + {c:g}")
     ax_r.plot(y, projection.numpy(), "k-", lw=3, alpha=0.6, label="projection r − β·log Z")
-    ax_r.set(
-        xlabel="response y",
-        ylabel="reward",
-        xticks=y,
-        title="Definition 1: one class; Theorem 1: one projection",
-    )
-    ax_r.set_ylim(
-        bottom=float(min(projection.min(), rewards.min() + min(offsets))) - 3.0
-    )  # room for the legend
+    ax_r.set(xlabel="response y", ylabel="reward", xticks=y,
+             title="Definition 1: one class; Theorem 1: one projection")
+    # room for the legend
+    ax_r.set_ylim(bottom=float(min(projection.min(), rewards.min() + min(offsets))) - 3.0)
     ax_r.legend(fontsize=7, ncol=3, loc="lower center")
-    ax_p.set(
-        xlabel="response y",
-        ylabel="probability",
-        xticks=y,
-        title="Lemma 2: every member gives the same π* (concentric circles)",
-    )
+    ax_p.set(xlabel="response y", ylabel="probability", xticks=y,
+             title="Lemma 2: every member gives the same π* (concentric circles)")
     ax_p.legend(fontsize=7, ncol=2)
     ax_m.plot(shifts.numpy(), mass.numpy(), "C0-", label="Σ_y π_ref·exp((r_proj + c)/β)")
     ax_m.axhline(1, color="k", lw=0.8, ls="--", label="a distribution needs mass 1")
     ax_m.axvline(0, color="C3", lw=0.8, label="c = 0: the projection")
-    ax_m.set(
-        xlabel="c, added to the projection (f(x) = c)",
-        ylabel="mass of π = π_ref·exp(r/β)",
-        yscale="log",
-        title="Proposition 1: only c = 0 is β·log π/π_ref",
-    )
+    ax_m.set(xlabel="c, added to the projection (f(x) = c)", ylabel="mass of π = π_ref·exp(r/β)",
+             yscale="log", title="Proposition 1: only c = 0 is β·log π/π_ref")
     ax_m.legend(fontsize=8)
     fig.suptitle(f"§5.1 on one prompt, β = {beta:g}")
     fig.tight_layout()
@@ -98,21 +79,11 @@ def _plot_variance(curves, offsets, offset_rows, samples):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, (title, grid, exact, measured_b, measured, marks) in zip(axes[:2], curves):
         ax.plot(grid.numpy(), exact.numpy(), "k-", lw=1, label="exact (enumeration)")
-        ax.plot(
-            measured_b.numpy(),
-            measured.numpy(),
-            "C0o",
-            ms=5,
-            label=f"measured ({samples} draws each)",
-        )
+        ax.plot(measured_b.numpy(), measured.numpy(), "C0o", ms=5,
+                label=f"measured ({samples} draws each)")
         for (name, b), colour in zip(marks.items(), ["C3", "C2", "C1"]):
-            ax.axvline(
-                float(b),
-                color=colour,
-                ls="--",
-                lw=1,
-                label=name if b == 0 else f"{name} = {float(b):.3g}",
-            )
+            ax.axvline(float(b), color=colour, ls="--", lw=1,
+                       label=name if b == 0 else f"{name} = {float(b):.3g}")
         ax.set(xlabel="baseline B", ylabel="tr Cov of one gradient draw", yscale="log", title=title)
         ax.legend(fontsize=7)
     ax = axes[2]
@@ -121,12 +92,9 @@ def _plot_variance(curves, offsets, offset_rows, samples):
     ax.plot(
         [], [], " ", label="(DPO's gradient is of another loss:\n compare how flat, not how high)"
     )
-    ax.set(
-        xlabel="offset c added to every reward (Definition 1: same class)",
-        ylabel="measured tr Cov",
-        yscale="log",
-        title="DPO needs no baseline: its variance ignores c",
-    )
+    ax.set(xlabel="offset c added to every reward (Definition 1: same class)",
+           ylabel="measured tr Cov", yscale="log",
+           title="DPO needs no baseline: its variance ignores c")
     ax.legend(fontsize=7)
     fig.suptitle(
         "§5.2: no baseline B moves the gradient's mean; a good B cuts its variance (B_RL is not "
@@ -359,13 +327,9 @@ def main(argv=None):
         prog="python3 -m chapters.ch5_theory",
         description="Report §5.1 and §5.2 checked on random finite problems.",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--samples",
-        type=int,
-        default=20000,
-        help="gradient draws per variance estimate (default 20000)",
-    )
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    parser.add_argument("--samples", type=int, default=20000, help="gradient draws per variance "
+                        "estimate (default 20000)")
     args = parser.parse_args(argv)
     if args.samples < 100:
         raise SystemExit(

@@ -31,7 +31,7 @@ from chapters.common.figures import plt, save
 from chapters.common.files import check_writable
 from chapters.common.runtime import one_thread
 from chapters.training.finetune import finetune, next_token_loss
-from gpt.cli import positive_float, positive_int, run, summary
+from gpt.cli import nonnegative_int, positive_float, positive_int, run, summary
 
 
 def closed_form_checks() -> list[str]:
@@ -84,47 +84,22 @@ def plot_training(history, after, exact_ref_reward, optimum, beta, name):
     it = range(1, len(history) + 1)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     ax1.plot(it, [h["reward"] for h in history], color="C0", label="PPO rollouts: mean reward")
-    ax1.axhline(
-        optimum["reward"],
-        color="C3",
-        ls="--",
-        label=f"exact optimum π* of eq. (27) ({optimum['reward']:.3f})",
-    )
-    ax1.axhline(
-        after["reward"],
-        color="C2",
-        ls=":",
-        label=f"final policy, held-out prompts ({after['reward']:.3f})",
-    )
-    ax1.axhline(
-        exact_ref_reward,
-        color="gray",
-        ls="--",
-        label=f"reference: the chain, exact ({exact_ref_reward:.3f})",
-    )
-    ax1.set(
-        xlabel="PPO iteration",
-        ylabel="reward = fraction of class tokens",
-        title="Reward rises under PPO",
-    )
+    ax1.axhline(optimum["reward"], color="C3", ls="--",
+                label=f"exact optimum π* of eq. (27) ({optimum['reward']:.3f})")
+    ax1.axhline(after["reward"], color="C2", ls=":",
+                label=f"final policy, held-out prompts ({after['reward']:.3f})")
+    ax1.axhline(exact_ref_reward, color="gray", ls="--",
+                label=f"reference: the chain, exact ({exact_ref_reward:.3f})")
+    ax1.set(xlabel="PPO iteration", ylabel="reward = fraction of class tokens",
+            title="Reward rises under PPO")
     ax1.legend(fontsize=8, loc="lower right")
     ax2.plot(it, [h["kl"] for h in history], color="C0", label="PPO rollouts: KL(π ‖ π_ref), k1")
-    ax2.plot(
-        it,
-        [h["kl_k3"] for h in history],
-        color="C1",
-        ls="--",
-        lw=1,
-        label="PPO rollouts: KL(π ‖ π_ref), k3",
-    )
-    ax2.axhline(
-        optimum["kl"], color="C3", ls="--", label=f"exact optimum π* ({optimum['kl']:.2f} nats)"
-    )
-    ax2.set(
-        xlabel="PPO iteration",
-        ylabel="KL per response (nats)",
-        title="KL to the reference stays bounded",
-    )
+    ax2.plot(it, [h["kl_k3"] for h in history], color="C1", ls="--", lw=1,
+             label="PPO rollouts: KL(π ‖ π_ref), k3")
+    ax2.axhline(optimum["kl"], color="C3", ls="--",
+                label=f"exact optimum π* ({optimum['kl']:.2f} nats)")
+    ax2.set(xlabel="PPO iteration", ylabel="KL per response (nats)",
+            title="KL to the reference stays bounded")
     ax2.legend(fontsize=8, loc="lower right")
     fig.suptitle(
         f"Chapter 6: PPO-based RLHF (eq. (28), β = {beta:g}) on a tiny GPT fitted to a Markov chain"
@@ -133,22 +108,15 @@ def plot_training(history, after, exact_ref_reward, optimum, beta, name):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python3 -m chapters.ch6_ppo", description=summary(__doc__)
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quick", action="store_true", help="a short run (seconds) of the same experiment"
-    )
-    parser.add_argument(
-        "--iterations", type=positive_int, default=None, help="PPO iterations (default 60, quick 6)"
-    )
-    parser.add_argument(
-        "--beta",
-        type=positive_float,
-        default=0.05,
-        help="KL coefficient β of eq. (28), > 0 (the exact optimum π* ∝ π_ref·exp(r/β) needs it)",
-    )
+    parser = argparse.ArgumentParser(prog=f"python3 -m {__package__}", description=summary(__doc__))
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run (seconds) of the same experiment")
+    parser.add_argument("--iterations", type=positive_int, default=None,
+                        help="PPO iterations (default 60, quick 6)")
+    parser.add_argument("--beta", type=positive_float, default=0.05,
+                        help="KL coefficient β of eq. (28), > 0 (the exact optimum "
+                        "π* ∝ π_ref·exp(r/β) needs it)")
     args = parser.parse_args(argv)
     check_writable()
     # a GPT this small runs fastest on one thread (and is then repeatable across machines' core

@@ -48,7 +48,7 @@ from chapters.ch7_frontier.task import (
 from chapters.common.figures import plt, save
 from chapters.common.files import atomic_open, check_writable, plots_dir
 from chapters.common.runtime import available_cores, one_thread
-from gpt.cli import positive_int, run, summary
+from gpt.cli import nonnegative_int, positive_int, run, summary
 
 COLUMNS = [
     "method",
@@ -150,14 +150,12 @@ def write_table(rows, name: str) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python3 -m chapters.ch7_frontier", description=summary(__doc__)
-    )
+    parser = argparse.ArgumentParser(prog=f"python3 -m {__package__}", description=summary(__doc__))
     parser.add_argument(
         "--quick", action="store_true", help="a short form of the same run (under a minute)"
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed for every random draw (default 0)"
+        "--seed", type=nonnegative_int, default=0, help="seed for every random draw (default 0)"
     )
     parser.add_argument(
         "--workers",

@@ -143,19 +143,10 @@ def sampled_rows(
     for c in results:
         policy.load_state_dict(_to_torch(c.state))
         tok, tok_se, ratio, ratio_se = sampled_kl(policy, ref, prompts, per_prompt, generator)
-        rows.append(
-            dict(
-                method=sweep.method,
-                setting=sweep.setting,
-                step=c.step,
-                reward=c.reward,
-                kl=c.kl,
-                kl_per_token=tok,
-                kl_per_token_se=tok_se,
-                kl_log_ratio=ratio,
-                kl_log_ratio_se=ratio_se,
-            )
-        )
+        rows.append(dict(
+            method=sweep.method, setting=sweep.setting, step=c.step, reward=c.reward, kl=c.kl,
+            kl_per_token=tok, kl_per_token_se=tok_se, kl_log_ratio=ratio, kl_log_ratio_se=ratio_se,
+        ))
     return rows
 
 

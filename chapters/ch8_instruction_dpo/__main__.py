@@ -221,61 +221,31 @@ def prepare_pairs(entries, tokenizer, eos_id, args):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog=PROG, description=summary(__doc__))
     src = p.add_mutually_exclusive_group()
-    src.add_argument(
-        "--model",
-        choices=list(PRESETS),
-        help="GPT-2 by name (default gpt2-medium when its weights are cached, else --miniature)",
-    )
-    src.add_argument(
-        "--checkpoint",
-        help="local GPT-2 weights: a folder of OpenAI's files or a .safetensors file/folder",
-    )
-    src.add_argument(
-        "--smoke",
-        action="store_true",
-        help="the whole pipeline on a tiny random GPT-2 (numbers mean nothing)",
-    )
-    src.add_argument(
-        "--miniature",
-        action="store_true",
-        help="a GPT-2-architecture base model trained here first",
-    )
+    src.add_argument("--model", choices=list(PRESETS), help="GPT-2 by name (default gpt2-medium "
+                     "when its weights are cached, else --miniature)")
+    src.add_argument("--checkpoint", help="local GPT-2 weights: a folder of OpenAI's files or a "
+                     ".safetensors file/folder")
+    src.add_argument("--smoke", action="store_true",
+                     help="the whole pipeline on a tiny random GPT-2 (numbers mean nothing)")
+    src.add_argument("--miniature", action="store_true",
+                     help="a GPT-2-architecture base model trained here first")
     how = p.add_mutually_exclusive_group()
-    how.add_argument(
-        "--authors-setup",
-        action="store_true",
-        help="the report authors' pipeline, every mistake on",
-    )
-    how.add_argument(
-        "--ladder", action="store_true", help="from the authors' setup to ours, one fix at a time"
-    )
-    p.add_argument(
-        "--ladder-temperature",
-        type=nonnegative_float,
-        default=0.0,
-        help="the ladder's sampling temperature",
-    )
-    p.add_argument(
-        "--data",
-        help="path of instruction-data-with-preference.json (default: data/, downloaded once)",
-    )
+    how.add_argument("--authors-setup", action="store_true",
+                     help="the report authors' pipeline, every mistake on")
+    how.add_argument("--ladder", action="store_true",
+                     help="from the authors' setup to ours, one fix at a time")
+    p.add_argument("--ladder-temperature", type=nonnegative_float, default=0.0,
+                   help="the ladder's sampling temperature")
+    p.add_argument("--data", help="path of instruction-data-with-preference.json (default: data/, "
+                   "downloaded once)")
     p.add_argument("--out", help="folder for tables and generations (default runs/ch8_<model>)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed, 0 or more")
-    p.add_argument(
-        "--betas",
-        type=positive_float,
-        nargs="+",
-        help=f"DPO β values (> 0: the KL weight), each from the SFT start (default "
-        f"{' '.join(map(str, BETAS))}; "
-        f"{' '.join(map(str, AUTHORS_BETAS))} with --authors-setup or --ladder)",
-    )
-    p.add_argument(
-        "--temperatures",
-        type=nonnegative_float,
-        nargs="+",
-        default=list(TEMPERATURES),
-        help="sampling temperatures (>= 0; 0 = greedy)",
-    )
+    p.add_argument("--betas", type=positive_float, nargs="+",
+                   help=f"DPO β values (> 0: the KL weight), each from the SFT start (default "
+                   f"{' '.join(map(str, BETAS))}; "
+                   f"{' '.join(map(str, AUTHORS_BETAS))} with --authors-setup or --ladder)")
+    p.add_argument("--temperatures", type=nonnegative_float, nargs="+", default=list(TEMPERATURES),
+                   help="sampling temperatures (>= 0; 0 = greedy)")
     for name, kind, what in (
         ("sft-epochs", positive_int, "SFT epochs"),
         ("sft-lr", positive_float, "SFT learning rate"),
@@ -370,14 +340,8 @@ def experiment(
     loop = dict(
         batch_size=args.batch_size, seed=args.seed, device=args.device, pad_id=eos, scale=scale
     )
-    gen = dict(
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.eval_batch_size,
-        seed=args.seed,
-        device=args.device,
-        eos_id=eos,
-        tokenizer=tok,
-    )
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, seed=args.seed,
+               device=args.device, eos_id=eos, tokenizer=tok)
     sft_pairs, pairs, entries = data["sft_pairs"], data["pairs"], data["entries"]
 
     # 1. SFT on (prompt, chosen + EOS); prompt and padding are not targets (the authors': they are)

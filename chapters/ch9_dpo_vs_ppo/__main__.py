@@ -254,30 +254,17 @@ def _fmt(h: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python3 -m chapters.ch9_dpo_vs_ppo", description=cli.summary(__doc__)
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="the example's seed (reference, reward, pairs) and PPO's sampler",
-    )
-    parser.add_argument(
-        "--beta", type=cli.positive_float, default=0.5, help="β of eqs. (28), (36), (38)"
-    )
-    parser.add_argument(
-        "--steps",
-        type=cli.positive_int,
-        default=1000,
-        help="Adam steps per training run, at least 4 (PPO: steps/4 rounds of 4 epochs)",
-    )
-    parser.add_argument(
-        "--sweep",
-        type=cli.nonnegative_int,
-        default=5,
-        help="further examples (seeds seed+1, ...) for the DPO-vs-π* table",
-    )
+    parser = argparse.ArgumentParser(prog=f"python3 -m {__package__}",
+                                     description=cli.summary(__doc__))
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                        help="the example's seed (reference, reward, pairs) and PPO's sampler")
+    parser.add_argument("--beta", type=cli.positive_float, default=0.5,
+                        help="β of eqs. (28), (36), (38)")
+    parser.add_argument("--steps", type=cli.positive_int, default=1000,
+                        help="Adam steps per training run, at least 4 (PPO: steps/4 rounds of 4 "
+                        "epochs)")
+    parser.add_argument("--sweep", type=cli.nonnegative_int, default=5,
+                        help="further examples (seeds seed+1, ...) for the DPO-vs-π* table")
     args = parser.parse_args(argv)
     if args.steps < 4:
         parser.error(
