@@ -80,7 +80,7 @@ def training_pairs(max_length: int, seed: int):
     """The data set's training pairs with a preference, as chapter 8 tokenizes them, and TRL's text
     rows of them."""
     entries = pdata.load()
-    kept = [i for i in pdata.split(len(entries), seed)["train"] if pdata.has_preference(entries[i])]
+    kept = [i for i in pdata.split(entries, seed)["train"] if pdata.has_preference(entries[i])]
     pairs = pdata.tokenize(entries, kept, get_tokenizer(), EOS_ID, max_length)
     return pairs, [
         {

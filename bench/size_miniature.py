@@ -46,7 +46,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     entries = pdata.load()
-    split = pdata.split(len(entries), 0)
+    split = pdata.split(entries, 0)
     vocab = mini.CompactVocab(get_tokenizer(), mini.training_texts(entries, split["train"]), EOS_ID)
     pairs = {
         k: pdata.tokenize(entries, split[k], vocab, vocab.eos, 128) for k in ("train", "validation")

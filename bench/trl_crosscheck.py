@@ -75,7 +75,7 @@ def miniature_data(seed: int, max_length: int):
     """The miniature's vocabulary and pairs, as `python -m chapters.ch8_instruction_dpo --miniature`
     makes them: (vocab, SFT pairs per split, DPO pairs per split)."""
     entries = pdata.load()
-    split = pdata.split(len(entries), seed)
+    split = pdata.split(entries, seed)
     vocab = miniature.CompactVocab(
         gpt.get_tokenizer(), miniature.training_texts(entries, split["train"]), EOS_ID
     )

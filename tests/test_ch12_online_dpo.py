@@ -399,16 +399,17 @@ def test_online_dpo_on_a_tiny_gpt_runs_rounds_deterministically_from_ln2():
 
 
 def synthetic_entries(n: int = 60) -> list:
-    """A preference data set in the real one's schema: the chosen response repeats the word."""
+    """A preference data set in the real one's schema: the chosen response repeats the word; each
+    entry its own prompt (a numbered input), since the split keeps a prompt in one split."""
     rng = random.Random(1)
     words = ["apple", "river", "stone", "cloud", "green", "quiet", "bread", "light"]
     out = []
-    for _ in range(n):
+    for i in range(n):
         w = rng.choice(words)
         out.append(
             {
                 "instruction": f"Say the word {w}.",
-                "input": "",
+                "input": f"request {i}",
                 "output": w,
                 "chosen": f"The word is {w}.",
                 "rejected": f"No, not {rng.choice(words)}.",

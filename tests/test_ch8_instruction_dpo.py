@@ -53,7 +53,7 @@ def pairs(entries):
     """Four real training pairs: one with an input, one without, of different lengths."""
     if entries is None:
         pytest.skip("data set missing")
-    train = pdata.split(len(entries))["train"]
+    train = pdata.split(entries)["train"]
     with_input = [i for i in train if entries[i]["input"]][:2]
     without = [i for i in train if not entries[i]["input"]][:2]
     return pdata.tokenize(entries, with_input + without, get_tokenizer(), EOS_ID)
@@ -146,7 +146,8 @@ def test_download_is_hash_checked_and_offline_skips_the_chapter_with_one_line(
 
 
 def test_split_is_seeded_disjoint_and_85_5_10():
-    a, b, c = pdata.split(1100, seed=0), pdata.split(1100, seed=0), pdata.split(1100, seed=1)
+    entries = ch8.distinct_prompts(1100)
+    a, b, c = pdata.split(entries, seed=0), pdata.split(entries, seed=0), pdata.split(entries, 1)
     assert a == b and a != c
     sets = [set(a[k]) for k in ("train", "validation", "test")]
     assert [len(s) for s in sets] == [935, 55, 110]
@@ -400,7 +401,7 @@ def many_pairs(entries):
     return [
         pdata.Pair(p.index, fold(p.prompt), fold(p.chosen), fold(p.rejected))
         for p in pdata.tokenize(
-            entries, pdata.split(len(entries))["train"][:200], get_tokenizer(), EOS_ID
+            entries, pdata.split(entries)["train"][:200], get_tokenizer(), EOS_ID
         )
     ]
 
@@ -751,8 +752,9 @@ def test_degenerate_data_sets_are_refused_in_one_line_before_training(
     message = str(err.value)
     assert len(message.splitlines()) == 1 and why in message, message
     assert f"at least {ch8.smallest_runnable_data_set()} entries with chosen ≠ rejected" in message
-    assert ch8.smallest_runnable_data_set() == 11 and all(pdata.split(11).values())  # 9/1/1
-    assert not all(pdata.split(10).values())
+    assert ch8.smallest_runnable_data_set() == 11  # 9/1/1
+    assert all(pdata.split(ch8.distinct_prompts(11)).values())
+    assert not all(pdata.split(ch8.distinct_prompts(10)).values())
     assert not (tmp_path / "out").exists()  # nothing written
 
 

@@ -361,7 +361,7 @@ def tiny_run(tmp_path_factory):
 @needs_data
 def test_the_three_stages_train_only_on_the_training_split(tiny_run):
     _, seen = tiny_run
-    train = set(pdata.split(N_ENTRIES)["train"])
+    train = set(pdata.split(pdata.load()[:N_ENTRIES])["train"])
     assert set(seen) == {"base", "sft", "dpo"}
     for stage, indices in seen.items():
         assert indices <= train, stage
@@ -373,7 +373,7 @@ def test_the_three_stages_train_only_on_the_training_split(tiny_run):
 @needs_data
 def test_compact_vocab_is_counted_on_the_training_split_only():
     entries = pdata.load()[:N_ENTRIES]
-    split = pdata.split(N_ENTRIES)
+    split = pdata.split(entries)
     texts = mini.training_texts(entries, split["train"])
     assert len(texts) == 3 * len(split["train"])
     held_out = {pdata.format_prompt(entries[i]) for i in split["test"]} | {

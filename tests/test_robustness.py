@@ -284,16 +284,41 @@ def test_repeated_entries_are_dropped_before_the_split_so_no_test_pair_is_in_tra
         "splits; 31 left\n"
     )
     assert entries == unique + [same]
-    split = pdata.split(len(entries))
+    split = pdata.split(entries)
     texts = {k: {json.dumps(entries[i], sort_keys=True) for i in v} for k, v in split.items()}
     assert not texts["test"] & texts["train"] and not texts["validation"] & texts["train"]
 
 
-def test_the_real_data_set_has_no_duplicate_and_keeps_its_split():
+def test_entries_that_share_a_prompt_land_in_one_split():
+    # 40 prompts, each answered 3 ways (different chosen/rejected): a row split would scatter them
+    entries = [
+        {"instruction": f"Say {i}.", "input": "", "chosen": f"{i}{k}", "rejected": f"no{k}"}
+        for i in range(40)
+        for k in range(3)
+    ]
+    split = pdata.split(entries)
+    homes = {}
+    for name, indices in split.items():
+        for i in indices:
+            homes.setdefault(pdata.prompt_key(entries[i]), set()).add(name)
+    assert all(len(h) == 1 for h in homes.values()) and len(homes) == 40
+    assert sorted(i for v in split.values() for i in v) == list(range(120))  # every row, once
+
+
+def test_the_real_data_set_has_no_duplicate_and_no_prompt_in_two_splits():
     if not pdata.CACHE.is_file():
         pytest.skip("data set missing")
     raw = json.loads(pdata.CACHE.read_text())
-    assert pdata.load() == raw and len(raw) == 1100  # nothing dropped: the same 935/55/110 split
+    assert pdata.load() == raw and len(raw) == 1100  # nothing dropped
+    split, row_split = pdata.split(raw), pdata.split(ch8.distinct_prompts(1100))
+    prompts = {k: {pdata.prompt_key(raw[i]) for i in v} for k, v in split.items()}
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["validation"]
+    assert not prompts["validation"] & prompts["test"]
+    # the row split put 8 answers to a training prompt in validation (2) and test (6): they move
+    moved = {k: sorted(set(split[k]) - set(row_split[k])) for k in split}
+    assert moved["train"] == [119, 193, 223, 281, 429, 695, 829, 975]
+    assert moved["validation"] == moved["test"] == []
+    assert [len(split[k]) for k in ("train", "validation", "test")] == [943, 53, 104]
 
 
 # ---------------------------------------------------------------- paths first

@@ -74,7 +74,7 @@ def miniature_data(seed: int = 0, path=None) -> dict:
     ≠ rejected) per split, tokenized as its `--miniature` run does. A missing data file that cannot
     be downloaded raises `pdata.DownloadError`."""
     entries = pdata.load(path)
-    split = pdata.split(len(entries), seed)
+    split = pdata.split(entries, seed)
     gpt2 = get_tokenizer()
     vocab = miniature.CompactVocab(gpt2, miniature.training_texts(entries, split["train"]), EOS_ID)
     sft_pairs = {

@@ -86,7 +86,7 @@ def prepare(entries, settings: Settings) -> dict:
     """Chapter 8's miniature data: the compact vocabulary, the seeded split, SFT pairs (every pair
     that fits) and preference pairs (chosen ≠ rejected) per split, as token ids."""
     gpt2 = get_tokenizer()
-    split = pdata.split(len(entries), settings.seed)
+    split = pdata.split(entries, settings.seed)
     vocab = miniature.CompactVocab(gpt2, miniature.training_texts(entries, split["train"]), EOS_ID)
     if settings.limits:
         split = {k: v[: settings.limits[k]] for k, v in split.items()}

@@ -168,16 +168,21 @@ def load_model(args):
 
 
 def smallest_runnable_data_set() -> int:
-    """The fewest entries whose seeded 85/5/10 split gives each of train, validation and test at
-    least one."""
-    return next(n for n in range(1, 1000) if all(pdata.split(n).values()))
+    """The fewest entries (with distinct prompts) whose seeded 85/5/10 split gives each of train,
+    validation and test at least one."""
+    return next(n for n in range(1, 1000) if all(pdata.split(distinct_prompts(n)).values()))
+
+
+def distinct_prompts(n: int) -> list:
+    """n entries with n different prompts, as far as `pdata.split` looks."""
+    return [{"instruction": f"{i}"} for i in range(n)]
 
 
 def prepare_pairs(entries, tokenizer, eos_id, args):
     """Split, tokenize and filter: SFT pairs (every pair that fits in --max-length) and
     DPO/evaluation pairs (those with chosen ≠ rejected), per split. Refuses, in one line, a data set
     that leaves a split without a usable pair."""
-    split = pdata.split(len(entries), args.seed)
+    split = pdata.split(entries, args.seed)
     same = [i for i, e in enumerate(entries) if not pdata.has_preference(e)]
     print(
         f"data: {len(entries)} entries, split "
@@ -594,7 +599,7 @@ def _main(args, scale):
     ):  # GPT-2's tokenizer, the model's vocabulary cut to the training split's tokens
         vocab = miniature.CompactVocab(
             tokenizer,
-            miniature.training_texts(entries, pdata.split(len(entries), args.seed)["train"]),
+            miniature.training_texts(entries, pdata.split(entries, args.seed)["train"]),
             EOS_ID,
         )
         data.update(tokenizer=vocab, eos=vocab.eos)

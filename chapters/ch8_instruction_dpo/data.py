@@ -138,17 +138,26 @@ def load(path=None) -> list:
     return entries
 
 
-def split(n: int, seed: int = 0) -> dict:
-    """Seeded 85/5/10 split of entry indices into train, validation and test (disjoint, covering
-    0..n-1)."""
+def prompt_key(entry) -> tuple:
+    """What makes two entries the same prompt: their instruction and input."""
+    return entry["instruction"], entry.get("input", "")
+
+
+def split(entries, seed: int = 0) -> dict:
+    """Seeded 85/5/10 split of the indices of `entries` into train, validation and test (disjoint,
+    covering every index), by prompt: the rows are shuffled and cut 85/5/10, and every entry goes
+    to the split where the first entry of its prompt (`prompt_key`) fell, so that no prompt is in
+    two splits (a test prompt answered in train would inflate its win rate). With distinct prompts
+    it is the plain row split."""
+    n = len(entries)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_train, n_val = round(SPLIT[0] * n), round(SPLIT[1] * n)
-    return {
-        "train": sorted(order[:n_train]),
-        "validation": sorted(order[n_train : n_train + n_val]),
-        "test": sorted(order[n_train + n_val :]),
-    }
+    cut = ["train"] * n_train + ["validation"] * n_val + ["test"] * (n - n_train - n_val)
+    home, out = {}, {"train": [], "validation": [], "test": []}
+    for i, name in zip(order, cut):
+        out[home.setdefault(prompt_key(entries[i]), name)].append(i)
+    return {name: sorted(indices) for name, indices in out.items()}
 
 
 def has_preference(entry) -> bool:
