@@ -117,8 +117,7 @@ def _describe(config: GPTConfig) -> str:
             return name
     return (
         f"GPTConfig(vocab_size={config.vocab_size}, n_positions={config.n_positions}, "
-        f"n_embd={config.n_embd}, "
-        f"n_layer={config.n_layer}, n_head={config.n_head})"
+        f"n_embd={config.n_embd}, n_layer={config.n_layer}, n_head={config.n_head})"
     )
 
 

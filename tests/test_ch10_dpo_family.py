@@ -68,8 +68,7 @@ def margin(pi, pi_ref):
     return (u[0] - u[1]).item()
 
 
-# ----------------------------------------------------------------------------------------- the
-# losses by hand
+# ------------------------------------------------------------------------------- the losses by hand
 PC, PR, RC, RR, BETA, EPS, GAMMA = -4.0, -6.5, -5.0, -5.5, 0.3, 0.15, 0.4
 H = (PC - RC) - (PR - RR)
 
@@ -417,8 +416,7 @@ def test_orpo_minimiser_tends_to_its_sft_optimum_as_lambda_goes_to_zero(problem)
     assert far[0] < 1e-3 < far[1]
 
 
-# ----------------------------------------------------------------------------------------- chapter
-# 7's miniature
+# ---------------------------------------------------------------------------- chapter 7's miniature
 LOSSES = dict(
     preference=preference_loss, orpo=orpo_loss, kto=kto_loss, reference_point=kto_reference_point
 )

@@ -127,8 +127,7 @@ def test_implicit_reward_and_trainer_metrics_by_hand():
     assert tie["rewards/accuracies"] == 0.0 and tie["loss"] == pytest.approx(LN2, abs=1e-15)
 
 
-# ------------------------------------------------------------------------------------- eqs.
-# (39)–(40)
+# ----------------------------------------------------------------------------------- eqs. (39)–(40)
 def pl_probability_by_hand(scores, ranking):
     """Plackett–Luce: Π_k exp(s_τ(k)) / Σ_{j≥k} exp(s_τ(j)), float64 by enumeration of the sums."""
     p = 1.0

@@ -608,8 +608,7 @@ def test_smoke_runs_end_to_end_and_writes_every_figure_and_table(tmp_path, capsy
         )
 
 
-# ---------------------------------------------------------------- the command line refuses bad
-# input up front
+# ------------------------------------------------------ the command line refuses bad input up front
 
 
 @pytest.mark.parametrize(

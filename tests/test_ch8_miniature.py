@@ -88,8 +88,7 @@ def test_unigram_baseline_matches_counting_by_hand():
     assert abs(mini.unigram_loss(train, held, V) - expected) < 1e-12
 
 
-# ---------------------------------------------------------------- each switch changes exactly what
-# it names
+# -------------------------------------------------------- each switch changes exactly what it names
 
 
 @pytest.fixture(scope="module")

@@ -361,8 +361,7 @@ def test_rng_states_come_back(one_thread):
     assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
 
 
-# ---------------------------------------------------------------- schedule, flags, saved models,
-# cache
+# ------------------------------------------------------------- schedule, flags, saved models, cache
 
 
 def test_learning_rate_warms_up_linearly_then_stays_or_decays_as_written():
@@ -458,8 +457,7 @@ def test_reference_cache_on_disk_is_reused_refused_when_stale_and_rebuilt_on_req
         reference_store.cached_reference(path, other, pairs, 0, batch_size=4, fingerprint=fp(other))
 
 
-# ---------------------------------------------------------------- chapter 8's trainers with a run
-# folder
+# ----------------------------------------------------------- chapter 8's trainers with a run folder
 
 
 def _pipeline(pairs, scale, stop_at_dpo_step=None):

@@ -223,8 +223,7 @@ def test_unwritable_cache_folder_is_one_line_before_any_download(tmp_path, monke
     assert info.value.code == 1
     assert capsys.readouterr().err == (
         f"error: cannot write the cache folder {tmp_path}/a_file/cache/gpt2/openai "
-        f"({tmp_path}/a_file is a file, not a folder); pass --cache-dir DIR or set "
-        "$DPO_CACHE\n"
+        f"({tmp_path}/a_file is a file, not a folder); pass --cache-dir DIR or set $DPO_CACHE\n"
     )
 
 
@@ -232,13 +231,10 @@ def test_ctrl_c_mid_download_is_one_line_exit_130_and_leaves_nothing(tmp_path):
     """Ctrl-C after the first 1000 bytes of 5000 (a KeyboardInterrupt from the socket), in a
     subprocess."""
     script = (
-        "import io, sys\n"
-        "sys.path.insert(0, 'tests')\n"
-        "from test_download import CutResponse\n"
+        "import io, sys\nsys.path.insert(0, 'tests')\nfrom test_download import CutResponse\n"
         "from gpt import download\n"
         "download.urlopen = lambda url, timeout: CutResponse(b'x' * 1000, 5000, "
-        "KeyboardInterrupt())\n"
-        "from gpt.cli import run\n"
+        "KeyboardInterrupt())\nfrom gpt.cli import run\n"
         f"run(download.main, ['gpt2', '--source', 'hf', '--cache-dir', "
         f"{str(tmp_path / 'cache')!r}])\n"
     )
@@ -246,8 +242,7 @@ def test_ctrl_c_mid_download_is_one_line_exit_130_and_leaves_nothing(tmp_path):
     assert out.returncode == 130
     assert out.stderr.splitlines()[-1] == (  # after the progress bar
         f"interrupted: download stopped by Ctrl-C; no partial file is left in "
-        f"{tmp_path / 'cache' / 'gpt2' / 'hf'}/; "
-        "run the command again to fetch the missing files"
+        f"{tmp_path / 'cache' / 'gpt2' / 'hf'}/; run the command again to fetch the missing files"
     )
     assert tree_in(tmp_path) == []
 

@@ -134,8 +134,7 @@ def test_prompt_plus_new_tokens_longer_than_context_is_refused():
         generate(model, torch.zeros(1, 60, dtype=torch.long), 10)
 
 
-# ---------------------------------------------------------------- bad arguments: one line, before
-# any work
+# --------------------------------------------------------- bad arguments: one line, before any work
 
 BAD_GENERATE = [  # (keyword arguments of generate, what its ValueError says)
     (
@@ -250,8 +249,7 @@ def test_bad_load_gpt2_arguments_are_one_line_value_errors(args, message):
         load_gpt2(*args)
 
 
-# ---------------------------------------------------------------- the command line: python -m
-# gpt.generation
+# ------------------------------------------------------- the command line: python -m gpt.generation
 
 
 @pytest.fixture(scope="module")
@@ -338,8 +336,7 @@ def test_ctrl_c_is_one_line_and_exit_130(gpt2_vocab_folder):
     once."""
     script = (
         "import gpt.generation as g\n"
-        "def interrupted(*args, **kwargs):\n    raise KeyboardInterrupt\n"
-        "g.generate = interrupted\n"
+        "def interrupted(*args, **kwargs):\n    raise KeyboardInterrupt\ng.generate = interrupted\n"
         f"g.run(g.main, ['--checkpoint', {str(gpt2_vocab_folder)!r}, '--prompt', 'Hi'])\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)

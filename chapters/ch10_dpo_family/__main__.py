@@ -84,8 +84,7 @@ def _loss_checks(beta, eps, gamma, lam):
     log_odds = (mc - math.log(-math.expm1(mc))) - (mr - math.log(-math.expm1(mr)))
     print(
         f"log-probs y_w {pc}, y_l {pr}; reference {rc}, {rr}: h = {h}, β·h = {beta * h}; per-token "
-        f"means {mc}, "
-        f"{mr:.4f}; KTO's z₀ = {z0}"
+        f"means {mc}, {mr:.4f}; KTO's z₀ = {z0}"
     )
     checks = [
         ("dpo", lambda: preference_loss("dpo", t(pc), t(pr), t(rc), t(rr), beta), -lsig(beta * h)),
@@ -141,8 +140,7 @@ def _population_section(seed, beta, eps, gamma, lam):
     pi_star = optimal_policy(pi_ref, rewards, beta)
     _section(
         f"each variant's population minimiser on chapter 4's problem ({X} prompts × {Y} responses, "
-        f"β = {beta}, "
-        "y1 ≠ y2 ~ π_ref, labels from BT(r*)), beside π* of eq. (36)"
+        f"β = {beta}, y1 ≠ y2 ~ π_ref, labels from BT(r*)), beside π* of eq. (36)"
     )
     front = Frontier(torch.log(pi_ref), rewards)
     losses = dict(preference=preference_loss, orpo=orpo_loss, kto=kto_loss)
@@ -156,8 +154,7 @@ def _population_section(seed, beta, eps, gamma, lam):
     rows = {"π* (eq. (36))": policy_summary(pi_star, pi_ref, pi_star, rewards)}
     print(
         f"{'variant':14s} {'solved by':26s} {'|π − closed form|':>17s} {'max|π − π*|':>12s} "
-        f"{'KL(π‖π*)':>9s} "
-        f"{'E[r*]':>7s} {'KL(π‖π_ref)':>11s} {'efficiency':>10s}"
+        f"{'KL(π‖π*)':>9s} {'E[r*]':>7s} {'KL(π‖π_ref)':>11s} {'efficiency':>10s}"
     )
     for label, (pi, how) in [("π* (eq. (36))", (pi_star, "closed form")), *found.items()]:
         s = rows[label] = policy_summary(pi, pi_ref, pi_star, rewards)
@@ -165,8 +162,7 @@ def _population_section(seed, beta, eps, gamma, lam):
         gap = f"{(pi - closed[label]).abs().max():.1e}" if label in closed else "—"
         print(
             f"{label:14s} {how:26s} {gap:>17s} {s['max_diff']:12.1e} {s['kl_star']:9.4f} "
-            f"{s['reward']:7.4f} "
-            f"{s['kl_ref']:11.4f} {s['efficiency']:10.4f}"
+            f"{s['reward']:7.4f} {s['kl_ref']:11.4f} {s['efficiency']:10.4f}"
         )
     print(
         "(efficiency: E[r*] gain over π_ref / the exact frontier's gain at the same KL; 1 = on the "
@@ -193,8 +189,7 @@ def _population_section(seed, beta, eps, gamma, lam):
     )
     print(
         f"IPO = eq. (36) for the bounded reward p*(y ≻ π_ref) ∈ [0, 1]: max |π_IPO − closed form| "
-        f"= "
-        f"{(found['ipo'][0] - closed['ipo']).abs().max():.1e}"
+        f"= {(found['ipo'][0] - closed['ipo']).abs().max():.1e}"
     )
     u = beta * (torch.log(found["hinge"][0]) - torch.log(pi_ref))
     u = u - u.min(-1, keepdim=True).values
@@ -220,8 +215,7 @@ def _population_section(seed, beta, eps, gamma, lam):
     print(
         f"SimPO γ = 0: pairs drawn from another π_ref give the same minimiser (max |Δ| = "
         f"{(again - found['simpo γ=0'][0]).abs().max():.1e}); with |y| = 1 it is π* for a uniform "
-        f"π_ref "
-        f"(max |Δ| = {(ones - optimal_policy(uniform, rewards, beta)).abs().max():.1e})"
+        f"π_ref (max |Δ| = {(ones - optimal_policy(uniform, rewards, beta)).abs().max():.1e})"
     )
     desirable, undesirable = unpaired(weights)
     sft = desirable / lengths
@@ -327,15 +321,13 @@ def _deterministic_section(seed, betas, steps, name):
     }
     print(
         "near-deterministic, p* = σ(s·(r*(y_w) − r*(y_l))) as s grows: DPO's minimiser is π* for "
-        "s·r* (eq. (36)), "
-        "IPO's the closed form above"
+        "s·r* (eq. (36)), IPO's the closed form above"
     )
     for beta in betas:
         d, i = sweep[beta]
         print(
             f"  β = {beta:g}: KL(π‖π_ref) at s = 1, 10, 100: DPO {d[10]:.3f}, {d[20]:.3f}, "
-            f"{d[30]:.3f};  "
-            f"IPO {i[10]:.3f}, {i[20]:.3f}, {i[30]:.3f}"
+            f"{d[30]:.3f};  IPO {i[10]:.3f}, {i[20]:.3f}, {i[30]:.3f}"
         )
 
     once = one_row_per_pair(
@@ -353,8 +345,7 @@ def _deterministic_section(seed, betas, steps, name):
         f"each pair seen once (one BT draw per pair; in {int(unbeaten.sum())} of {len(unbeaten)} "
         f"prompts a response "
         f"never lost), β = {betas[1]}: DPO's Newton stops at max |log π/π_ref| = "
-        f"{spread(dpo_once):.1f} only because "
-        f"float64 can lower its loss "
+        f"{spread(dpo_once):.1f} only because float64 can lower its loss "
         f"({pair_table_loss(dpo_loss_fn, torch.log(dpo_once), pi_ref, once):.1e}) no "
         f"further; IPO's minimiser: {spread(ipo_once):.2f}"
     )
@@ -391,8 +382,7 @@ def _label_noise_section(seed, beta, flip):
         implied[f"{label}, {name}" + (" (= r*, under rdpo)" if data is clean else "")] = r_hat
         print(
             f"{label:14s} {name:7s} {(pi - pi_star).abs().max():12.1e} "
-            f"{kl_divergence(pi, pi_star).mean().clamp(min=0):10.1e} "
-            f"{slope:23.4f}"
+            f"{kl_divergence(pi, pi_star).mean().clamp(min=0):10.1e} {slope:23.4f}"
         )
     print(
         f"plain DPO on flipped labels is π* for shrunk rewards (slope < 1; 1 − 2ε = "

@@ -155,8 +155,7 @@ def kto_loss(
     return torch.where(desirable, desirable_weight, undesirable_weight) - value
 
 
-# --------------------------------------------------------------------------- what each one
-# converges to
+# ----------------------------------------------------------------------- what each one converges to
 def ipo_optimal_policy(pi_ref: torch.Tensor, win_prob: torch.Tensor, beta: float) -> torch.Tensor:
     """Azar et al. (2023): IPO's population minimiser, ΨPO with Ψ = identity: π ∝ π_ref·exp(p*(y ≻
     μ)/τ).

@@ -580,8 +580,7 @@ def _miniature_displacement(result):
     marks, steps = _marks(track)
     print(
         f"β = {beta:g}, mean log π − log π_SFT over the {len(track[0]['train']['chosen'])} fixed "
-        f"training pairs at steps {steps}: y_w "
-        f"{_mean_delta(track, 'train', 'chosen', marks)}; y_l "
+        f"training pairs at steps {steps}: y_w {_mean_delta(track, 'train', 'chosen', marks)}; y_l "
         f"{_mean_delta(track, 'train', 'rejected', marks)}; validation y_w "
         f"{_mean_delta(track, 'validation', 'chosen', marks)}; y_l "
         f"{_mean_delta(track, 'validation', 'rejected', marks)}"

@@ -99,8 +99,7 @@ def main(argv=None):
         total = plackett_luce(r[:, None, :], allp[None]).sum(-1)  # (3,)
         print(
             f"  K = {K}: Σ of eq. (11) over all {math.factorial(K):3d} rankings, 3 prompts: max |Σ "
-            f"− 1| = "
-            f"{(total - 1).abs().max():.1e}"
+            f"− 1| = {(total - 1).abs().max():.1e}"
         )
     f = torch.randn(3, 1, generator=gen, dtype=f64) * 10
     r = torch.randn(3, 5, generator=gen, dtype=f64)
@@ -128,8 +127,7 @@ def main(argv=None):
     )
     print(
         f"  the same draws vs eq. (11) with the rewards of y1 and y2 swapped: chi-square = "
-        f"{wrong.statistic:.0f}, "
-        f"p = {wrong.pvalue:.1e} (the test can tell)"
+        f"{wrong.statistic:.0f}, p = {wrong.pvalue:.1e} (the test can tell)"
     )
 
     print("§3.2 Bradley–Terry = Plackett–Luce at K = 2 (eqs. (12)–(16))")

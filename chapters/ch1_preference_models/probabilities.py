@@ -42,8 +42,7 @@ def _broadcast(values: torch.Tensor, ranking: torch.Tensor):
     return values.expand(*lead, values.shape[-1]), ranking.expand(*lead, ranking.shape[-1])
 
 
-# ---------------------------------------------------------------- §3.1: Plackett's model with
-# probabilities p
+# ------------------------------------------------------ §3.1: Plackett's model with probabilities p
 
 
 def plackett_sequential(p, ranking) -> torch.Tensor:
@@ -145,8 +144,7 @@ def sample_rankings(rewards, num_samples: int, generator=None) -> torch.Tensor:
     return (rewards + gumbel).argsort(dim=-1, descending=True)
 
 
-# ---------------------------------------------------------------- §3.2: Bradley–Terry,
-# Plackett–Luce at K = 2
+# ------------------------------------------------------ §3.2: Bradley–Terry, Plackett–Luce at K = 2
 
 
 def bt_from_plackett_luce_steps(r1, r2) -> dict:

@@ -97,8 +97,7 @@ def _run(args):
     )
     print(
         f"  r1 − r2 = 800: eq. (17) literally = {bt_sigmoid_steps(800.0, 0.0)['(17)']:.3f} (e^800 "
-        f"overflows), "
-        f"eq. (23) = {bt_probability(800.0, 0.0):.3f}"
+        f"overflows), eq. (23) = {bt_probability(800.0, 0.0):.3f}"
     )
 
     print("eqs. (24)–(26): the reward-model negative log-likelihood")
@@ -106,8 +105,7 @@ def _run(args):
     p = bt_probability(r_w, r_l)
     print(
         f"  −log eq. (24) / N = {-preference_likelihood(p).log() / 50:.12f}, eq. (25) = "
-        f"{preference_nll(p):.12f}, "
-        f"eq. (26) = {reward_model_loss(r_w, r_l):.12f}"
+        f"{preference_nll(p):.12f}, eq. (26) = {reward_model_loss(r_w, r_l):.12f}"
     )
     rw, rl = r_w.clone().requires_grad_(True), r_l.clone().requires_grad_(True)
     reward_model_loss(rw, rl).backward()
@@ -180,8 +178,7 @@ def _run(args):
     floor = reward_model_loss(t_w.double(), t_l.double()).item()
     print(
         f"  eq. (26) on held-out pairs: r_φ {reward_model_loss(s_w, s_l):.3f}; the true r* itself "
-        f"scores {floor:.3f} "
-        f"(with noisy BT labels the expected loss is lowest at r*)"
+        f"scores {floor:.3f} (with noisy BT labels the expected loss is lowest at r*)"
     )
     print(
         f"  held-out pairs agreeing with their sampled label: {before:.3f} before, "

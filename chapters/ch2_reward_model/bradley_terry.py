@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from chapters.ch1_preference_models.probabilities import as_tensor
 from chapters.common.lbfgs import lbfgs_minimise
 
-# ---------------------------------------------------------------- eqs. (17)–(23): BT as a sigmoid
-# of the gap
+# ------------------------------------------------------- eqs. (17)–(23): BT as a sigmoid of the gap
 
 
 def sigmoid(z) -> torch.Tensor:
@@ -41,8 +40,7 @@ def bt_probability(r1, r2) -> torch.Tensor:
     return torch.sigmoid(as_tensor(r1) - as_tensor(r2))
 
 
-# ---------------------------------------------------------------- eqs. (24)–(26): the reward-model
-# NLL
+# ------------------------------------------------------------- eqs. (24)–(26): the reward-model NLL
 
 
 def preference_likelihood(p_w_over_l) -> torch.Tensor:
@@ -106,8 +104,7 @@ def normalize_rewards(rewards, prompt_index=None) -> torch.Tensor:
     return rewards - (sums / counts.clamp(min=1))[prompt_index]
 
 
-# ---------------------------------------------------------------- maximum likelihood on synthetic
-# BT data
+# ---------------------------------------------------------- maximum likelihood on synthetic BT data
 
 
 def sample_bt_comparisons(true_rewards, num_per_prompt: int, generator=None):

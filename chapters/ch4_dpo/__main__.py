@@ -101,8 +101,7 @@ def _loss_checks(beta):
     )
     print(
         f"erratum, eq. (39) as printed (r/Σr, no exp): P(y2 ranked first) = {printed:.3f} for r* = "
-        f"{r.tolist()}, "
-        "a negative 'probability'; with exp(r*) it is the PL model above"
+        f"{r.tolist()}, a negative 'probability'; with exp(r*) it is the PL model above"
     )
 
     print("\n--- §4.4: implicit reward and what a trainer logs")

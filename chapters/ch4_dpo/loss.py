@@ -13,8 +13,7 @@ import gpt
 from chapters.common.newton import newton_minimise
 
 
-# --------------------------------------------------------------------------- log-probs of a
-# response
+# -------------------------------------------------------------------------- log-probs of a response
 def response_logprobs(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -95,8 +94,7 @@ def logprob_by_prefixes(model, prompt: torch.Tensor, response: torch.Tensor) -> 
     return total
 
 
-# --------------------------------------------------------------------------- the loss, eqs.
-# (38)–(40)
+# ------------------------------------------------------------------------- the loss, eqs. (38)–(40)
 def implicit_reward(policy_logps, ref_logps, beta: float):
     """Report §4.4: r̂_θ(x, y) = β·log π_θ(y|x)/π_ref(y|x), the reward the policy implicitly
     defines.
@@ -190,8 +188,7 @@ def dpo_gradient(
     return -beta * (weight[:, None] * (grad_chosen_logps - grad_rejected_logps)).mean(0)  # (P,)
 
 
-# --------------------------------------------------------------------------- the central claim,
-# tabular
+# ----------------------------------------------------------------------- the central claim, tabular
 def preference_probabilities(pi_ref: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
     """Report §4.4 step 1 with eq. (16): P(x, y_w, y_l) of a data row, BT labels on y1 ≠ y2 ~
     π_ref(·|x).

@@ -38,8 +38,7 @@ from chapters.common.figures import plt, save
 from chapters.common.files import check_writable
 from gpt.cli import nonnegative_int, run
 
-# ---------------------------------------------------------------------------------------------- the
-# script
+# --------------------------------------------------------------------------------------- the script
 
 
 def _plot_classes(pi_ref, rewards, beta, offsets):
@@ -144,8 +143,7 @@ def _section_51(g, beta):
         f"{((steps['factored'] - steps['numerator']) / steps['numerator']).abs().max():.1e}; the "
         f"printed "
         f"exp(r/β + f) is off by a factor up to e^{ratio.abs().max():.1f}, yet normalises to the "
-        f"same π: "
-        f"max |Δ| = {(steps['π as printed'] - steps['π_r']).abs().max():.1e}"
+        f"same π: max |Δ| = {(steps['π as printed'] - steps['π_r']).abs().max():.1e}"
     )
     projection = project_reward(rewards, pi_ref, beta)
     log_ratio = beta * (optimal_policy(pi_ref, rewards, beta).log() - pi_ref.log())
@@ -153,8 +151,7 @@ def _section_51(g, beta):
         f"Theorem 1: r − β·log Z(x) is in r's class: "
         f"{bool(are_equivalent(projection, rewards).all())}; "
         f"= β·log π_r/π_ref, max |Δ| = {(projection - log_ratio).abs().max():.1e}; the whole class "
-        f"maps to it: "
-        f"max |f(r + f(x)) − f(r)| = "
+        f"maps to it: max |f(r + f(x)) − f(r)| = "
         f"{(project_reward(members, pi_ref, beta) - projection).abs().max():.1e}"
     )
     mass = implied_policy(members, pi_ref, beta).sum(-1)  # (200, 4)
@@ -171,8 +168,7 @@ def _section_51(g, beta):
     spread = spread.max(-1).values - spread.min(-1).values
     print(
         f"Proposition 1: 1000 pairs of distinct π, π': β·log π/π_ref − β·log π'/π_ref varies over "
-        f"y by at least "
-        f"{spread.min():.2e} (never a class)"
+        f"y by at least {spread.min():.2e} (never a class)"
     )
     _plot_classes(pi_ref[0], rewards[0], beta, [-2.0, -1.0, 0.0, 1.0, 2.0, 4.0])
 
@@ -233,8 +229,7 @@ def _section_52(g, beta, samples):
     )
     print(
         f"DPG: E[(P/π − B)∇log π] vs ∇Σ P·log π_θ (autograd), B ∈ {{0, Σ P}}: max |Δ| = "
-        f"{dpg_bias:.1e}; "
-        f"it equals Z·(π* − π_θ): max |Δ| = {pull:.1e}"
+        f"{dpg_bias:.1e}; it equals Z·(π* − π_θ): max |Δ| = {pull:.1e}"
     )
     for name, b in [("B = 0", 0.0), ("B = Σ P", b_dpg)]:
         measured = total_variance(score_function_samples(theta, weights, b, samples, g))

@@ -6,8 +6,7 @@ import torch
 from chapters.ch1_preference_models.probabilities import bradley_terry
 from chapters.ch4_dpo.loss import dpo_loss
 
-# ------------------------------------------------------------------------------- §5.2: baselines,
-# variance
+# ------------------------------------------------------------------------ §5.2: baselines, variance
 
 
 def score_matrix(theta: torch.Tensor) -> torch.Tensor:

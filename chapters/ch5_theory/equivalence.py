@@ -7,8 +7,7 @@ import torch
 from chapters.ch1_preference_models.probabilities import plackett_luce
 from chapters.ch3_kl_optimum.optimum import log_partition_function, optimal_policy
 
-# ---------------------------------------------------------------------------------- §5.1: reward
-# classes
+# ----------------------------------------------------------------------------- §5.1: reward classes
 
 
 def equivalent_reward(rewards: torch.Tensor, f: torch.Tensor) -> torch.Tensor:

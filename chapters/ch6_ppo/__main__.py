@@ -148,8 +148,7 @@ def run_experiment(args):
     floor = chain_entropy_rate(start, transition, prompt_len + response_len)
     print(
         f"\nSFT on a random {vocab}-token Markov chain: final loss {sum(losses[-20:]) / 20:.3f} "
-        f"nats/token "
-        f"vs the chain's exact entropy rate {floor:.3f} (the floor)"
+        f"nats/token vs the chain's exact entropy rate {floor:.3f} (the floor)"
     )
 
     eval_prompts = sample_markov(start, transition, 512, prompt_len, g)  # held out, (512, P)
@@ -179,8 +178,7 @@ def run_experiment(args):
     before = held_out(sft)
     print(
         f"reward = fraction of response tokens in {set(token_class)}: exact expectation under the "
-        f"chain {exact:.3f}, "
-        f"SFT policy {before['reward']:.3f} ± {before['reward_se']:.3f}"
+        f"chain {exact:.3f}, SFT policy {before['reward']:.3f} ± {before['reward_se']:.3f}"
     )
 
     train_prompts = list(sample_markov(start, transition, 2000, prompt_len, g))

@@ -41,8 +41,7 @@ def gae(
     if values.shape != rewards.shape or (mask is not None and mask.shape != rewards.shape):
         raise ValueError(
             f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and the mask must have "
-            f"one "
-            f"shape (..., T)"
+            f"one shape (..., T)"
         )
     mask = torch.ones_like(rewards) if mask is None else mask.to(rewards.dtype)
     next_mask = torch.cat(

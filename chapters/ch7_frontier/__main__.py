@@ -230,8 +230,7 @@ def _run(args):
     )
     print(
         f"   {len(gap)} pairs; chosen better / tied / worse by r*: {(gap > 0).float().mean():.2f} "
-        f"/ "
-        f"{(gap == 0).float().mean():.2f} / {(gap < 0).float().mean():.2f}"
+        f"/ {(gap == 0).float().mean():.2f} / {(gap < 0).float().mean():.2f}"
     )
 
     print("\n4. the methods, each a sweep; every checkpoint evaluated exactly")
@@ -265,8 +264,7 @@ def _run(args):
             kl = rows[-1]["kl"]
             print(
                 f"   Best-of-{n}: exact KL = {kl:.3f} ≤ log N − (N−1)/N = "
-                f"{math.log(n) - (n - 1) / n:.3f} "
-                f"(equal when no two responses tie)"
+                f"{math.log(n) - (n - 1) / n:.3f} (equal when no two responses tie)"
             )
 
         print(
@@ -338,9 +336,7 @@ def _run(args):
         )
         print(
             f"   {r['method']:<16}{r['setting']:<12}{r['step']:>5}"
-            f"{r['reward']:>9.3f}{r['kl']:>8.3f}"
-            f"{mc:>14}"
-            f"{r['gap']:>8.3f}{r['efficiency']:>8.2f}"
+            f"{r['reward']:>9.3f}{r['kl']:>8.3f}{mc:>14}{r['gap']:>8.3f}{r['efficiency']:>8.2f}"
         )
     # float error in the enumerated sums is far below 1e-9
     above = [r for r in rows if r["gap"] < -1e-9]
@@ -380,8 +376,7 @@ def _run(args):
     corr = np.corrcoef(opt_logp.flatten().numpy(), dpo_logp.flatten().numpy())[0, 1]
     print(
         f"\n7. DPO (β = {dpo_beta}, last checkpoint) against π*_β: KL(π_DPO ‖ π*_β) = "
-        f"{kl_to_opt:.3f} nats, "
-        f"corr(log π_DPO, log π*_β) = {corr:.3f}"
+        f"{kl_to_opt:.3f} nats, corr(log π_DPO, log π*_β) = {corr:.3f}"
     )
     name = (
         "ch7_frontier_quick" if args.quick else "ch7_frontier"

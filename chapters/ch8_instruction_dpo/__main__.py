@@ -111,8 +111,7 @@ def write_outputs(out: Path, sft_history, steps, epochs, win_rows, generations, 
     for name in dict.fromkeys(r["model"] for r in win_rows):
         cells = [
             f"{r['win_rate']:.3f} ({r['ci_low']:.2f}–{r['ci_high']:.2f}) / {r['lc_win_rate']:.3f} "
-            f"/ "
-            f"{r['mean_length']:.1f}"
+            f"/ {r['mean_length']:.1f}"
             for r in win_rows
             if r["model"] == name
         ]
@@ -141,13 +140,11 @@ def write_outputs(out: Path, sft_history, steps, epochs, win_rows, generations, 
         f.write("\n".join(md))
     print(
         f"tables: {out}/ (sft_epochs.csv, dpo_steps.csv, dpo_epochs.csv, win_rates.csv, "
-        f"win_rates.md, "
-        "generations.jsonl, examples.md)"
+        f"win_rates.md, generations.jsonl, examples.md)"
     )
 
 
-# ---------------------------------------------------------------- the model, the data, the command
-# line
+# ------------------------------------------------------------ the model, the data, the command line
 
 
 def load_model(args):
@@ -188,8 +185,7 @@ def prepare_pairs(entries, tokenizer, eos_id, args):
         f"data: {len(entries)} entries, split "
         f"{len(split['train'])}/{len(split['validation'])}/{len(split['test'])} "
         f"(train/validation/test, seed {args.seed}); {len(same)} with chosen == rejected {same}: "
-        f"kept for SFT, "
-        "left out of DPO and evaluation (no preference to learn or judge)"
+        f"kept for SFT, left out of DPO and evaluation (no preference to learn or judge)"
     )
     if args.smoke:
         split = {k: v[: SMOKE_SPLIT[k]] for k, v in split.items()}
@@ -441,8 +437,7 @@ def experiment(
         epochs += e
         print(
             f"eq. (38) at the first DPO step: loss {s[0]['loss']:.6f} vs ln 2 = {math.log(2):.6f}, "
-            f"reward accuracy "
-            f"{s[0]['rewards/accuracies']:.2f} "
+            f"reward accuracy {s[0]['rewards/accuracies']:.2f} "
             f"({'policy = reference' if same else 'policy ≠ reference'})"
         )
 
@@ -605,8 +600,7 @@ def _main(args, scale):
         data.update(tokenizer=vocab, eos=vocab.eos)
         print(
             f"miniature: GPT-2 tokens seen >= {miniature.MIN_COUNT} times in the training split: "
-            f"{vocab.size - 1} "
-            f"of 50257, + UNK; model {miniature.CONFIG}"
+            f"{vocab.size - 1} of 50257, + UNK; model {miniature.CONFIG}"
         )
     if args.smoke:
         print(
@@ -618,8 +612,7 @@ def _main(args, scale):
     if longest + args.max_new_tokens > context:
         raise ValueError(
             f"the longest test prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} "
-            f"exceeds "
-            f"the model's context of {context}; lower --max-new-tokens or --max-length"
+            f"exceeds the model's context of {context}; lower --max-new-tokens or --max-length"
         )
     # the folders were judged at the start (check_paths); the run folder is now this run's alone,
     # before SBERT's seconds of loading

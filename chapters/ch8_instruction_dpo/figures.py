@@ -147,7 +147,6 @@ def figure_ladder(rows, beta, temperature, tag, suffix=""):
     axes[0].invert_yaxis()
     fig.suptitle(
         f"{tag}: the authors' setup, then one mistake fixed per rung (cumulative); β = {beta} "
-        f"model, "
-        f"temperature {temperature}"
+        f"model, temperature {temperature}"
     )
     save(fig, f"ch8_ladder{suffix}")

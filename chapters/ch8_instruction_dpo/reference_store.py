@@ -113,8 +113,7 @@ def _read(path: Path):
     except Exception as err:  # safetensors' own errors, a missing key, bad JSON
         raise ValueError(
             f"reference cache {path} is incomplete or not a reference cache "
-            f"({type(err).__name__}); "
-            "delete it, or pass --rebuild-reference-cache"
+            f"({type(err).__name__}); delete it, or pass --rebuild-reference-cache"
         ) from None
 
 
@@ -191,8 +190,7 @@ def cached_reference(
             if differ:
                 raise ValueError(
                     f"reference cache {path} is stale ({differ}); pass --rebuild-reference-cache "
-                    f"to "
-                    "rebuild it, or delete it"
+                    f"to rebuild it, or delete it"
                 )
         except ValueError as err:
             if not rebuild_stale:

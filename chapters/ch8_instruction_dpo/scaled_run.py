@@ -224,8 +224,7 @@ class Scale:
         if differ:
             raise ValueError(
                 f"{self.model_folder(phase)} was trained with other settings ({differ}); resume "
-                f"with "
-                "the same settings, or rerun without --resume to start afresh"
+                f"with the same settings, or rerun without --resume to start afresh"
             )
         return saved["history"]
 
@@ -258,8 +257,7 @@ class Scale:
             if old:
                 print(
                     f"fresh run in {self.folder}: {len(old)} checkpoint(s) and finished phase(s) "
-                    f"of an earlier run "
-                    "there no longer count (to continue a run, give --resume)"
+                    f"of an earlier run there no longer count (to continue a run, give --resume)"
                 )
         self.dist.barrier()
 
@@ -340,15 +338,13 @@ def _start(args, alone):
                 f"{alone} runs in one process and saves no models, checkpoints or reference cache "
                 f"(its "
                 f"phases are minutes on the miniature); leave out {' and '.join(given)}, or run "
-                f"without "
-                f"{alone}"
+                f"without {alone}"
             )
         folder = None
     if args.resume and not any((folder / sub).is_dir() for sub in ("checkpoints", "models")):
         raise ValueError(
             f"--resume: nothing to resume in {folder} (no checkpoints/ or models/ there); run "
-            f"without "
-            "--resume, or give the --out of the run to continue"
+            f"without --resume, or give the --out of the run to continue"
         )
     d = distributed.init(args.device, fsdp=args.fsdp)
     if args.batch_size < d.world * args.grad_accum:
@@ -365,8 +361,7 @@ def _start(args, alone):
         print(
             f"torchrun: {d.world} processes ({'NCCL' if d.device.type == 'cuda' else 'gloo'}), "
             f"{'FSDP2' if args.fsdp else 'DDP'}; --batch-size {args.batch_size} pairs an update in "
-            f"all, "
-            f"{args.grad_accum} micro-batch(es) a process"
+            f"all, {args.grad_accum} micro-batch(es) a process"
         )
     return Scale(
         dist=d,

@@ -138,8 +138,7 @@ def load_sbert(name: str, device):
             if not _hub_reachable():
                 raise ValueError(
                     f"the sentence-transformers model {name!r} is not in the local Hugging Face "
-                    f"cache and "
-                    f"the hub cannot be reached (offline?); {advice}"
+                    f"cache and the hub cannot be reached (offline?); {advice}"
                 ) from None
     try:
         return SentenceTransformer(name, device=str(device))
@@ -182,8 +181,7 @@ def score_runs(runs, pairs, entries, sbert, *, n_boot: int, seed: int, tie: floa
         )
         print(
             f"{name:>12} temperature {t:4.2f}: win rate {scores.mean():.3f} (95% CI "
-            f"{low:.3f}–{high:.3f}), "
-            f"{rows[-1]['ties']} ties of {n}"
+            f"{low:.3f}–{high:.3f}), {rows[-1]['ties']} ties of {n}"
         )
         generations += [
             {

@@ -282,10 +282,8 @@ def _run(args):
     mask = unseen_mask(problem)
     print(
         f"The example: {P} prompts, responses = every {problem.tokens.shape[1]}-token sequence "
-        f"over "
-        f"{{{', '.join(LETTERS[: int(problem.tokens.max()) + 1])}}} ({Y} per prompt), β = "
-        f"{problem.beta:g}, "
-        f"{len(problem.prompt)} votes (10 per pair, pairs drawn from π_ref)"
+        f"over {{{', '.join(LETTERS[: int(problem.tokens.max()) + 1])}}} ({Y} per prompt), β = "
+        f"{problem.beta:g}, {len(problem.prompt)} votes (10 per pair, pairs drawn from π_ref)"
     )
     for x in range(P):
         comps = "  ".join(
@@ -293,14 +291,12 @@ def _run(args):
         )
         print(
             f"  prompt {x}: comparison-graph components {comps}; {len(unseen[x])} of {Y} responses "
-            f"in no pair, "
-            f"π_ref mass on them {(problem.pi_ref[x] * mask[x]).sum().item():.3f}"
+            f"in no pair, π_ref mass on them {(problem.pi_ref[x] * mask[x]).sum().item():.3f}"
         )
 
     print(
         "\n1. The DPO minimisers (tabular logits θ, π = softmax θ; as a set of policies this holds "
-        "for any policy class "
-        "that can express every full-support π)"
+        "for any policy class that can express every full-support π)"
     )
     print(
         "   derivation: eq. (38) = eq. (26) at r = β·log π/π_ref, which sees r only through r(x, "
@@ -316,8 +312,7 @@ def _run(args):
     print(
         f"   V = span(component indicators, unseen unit vectors): dim {dim} "
         f"(= {sum(map(len, components))} components + {sum(map(len, unseen))} unseen); Π_DPO has "
-        f"dimension {dim - P} "
-        f"(one normalisation per prompt)"
+        f"dimension {dim - P} (one normalisation per prompt)"
     )
     print(
         f"   along V (7 steps t ∈ [−3, 3] on each basis vector, one random combination): max |Δ "
@@ -331,8 +326,7 @@ def _run(args):
     )
     print(
         f"   off V (unit direction ⟂ V, t = ∓0.5): loss rises by {checks['rises'][0]:.2e}, "
-        f"{checks['rises'][1]:.2e} "
-        f"(quadratic model ½t²·vᵀHv = {checks['quad']:.2e})"
+        f"{checks['rises'][1]:.2e} (quadratic model ½t²·vᵀHv = {checks['quad']:.2e})"
     )
 
     print(
@@ -410,8 +404,7 @@ def _run(args):
         f"eq. (38) − min = {empirical_dpo_loss(pi0.log(), problem0).item() - rm_min:+.1e} (a DPO "
         f"minimiser) and "
         f"KL(π ‖ π_ref) = {kl_divergence(pi0, pi_ref0).mean().item()}; eq. (36) gives it "
-        f"{ppo_mass:.1e} for every reward "
-        f"(max over 100 random ones): Π_PPO ⊊ Π_DPO"
+        f"{ppo_mass:.1e} for every reward (max over 100 random ones): Π_PPO ⊊ Π_DPO"
     )
 
     print(
@@ -438,14 +431,12 @@ def _run(args):
             tv = 0.5 * (pi - run["target"]).abs().sum(-1).max().item()
             print(
                 f"   {name:15s} {method:6s} {h['unseen']:11.3f} {h['true_reward']:+7.3f} "
-                f"{h['kl']:6.3f} "
-                f"{h['dpo'] - floor:14.1e} {tv:9.1e}"
+                f"{h['kl']:6.3f} {h['dpo'] - floor:14.1e} {tv:9.1e}"
             )
     print(f"   π_ref: {_fmt(measure(problem.pi_ref.log(), problem, mask))}")
     print(
         "   DPO = Adam, as in the figure; DPO† = the same loss minimised by L-BFGS (moves within "
-        "the span of the gradients, "
-        "as plain gradient descent does)"
+        "the span of the gradients, as plain gradient descent does)"
     )
     plot_unseen_mass(problem, runs)
     plot_minimiser_set(problem, r_hat, runs)
@@ -458,8 +449,7 @@ def _run(args):
         )
         print(
             f"   {'seed':>4s} {'unseen: π_ref':>13s} {'π*':>6s} {'DPO tab':>7s} {'DPO AR':>7s} "
-            f"{'DPO† AR':>7s}   "
-            f"{'E[r*]: π*':>9s} {'DPO AR':>7s} {'DPO† AR':>7s}"
+            f"{'DPO† AR':>7s}   {'E[r*]: π*':>9s} {'DPO AR':>7s} {'DPO† AR':>7s}"
         )
         for seed in tqdm(
             range(args.seed + 1, args.seed + 1 + args.sweep), desc="sweep", leave=False
@@ -509,8 +499,7 @@ def _run(args):
     )
     print(
         f"  'DPO still suffers from misspecification on OOD responses' -> the member DPO reaches "
-        f"depends on the "
-        f"parameterisation and the optimiser, PPO's does not. Unseen mass: π* "
+        f"depends on the parameterisation and the optimiser, PPO's does not. Unseen mass: π* "
         f"{tab['target']['unseen']:.3f}, PPO "
         f"{tab['ppo_pi']['unseen']:.3f} (tabular) / {ar['ppo_pi']['unseen']:.3f} (autoregressive); "
         f"DPO tabular "
@@ -529,8 +518,7 @@ def _run(args):
             worse = sum(row[i]["true_reward"] < row[2]["true_reward"] for row in sweep)
             print(
                 f"  over {len(sweep)} more examples, autoregressive DPO ({label}) put more mass on "
-                f"unseen responses "
-                f"than π* in {more} and reached a lower E[r*] in {worse}"
+                f"unseen responses than π* in {more} and reached a lower E[r*] in {worse}"
             )
     return dict(problem=problem, checks=checks, runs=runs, sweep=sweep)
 

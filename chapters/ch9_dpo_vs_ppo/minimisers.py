@@ -14,8 +14,7 @@ from chapters.ch9_dpo_vs_ppo.problem import (
     unseen_mask,
 )
 
-# ---------------------------------------------------------------------------------------------- the
-# minimiser set
+# -------------------------------------------------------------------------------- the minimiser set
 
 
 def dpo_flat_directions(problem: Problem) -> torch.Tensor:
@@ -93,8 +92,7 @@ def unseen_shift(problem: Problem, rewards: torch.Tensor, target: float) -> torc
     return torch.where(mask, s[:, None], 0.0)
 
 
-# ---------------------------------------------------------------------------------------------- the
-# script
+# --------------------------------------------------------------------------------------- the script
 
 
 def minimiser_set_checks(problem: Problem, rewards: torch.Tensor, generator) -> dict:

@@ -150,8 +150,7 @@ def unseen_mask(problem: Problem) -> torch.Tensor:
     return mask
 
 
-# ---------------------------------------------------------------------------------------------- the
-# two losses, exact measurements
+# --------------------------------------------------------------- the two losses, exact measurements
 
 
 def empirical_dpo_loss(logp: torch.Tensor, problem: Problem) -> torch.Tensor:

@@ -213,8 +213,7 @@ def load_training_checkpoint(path, fingerprint: dict, may_differ=()) -> dict:
     if differ:
         raise ValueError(
             f"checkpoint {path} was written by another run ({differ}); resume with the same "
-            f"settings "
-            f"and data, or {resume}"
+            f"settings and data, or {resume}"
         )
     return state
 

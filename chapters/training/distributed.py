@@ -99,8 +99,7 @@ def init(device="cpu", fsdp: bool = False) -> Dist:
         if fsdp:
             raise ValueError(
                 f"--fsdp shards the model over the processes torchrun starts; run: {TORCHRUN} "
-                f"--fsdp "
-                "(with N >= 1), or leave out --fsdp"
+                f"--fsdp (with N >= 1), or leave out --fsdp"
             )
         return Dist(device=device)
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -108,8 +107,7 @@ def init(device="cpu", fsdp: bool = False) -> Dist:
         if local >= torch.cuda.device_count():
             raise ValueError(
                 f"torchrun started local rank {local} but this machine has "
-                f"{torch.cuda.device_count()} "
-                "CUDA devices; give --nproc_per_node at most that many"
+                f"{torch.cuda.device_count()} CUDA devices; give --nproc_per_node at most that many"
             )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -127,8 +125,7 @@ def close(d: Dist):
         torch_dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------- each rank's share of a global
-# batch
+# -------------------------------------------------------------- each rank's share of a global batch
 
 
 def shard(idx, rank: int, world: int) -> list:
