@@ -9,7 +9,8 @@ TRL computes its losses inside its trainers' loss methods, from a model's output
 runs on a stand-in `self` (only the attributes it reads) and a stand-in model whose per-token
 log-probs are set so that the response log-probs are exactly the ones given to
 `chapters.ch10_dpo_family`; so both sides see the same numbers, and one example per call gives TRL's
-per-example loss.
+per-example loss. Nothing is timed (the machine's instruction sets are printed beside the table,
+as in every benchmark, since float rounding can depend on them).
 """
 
 import argparse
@@ -21,6 +22,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import machine  # noqa: E402
 from chapters.ch10_dpo_family.losses import (  # noqa: E402
     kto_loss,
     kto_reference_point,
@@ -170,6 +172,7 @@ def main(argv=None):
         raise SystemExit(
             "error: TRL is not installed here; run this with the venv named in the docstring"
         ) from None
+    print(f"machine: {machine.isa_line()}")
     g = torch.Generator().manual_seed(args.seed)
     n = args.pairs
     pc, pr = (

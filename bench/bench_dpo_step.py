@@ -7,6 +7,8 @@ weights and data.
     /tmp/benchvenv/bin/python bench/bench_dpo_step.py
     # GPU, bf16 autocast:
     /tmp/benchvenv/bin/python bench/bench_dpo_step.py --shape gpt2-medium --device cuda
+    # CPU, torch, oneDNN and MKL held to AVX2:
+    /tmp/benchvenv/bin/python bench/bench_dpo_step.py --isa avx2
 
 Random weights of the GPT-2 shape (the same tensors in transformers' GPT2LMHeadModel for TRL and in
 gpt.GPT for ours, through gpt.load_gpt2), 8 pairs a batch from the instruction-preference data set's
@@ -15,6 +17,12 @@ training split, prompts in chapter 8's format, sequences up to 256 tokens, AdamW
 update. Before timing, TRL's per-batch losses are compared with ours on the same pairs (policy ≠
 reference). trl is not a project dependency: it lives in the bench's own virtual environment (the
 command above; it keeps the system's torch).
+
+On the CPU, beside the table: what the machine can do (bench/machine.py: instruction sets, fp32
+matmul peak, memory bandwidth; measured at the start and at the end, the better kept), and each
+method's FLOP/s as a fraction of the peak, counting its own products on the real tokens
+(bench/machine.py says what is counted: TRL and the plain loop run the prompt twice, the head at
+every position and the reference's forward every step; the fast step none of these).
 """
 
 import argparse
@@ -29,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import machine  # noqa: E402
 from chapters.ch8_instruction_dpo import data as pdata  # noqa: E402
 from chapters.ch8_instruction_dpo.dpo_step import (  # noqa: E402
     ReferenceCache,
@@ -169,16 +178,21 @@ def main(argv=None):
         action="store_true",
         help="TRL's default; off unless given, since no other method here recomputes activations",
     )
+    machine.add_isa_argument(parser)
     args = parser.parse_args(argv)
+    machine.select_isa(args.isa, argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(
             "--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False); use "
             "cpu"
         )
     dev = args.device
+    limits = machine.measure() if dev == "cpu" else None
+    if limits:
+        print(limits.report())
 
     entries = pdata.load()
-    train = pdata.split(len(entries), args.seed)["train"]
+    train = pdata.split(entries, args.seed)["train"]
     train = [i for i in train if pdata.has_preference(entries[i])]
     pairs = pdata.tokenize(entries, train, get_tokenizer(), EOS_ID, args.max_length)
     rows = [
@@ -336,6 +350,26 @@ def main(argv=None):
     }
     for name in ("fast step, no prompt reuse", "fast step", "fast step + cache (1 epoch)"):
         per_pair[name] = pair_tokens(timed_pairs(fast_batches))
+    cfg = policy.config
+
+    def sizes(idx):
+        return [(len(pairs[i].prompt), len(pairs[i].chosen), len(pairs[i].rejected)) for i in idx]
+
+    flops = {  # per step, each method's own products on the real tokens (bench/machine.py)
+        "TRL DPOTrainer": machine.plain_step_flops(cfg, sizes(range(len(pairs))))
+        * args.batch_size
+        / len(pairs),  # its sampler's batches: the data set's mean pair
+        "plain loop": machine.plain_step_flops(cfg, sizes(timed_pairs(plain_batches)))
+        / args.steps,
+        "fast step, no prompt reuse": machine.unpacked_step_flops(
+            cfg, sizes(timed_pairs(fast_batches))
+        )
+        / args.steps,
+        "fast step": machine.fast_step_flops(cfg, sizes(timed_pairs(fast_batches))) / args.steps,
+    }
+    if limits:
+        limits = limits.best_with(machine.measure())
+        print(limits.report().splitlines()[1] + " (the better of the run's start and end)")
     print(
         f"\nreference cache: {cache_per_pair * 1000:.0f} ms a pair, built once for all epochs and "
         f"all β"
@@ -344,22 +378,30 @@ def main(argv=None):
     trl_rate = args.batch_size * per_pair["TRL DPOTrainer"] / trl
     print(
         "| method | s / step | tokens a pair in the timed batches | tokens / s | TRL's s / step ÷ "
-        "this | "
-        "tokens / s ÷ TRL's |\n|---|---:|---:|---:|---:|---:|"
+        "this | tokens / s ÷ TRL's | GFLOP / step | GFLOP/s | of the peak |"
+        "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for name, ts in results.items():
         s = statistics.mean(ts)
         rate = args.batch_size * per_pair[name] / s
+        work = flops.get(name)
+        counted = (
+            f"{work / 1e9:.0f} | {work / s / 1e9:.1f} | "
+            + (f"{work / s / limits.peak:.0%}" if limits else "")
+            if work
+            else " |  | "
+        )
         print(
             f"| {name} | {s:.2f} | {per_pair[name]:.1f} | {rate:.0f} | {trl / s:.2f}× | "
-            f"{rate / trl_rate:.2f}× |"
+            f"{rate / trl_rate:.2f}× | {counted} |"
         )
     print(
         f"({args.steps} timed steps after {args.warmup} warm-up, ours right after each of TRL's; "
         f"tokens a pair: "
         f"prompt twice + both responses, TRL's batches taken at the data set's mean; TRL gradient "
         f"checkpointing "
-        f"{'on' if args.trl_gradient_checkpointing else 'off'})"
+        f"{'on' if args.trl_gradient_checkpointing else 'off'}; FLOPs: 2·m·n·k a product, backward "
+        f"2× forward, attention over the pairs the mask allows, bench/machine.py)"
     )
 
 

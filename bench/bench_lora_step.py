@@ -5,6 +5,8 @@ are importable.
     python3 bench/bench_lora_step.py                        # --steps 3 --warmup 1, batch 4, CPU
     python3 bench/bench_lora_step.py --steps 1 --warmup 0   # a quick look
     /tmp/benchvenv/bin/python bench/bench_lora_step.py      # + TRL/PEFT (trl, peft in that venv)
+    python3 bench/bench_lora_step.py --isa avx2             # torch, oneDNN, MKL held to AVX2
+    python3 bench/bench_lora_step.py --profile              # + torch.profiler's top operators
 
 Random weights of `GPTConfig.from_name(--shape)`, float32, pairs from the instruction-preference
 data set's training split (chapter 8's prompt format, up to --max-length tokens), batches grouped by
@@ -16,6 +18,10 @@ attn.c_attn and attn.c_proj) only its adapters. The two alternate step by step, 
 machine's load falls on both alike; each runs --warmup untimed steps, then --steps timed ones.
 Memory: the training state (gradients + AdamW's two moments of the trainable weights, counted) and
 the rise of peak resident memory during each timed step (the kernel's VmHWM, reset before it).
+Beside the table, what the machine can do (bench/machine.py: instruction sets, fp32 matmul peak,
+memory bandwidth; at the start and at the end, the better kept) and each method's FLOP/s as a
+fraction of the peak, its products counted on the real tokens (a LoRA step's frozen weights get no
+weight gradient: bench/machine.py's `step_flops`).
 """
 
 import argparse
@@ -33,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import machine  # noqa: E402
 from chapters.ch8_instruction_dpo import data as pdata  # noqa: E402
 from chapters.ch8_instruction_dpo.dpo_step import ReferenceCache, fast_dpo_loss  # noqa: E402
 from chapters.ch11_dpo_pitfalls.lora_reference import peak_memory  # noqa: E402
@@ -156,12 +163,21 @@ def main(argv=None):
     parser.add_argument(
         "--no-trl", action="store_true", help="leave TRL/PEFT out even when importable"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timings, torch.profiler's top operators for one more step of each method",
+    )
+    machine.add_isa_argument(parser)
     args = parser.parse_args(argv)
+    machine.select_isa(args.isa, argv)
     started = time.perf_counter()
+    limits = machine.measure()
+    print(limits.report())
     n_steps = args.warmup + args.steps
 
     entries = pdata.load()
-    train = pdata.split(len(entries), args.seed)["train"]
+    train = pdata.split(entries, args.seed)["train"]
     train = [i for i in train if pdata.has_preference(entries[i])]
     pairs = pdata.tokenize(entries, train, get_tokenizer(), EOS_ID, args.max_length)
     batches = pdata.length_grouped_batches(
@@ -213,12 +229,35 @@ def main(argv=None):
         name = f"LoRA r={args.rank} on attention"
         times.update(trl_peer(args, pairs, entries, batches, (name, methods[name][1])))
 
+    cfg, timed = model.config, [i for b in batches[args.warmup :] for i in b]
+    sizes = [(len(pairs[i].prompt), len(pairs[i].chosen), len(pairs[i].rejected)) for i in timed]
+    lora_shapes = [(cfg.n_embd, 3 * cfg.n_embd), (cfg.n_embd, cfg.n_embd)]  # TARGETS' (in, out)
+    flops = {  # per step, on the timed batches (bench/machine.py)
+        "full fine-tuning": machine.fast_step_flops(cfg, sizes) / args.steps,
+        f"LoRA r={args.rank} on attention": machine.fast_step_flops(
+            cfg, sizes, args.rank, lora_shapes
+        )
+        / args.steps,
+    }
+    for name in list(times):
+        if name.startswith("TRL DPOTrainer"):  # its own sampler: the data set's mean pair
+            every = [(len(p.prompt), len(p.chosen), len(p.rejected)) for p in pairs]
+            flops[name] = (
+                machine.plain_step_flops(cfg, every, args.rank, lora_shapes)
+                * args.batch_size
+                / len(pairs)
+            )
+        elif name.endswith("(beside TRL)"):
+            flops[name] = flops[f"LoRA r={args.rank} on attention"]
+    limits = limits.best_with(machine.measure())
+    print(limits.report().splitlines()[1] + " (the better of the run's start and end)")
     full_s = statistics.mean(times["full fine-tuning"])
     print(
         f"\nreference cache: {cache_s * 1000:.0f} ms a pair, built once\n"
         "| method | trainable parameters | s / step (mean of timed) | full's s / step ÷ this | "
-        "gradients + AdamW state [MiB] | peak rise in a step [MiB] |\n"
-        "|---|---:|---:|---:|---:|---:|"
+        "gradients + AdamW state [MiB] | peak rise in a step [MiB] | GFLOP / step | GFLOP/s | "
+        "of the peak |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for name, ts in times.items():
         s = statistics.mean(ts)
@@ -226,12 +265,25 @@ def main(argv=None):
         count = f"{trainable(model_of):,}" if model_of is not None else ""
         state = f"{state_mib(model_of):.1f}" if model_of is not None else ""
         peak = f"{max(r[2] for r in results[name][args.warmup :]):.0f}" if name in results else ""
-        print(f"| {name} | {count} | {s:.2f} | {full_s / s:.2f}× | {state} | {peak} |")
+        work = flops[name]
+        print(
+            f"| {name} | {count} | {s:.2f} | {full_s / s:.2f}× | {state} | {peak} | "
+            f"{work / 1e9:.0f} | {work / s / 1e9:.1f} | {work / s / limits.peak:.0%} |"
+        )
     print(
         f"({args.steps} timed steps after {args.warmup} warm-up each, alternating; "
         f"{time.perf_counter() - started:.0f} s in all; load average at the end "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; FLOPs: 2·m·n·k a product, full "
+        f"fine-tuning's backward 2× forward, bench/machine.py)"
     )
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, (_, step) in methods.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(batches[-1])
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+            print(f"\nprofile, one step of {name}:\n{table}")
 
 
 if __name__ == "__main__":
