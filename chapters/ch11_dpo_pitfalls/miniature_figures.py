@@ -132,7 +132,7 @@ def miniature_length_figure(result, name="ch11_miniature_length"):
     bx.set(
         xlabel="mean greedy answer length on the test prompts  [GPT-2 tokens]",
         ylabel="SBERT win rate against the chosen/rejected pair",
-        title="length and win rate, greedy (T = 0), 108 test prompts",
+        title=f"length and win rate, greedy (T = 0), {result['win_rows'][0]['n']} test prompts",
     )
     bx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: no bar hidden
     fig.tight_layout()
