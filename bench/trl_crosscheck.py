@@ -293,7 +293,7 @@ def main(argv=None):
         "--epochs",
         type=positive_int,
         default=MINIATURE["dpo_epochs"],
-        help="DPO epochs (the miniature's 2 by default; one epoch is about 117 steps)",
+        help="DPO epochs (the miniature's 2 by default; one epoch is about 118 steps)",
     )
     parser.add_argument("--lr", type=positive_float, default=MINIATURE["dpo_lr"])
     parser.add_argument("--batch-size", type=positive_int, default=8)
