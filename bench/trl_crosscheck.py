@@ -7,11 +7,11 @@ by step.
     /tmp/benchvenv/bin/python bench/trl_crosscheck.py --beta 1.0 --epochs 1
     /tmp/benchvenv/bin/python bench/trl_crosscheck.py --sft runs/ch8_miniature/models/sft
 
-The model is chapter 8's miniature SFT model (3 074-token vocabulary, tied head): the one that
+The model is chapter 8's miniature SFT model (3 084-token vocabulary, tied head; data from
+`miniature.miniature_data`): `--sft FOLDER`, else chapter 11's `miniature_sft`, which takes the one
 `python -m chapters.ch8_instruction_dpo --miniature` saved in runs/ch8_miniature/models/sft/ when
-it is there (or `--sft FOLDER`), else a base model and SFT trained here with the chapter's own
-functions and settings (`miniature.pretrain_base`, `trainers.train_sft`; about 2.5 min on one
-thread), saved once in `--out`. Its folder is the hub layout
+its settings match and otherwise trains base + SFT with chapter 8's functions and settings (about
+2.5 min on one thread). It is written to OUT/sft/ in the hub layout
 (`chapters.training.checkpoints.save_gpt2`), read by `transformers.GPT2LMHeadModel` for TRL and by
 `gpt.load_gpt2` for chapter 8.
 
@@ -44,23 +44,22 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import gpt  # noqa: E402
-from chapters.ch8_instruction_dpo import data as pdata  # noqa: E402
 from chapters.ch8_instruction_dpo import miniature  # noqa: E402
 from chapters.ch8_instruction_dpo.__main__ import DEFAULTS  # noqa: E402
 from chapters.ch8_instruction_dpo.dpo_step import dpo_batches  # noqa: E402
 from chapters.ch8_instruction_dpo.scaled_run import Scale  # noqa: E402
-from chapters.ch8_instruction_dpo.trainers import train_dpo, train_sft  # noqa: E402
+from chapters.ch8_instruction_dpo.trainers import train_dpo  # noqa: E402
+from chapters.ch11_dpo_pitfalls.miniature_runs import miniature_sft  # noqa: E402
 from chapters.common.runtime import one_thread  # noqa: E402
 from chapters.training.checkpoints import save_gpt2  # noqa: E402
 from gpt.checkpoint import name_map  # noqa: E402
-from gpt.cli import positive_float, positive_int, run, summary  # noqa: E402
-from gpt.tokenizer import EOS_ID, bpe_files_dir  # noqa: E402
+from gpt.cli import nonnegative_int, positive_float, positive_int, run, summary  # noqa: E402
+from gpt.tokenizer import bpe_files_dir  # noqa: E402
 
 MINIATURE = {k: v[2] for k, v in DEFAULTS.items()}  # the chapter's --miniature column
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 SHORT = {"loss": "loss", "rewards/chosen": "r̂_w", "rewards/rejected": "r̂_l",
          "rewards/accuracies": "acc", "rewards/margins": "margin"}  # fmt: skip
-CHAPTER_SFT = REPO / "runs" / "ch8_miniature" / "models" / "sft"
 
 
 def difference(a: float, b: float) -> float:
@@ -71,71 +70,15 @@ def difference(a: float, b: float) -> float:
 # ---------------------------------------------------------------- data and the SFT model
 
 
-def miniature_data(seed: int, max_length: int):
-    """The miniature's vocabulary and pairs, as `python -m chapters.ch8_instruction_dpo --miniature`
-    makes them: (vocab, SFT pairs per split, DPO pairs per split)."""
-    entries = pdata.load()
-    split = pdata.split(entries, seed)
-    vocab = miniature.CompactVocab(
-        gpt.get_tokenizer(), miniature.training_texts(entries, split["train"]), EOS_ID
-    )
-    sft_pairs = {
-        k: pdata.tokenize(entries, v, vocab, vocab.eos, max_length) for k, v in split.items()
-    }
-    pairs = {
-        k: [p for p in v if pdata.has_preference(entries[p.index])] for k, v in sft_pairs.items()
-    }
-    return vocab, sft_pairs, pairs
-
-
-def train_miniature_sft(vocab, sft_pairs, seed: int):
-    """Stages 1 and 2 of the miniature with the chapter's functions and settings: the base model
-    from random weights, then SFT on (prompt, chosen); dropout off afterwards, as the chapter
-    freezes it."""
-    base, _ = miniature.pretrain_base(
-        vocab.size,
-        sft_pairs["train"],
-        sft_pairs["validation"],
-        epochs=MINIATURE["base_epochs"],
-        lr=MINIATURE["base_lr"],
-        batch_size=miniature.BASE_BATCH,
-        seed=seed,
-        device="cpu",
-        eos_id=vocab.eos,
-    )
-    torch.manual_seed(seed)  # as the chapter's experiment() before SFT
-    train_sft(
-        base,
-        sft_pairs["train"],
-        sft_pairs["validation"],
-        epochs=MINIATURE["sft_epochs"],
-        lr=MINIATURE["sft_lr"],
-        batch_size=8,
-        seed=seed,
-        device="cpu",
-        pad_id=vocab.eos,
-    )
-    return miniature.disable_dropout(base.eval())
-
-
-def sft_folder(args, vocab, sft_pairs) -> tuple:
-    """(the folder of the SFT model in the hub layout, where it came from), training it when
-    needed."""
+def sft_folder(args, data) -> tuple:
+    """(the folder of the SFT model in the hub layout, where it came from): `--sft`, else chapter
+    11's `miniature_sft` (the one chapter 8's `--miniature` saved, when its settings match; else
+    trained with chapter 8's functions and settings), written to OUT/sft/ for transformers."""
     if args.sft is not None:
         return Path(args.sft), "--sft"
-    if (CHAPTER_SFT / "model.safetensors").is_file() and not args.train_sft:
-        return CHAPTER_SFT, "saved by the chapter's --miniature run"
-    mine = Path(args.out) / "sft"
-    if (mine / "model.safetensors").is_file() and not args.train_sft:
-        return mine, "trained by an earlier run of this script"
-    model = train_miniature_sft(vocab, sft_pairs, args.seed)
-    save_gpt2(model.state_dict(), model.config, mine)
-    origin = "trained here (base + SFT, the chapter's functions and settings)"
-    if (CHAPTER_SFT / "model.safetensors").is_file():
-        theirs = gpt.load_gpt2(CHAPTER_SFT).state_dict()
-        gap = max((t - theirs[k]).abs().max().item() for k, t in model.state_dict().items())
-        origin += f"; max |Δ| from the chapter's saved SFT model {gap:.1e}"
-    return mine, origin
+    model, origin = miniature_sft(data, args.seed)
+    save_gpt2(model.state_dict(), model.config, Path(args.out) / "sft")
+    return Path(args.out) / "sft", origin
 
 
 # ---------------------------------------------------------------- TRL
@@ -298,21 +241,16 @@ def main(argv=None):
     parser.add_argument("--lr", type=positive_float, default=MINIATURE["dpo_lr"])
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--max-length", type=positive_int, default=MINIATURE["max_length"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument(
         "--sft",
-        help=f"a folder holding the miniature SFT model (default: {CHAPTER_SFT.relative_to(REPO)}/ "
-        "when there, else OUT/sft/, trained when missing)",
+        help="a folder holding the miniature SFT model in the hub layout (default: the one chapter "
+        "8's --miniature saved, when its settings match, else trained here)",
     )
     parser.add_argument(
         "--out",
         default=str(REPO / "runs" / "trl_crosscheck"),
-        help="where an SFT model trained here goes",
-    )
-    parser.add_argument(
-        "--train-sft",
-        action="store_true",
-        help="train base + SFT here even when a saved one is there (compared with the chapter's)",
+        help="where the SFT model is written for transformers (OUT/sft/)",
     )
     parser.add_argument(
         "--every",
@@ -335,8 +273,9 @@ def main(argv=None):
 def crosscheck(args):
     times = {}
     t = time.perf_counter()
-    vocab, sft_pairs, pairs = miniature_data(args.seed, args.max_length)
-    folder, origin = sft_folder(args, vocab, sft_pairs)
+    data = miniature.miniature_data(args.seed, max_length=args.max_length)
+    vocab, pairs = data["vocab"], data["pairs"]
+    folder, origin = sft_folder(args, data)
     times["data + SFT model"] = time.perf_counter() - t
     sft = miniature.disable_dropout(gpt.load_gpt2(folder).eval()).requires_grad_(False)
     if sft.config.vocab_size != vocab.size:

@@ -26,6 +26,7 @@ import torch
 from chapters.ch3_kl_optimum import kl_divergence, optimal_policy
 from chapters.ch4_dpo import dpo_loss
 from chapters.ch8_instruction_dpo import data as pdata
+from chapters.ch8_instruction_dpo.miniature import miniature_data
 from chapters.ch11_dpo_pitfalls.displacement import (
     FeaturePair,
     descent_path,
@@ -47,7 +48,6 @@ from chapters.ch11_dpo_pitfalls.miniature_figures import (
 from chapters.ch11_dpo_pitfalls.miniature_runs import (
     SETTINGS,
     Objective,
-    miniature_data,
     miniature_experiment,
 )
 from chapters.ch11_dpo_pitfalls.pair_readings import displacement_summary, spearman

@@ -57,7 +57,7 @@ from chapters.ch8_instruction_dpo.win_rates import (
     score_runs,
     win_scores,
 )
-from chapters.ch11_dpo_pitfalls.miniature_runs import generation_settings, miniature_data
+from chapters.ch11_dpo_pitfalls.miniature_runs import generation_settings
 from chapters.common.figures import plt, save
 from chapters.common.rows import packed_pairs_batch
 from chapters.common.runtime import one_thread
@@ -244,13 +244,13 @@ def lora_reference_experiment(
     KL(π‖π_SFT) and KL(π‖π_base) on the same pairs; the SBERT win rate on the test prompts
     (generation closer to chosen than to rejected) and head to head against SFT's generation (closer
     to the chosen response, tie ½); time, peak memory and trainable parameters of DPO.
-    `data`, `base`: the miniature's data (`_miniature_data`'s keys) and a base model, if already
-    made (else made here, the base trained for `budget`'s epochs).
+    `data`, `base`: the miniature's data (`miniature.miniature_data`'s keys) and a base model, if
+    already made (else made here, the base trained for `budget`'s epochs).
     """
     cfg, s = BUDGETS[budget], SETTINGS
     with one_thread():  # small matrices: one thread is faster on shared cores, and repeatable
         started, cpu = time.perf_counter(), time.process_time()
-        data = data or miniature_data(seed)
+        data = data or miniature.miniature_data(seed)
         eos, pairs = data["eos"], data["pairs"]
         if base is None:
             base = pretrain(data, cfg["base_epochs"], seed, device)
@@ -496,7 +496,7 @@ def main_section(
     """Chapter 11's LoRA section: run `lora_reference_experiment`, print each claim beside the
     number that checks it and the table, draw plots/<name>.png. `quick`: one line instead (the
     section trains a model: about 75 s of CPU). `data`: the miniature's data, if already loaded
-    (the keys of `_miniature_data`). Returns the experiment's result (None when skipped).
+    (the keys of `miniature.miniature_data`). Returns the experiment's result (None when skipped).
     """
     print(
         "\n--- 6. LoRA and the reference: after LoRA SFT, DPO's reference must be the SFT model "
@@ -513,7 +513,7 @@ def main_section(
         f"lr {s['lora_dpo_lr']:g} (LoRA) / {s['dpo_lr']:g} (full)"
     )
     try:
-        data = data or miniature_data(seed)
+        data = data or miniature.miniature_data(seed)
     except (pdata.DownloadError, ValueError, OSError) as e:  # this section only is skipped
         print(f"skipped: chapter 8's data set is not at hand ({str(e).strip().splitlines()[0]})")
         return None

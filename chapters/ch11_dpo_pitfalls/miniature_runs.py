@@ -1,8 +1,8 @@
 """Chapter 11 on chapter 8's miniature: DPO, DPOP, DPO + NLL and R-DPO from its SFT model, measured.
 
-- `miniature_data`: the data set as chapter 8's `--miniature` reads it (split, compact vocabulary,
-  tokenized pairs); `miniature_sft`: its SFT model, reused from a run of chapter 8 (or of this
-  chapter) when one is on disk with the same settings, else trained here as chapter 8 trains it;
+- `miniature_sft`: the SFT model of chapter 8's miniature (its data: chapter 8's
+  `miniature.miniature_data`), reused from a run of chapter 8 (or of this chapter) when one is on
+  disk with the same settings, else trained here as chapter 8 trains it;
 - `Objective`: one loss of this chapter (eq. (38), DPOP, DPO + NLL, R-DPO) at a β and a weight;
   `objective_step`: chapter 8's fast packed step with that loss, in `trainers.dpo_step`'s signature;
 - `train_objective`: chapter 8's DPO phase with that loss, a call of chapter 8's `train_dpo` (same
@@ -45,9 +45,8 @@ from chapters.ch11_dpo_pitfalls.validation import check_beta, check_weight
 from chapters.common.files import atomic_open
 from chapters.common.rows import packed_pairs_batch
 from chapters.training.checkpoints import save_gpt2
-from gpt import generate, get_tokenizer
+from gpt import generate
 from gpt.generation import left_pad
-from gpt.tokenizer import EOS_ID
 
 REPO = Path(__file__).resolve().parents[2]
 # chapter 8's --miniature settings (its __main__.DEFAULTS, third column; a test keeps them equal)
@@ -69,26 +68,6 @@ KINDS = {"dpo": "DPO", "dpop": "DPOP", "rpo": "DPO + NLL", "r-dpo": "R-DPO"}
 
 
 # ---------------------------------------------------------------- data and the SFT model
-def miniature_data(seed: int = 0, path=None) -> dict:
-    """Chapter 8's miniature data: entries, the compact vocabulary, SFT pairs and DPO pairs (chosen
-    ≠ rejected) per split, tokenized as its `--miniature` run does. A missing data file that cannot
-    be downloaded raises `pdata.DownloadError`."""
-    entries = pdata.load(path)
-    split = pdata.split(entries, seed)
-    gpt2 = get_tokenizer()
-    vocab = miniature.CompactVocab(gpt2, miniature.training_texts(entries, split["train"]), EOS_ID)
-    sft_pairs = {
-        k: pdata.tokenize(entries, v, vocab, vocab.eos, SETTINGS["max_length"])
-        for k, v in split.items()
-    }
-    pairs = {
-        k: [p for p in v if pdata.has_preference(entries[p.index])] for k, v in sft_pairs.items()
-    }
-    return dict(
-        entries=entries, vocab=vocab, gpt2=gpt2, eos=vocab.eos, sft_pairs=sft_pairs, pairs=pairs
-    )
-
-
 def _loop(seed: int, device, pad_id: int) -> dict:
     """What chapter 8's SFT and DPO loops take alike on the miniature."""
     return dict(batch_size=SETTINGS["batch_size"], seed=seed, device=device, pad_id=pad_id)
@@ -392,7 +371,7 @@ def miniature_experiment(budget: str = "default", seed: int = 0, device="cpu", d
     """
     plan, s, times = BUDGETS[budget], SETTINGS, {}
     start = time.perf_counter()
-    data = data or miniature_data(seed)
+    data = data or miniature.miniature_data(seed, max_length=SETTINGS["max_length"])
     sft, source = miniature_sft(data, seed, device)
     start = _timed(times, "data and SFT model", start)
     pairs, eos = data["pairs"], data["eos"]

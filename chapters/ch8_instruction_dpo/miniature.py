@@ -22,8 +22,9 @@ import torch
 
 from chapters.ch8_instruction_dpo import data as pdata
 from chapters.ch8_instruction_dpo.trainers import train_sft
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, get_tokenizer
 from gpt.download import SOURCES, cached
+from gpt.tokenizer import EOS_ID
 
 # a token seen once in training becomes UNK, so that UNK itself is trained (1.4% of training tokens)
 MIN_COUNT = 2
@@ -69,6 +70,27 @@ def training_texts(entries, indices) -> list:
         for i in indices
         for text in (pdata.format_prompt(entries[i]), entries[i]["chosen"], entries[i]["rejected"])
     ]
+
+
+def miniature_data(seed: int = 0, path=None, max_length: int = 128) -> dict:
+    """The data set as `--miniature` reads it: the seeded split by prompt, the compact vocabulary
+    (counted on the training split), SFT pairs (every pair within `max_length` tokens) and DPO
+    pairs (chosen ≠ rejected) per split, as token ids. Keys: entries, vocab, gpt2 (GPT-2's
+    tokenizer), eos, sft_pairs, pairs. A missing data file that cannot be downloaded raises
+    `pdata.DownloadError`."""
+    entries = pdata.load(path)
+    split = pdata.split(entries, seed)
+    gpt2 = get_tokenizer()
+    vocab = CompactVocab(gpt2, training_texts(entries, split["train"]), EOS_ID)
+    sft_pairs = {
+        k: pdata.tokenize(entries, v, vocab, vocab.eos, max_length) for k, v in split.items()
+    }
+    pairs = {
+        k: [p for p in v if pdata.has_preference(entries[p.index])] for k, v in sft_pairs.items()
+    }
+    return dict(
+        entries=entries, vocab=vocab, gpt2=gpt2, eos=vocab.eos, sft_pairs=sft_pairs, pairs=pairs
+    )
 
 
 def base_documents(pairs, eos_id: int) -> list:
